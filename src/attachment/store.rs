@@ -1,0 +1,150 @@
+//! Durable storage of attachment state. Without Kubernetes: one JSON file per volume in
+//! the state dir (a write touches only its volume, so unrelated publishes never contend).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::state::AttachmentState;
+use crate::durable;
+use crate::ids::VolumeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("attachment store {op} {path:?}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attachment record {path:?} is unreadable: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[async_trait]
+pub trait AttachmentStore: Send + Sync + 'static {
+    /// Every persisted state, for the rebuild at start-up.
+    async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError>;
+    /// Persists `state`; returns only once it is durable.
+    async fn save(&self, state: &AttachmentState) -> Result<(), StoreError>;
+    /// Forgets the volume's state (no node holds it any more).
+    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let dir = state_dir.join("attachments");
+        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(FileStore { dir })
+    }
+
+    fn path(&self, volume: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{volume}.json"))
+    }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("attachment store task panicked")
+}
+
+#[async_trait]
+impl AttachmentStore for FileStore {
+    async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let mut states = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(io("list", &dir))? {
+                let path = entry.map_err(io("list", &dir))?.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue; // temp files of an interrupted write
+                }
+                let bytes = fs::read(&path).map_err(io("read", &path))?;
+                let state = serde_json::from_slice(&bytes)
+                    .map_err(|source| StoreError::Corrupt { path, source })?;
+                states.push(state);
+            }
+            Ok(states)
+        })
+        .await
+    }
+
+    async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        let path = self.path(&state.volume_id);
+        let json = serde_json::to_vec(state).expect("attachment state always serialises");
+        blocking(move || durable::write_atomic(&path, &json).map_err(io("write", &path))).await
+    }
+
+    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
+        let path = self.path(volume);
+        blocking(move || durable::remove(&path).map_err(io("remove", &path))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::attachment::state::NodeAttachment;
+    use crate::capability::Sharing;
+    use crate::ids::NodeId;
+
+    #[tokio::test]
+    async fn file_store_round_trips_order_and_timestamps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut s = AttachmentState::new(VolumeId::generate(), Sharing::Rwx);
+        for n in ["node-b", "node-a"] {
+            s.nodes.push(NodeAttachment {
+                node_id: NodeId::parse(n).unwrap(),
+                attached_at: Utc::now(),
+                readonly: false,
+            });
+        }
+        s.migration_started_at = Some(Utc::now());
+        store.save(&s).await.unwrap();
+        let reopened = FileStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.load_all().await.unwrap(), vec![s.clone()]);
+        store.remove(&s.volume_id).await.unwrap();
+        store.remove(&s.volume_id).await.unwrap();
+        assert!(reopened.load_all().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn corrupt_records_are_reported_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        fs::write(dir.path().join("attachments/vol-x.json"), b"{").unwrap();
+        assert!(matches!(
+            store.load_all().await,
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,362 @@
+//! The `file` backend: each volume is a sparse raw image in the data dir.
+//!
+//! Layout (all under `--data-dir`, which may be a shared filesystem):
+//! - `volumes/<id>.img`  the volume's data
+//! - `volumes/<id>.json` its record; its presence is what makes the volume exist
+//! - `names/<sha256(name)>` the volume id reserved for a CreateVolume name, created
+//!   exclusively, so two controllers (or a retried call after a crash) never create two
+//!   volumes for one name. Names are hashed because they are arbitrary Unicode.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use super::{Backend, BackendError, CreateVolume, VolumeRecord};
+use crate::durable;
+use crate::export::ExportInfo;
+use crate::ids::VolumeId;
+
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    inner: Arc<Layout>,
+}
+
+/// Paths of the data dir; every volume path is derived from a validated `VolumeId`.
+#[derive(Debug)]
+pub struct Layout {
+    root: PathBuf,
+    volumes: PathBuf,
+    names: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: &Path) -> Self {
+        Layout {
+            root: root.to_path_buf(),
+            volumes: root.join("volumes"),
+            names: root.join("names"),
+        }
+    }
+
+    pub fn volumes_dir(&self) -> &Path {
+        &self.volumes
+    }
+
+    pub fn image(&self, id: &VolumeId) -> PathBuf {
+        self.volumes.join(format!("{id}.img"))
+    }
+
+    fn record(&self, id: &VolumeId) -> PathBuf {
+        self.volumes.join(format!("{id}.json"))
+    }
+
+    fn name_key(&self, name: &str) -> PathBuf {
+        let digest = Sha256::digest(name.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.names.join(hex)
+    }
+
+    /// The volume id of an image path, if the path is exactly an image of this layout.
+    /// Used by the node to refuse publish_context paths that point anywhere else.
+    pub fn volume_of_image(&self, path: &Path) -> Option<VolumeId> {
+        if path.parent()? != self.volumes {
+            return None;
+        }
+        let stem = path.file_name()?.to_str()?.strip_suffix(".img")?;
+        let id = VolumeId::parse(stem).ok()?;
+        (self.image(&id) == path).then_some(id)
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl FileBackend {
+    /// Opens (creating if needed) the data dir.
+    pub fn open(root: &Path) -> Result<Self, BackendError> {
+        let layout = Layout::new(root);
+        for dir in [&layout.volumes, &layout.names] {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        Ok(FileBackend {
+            inner: Arc::new(layout),
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.inner
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Layout) -> Result<T, BackendError> + Send + 'static,
+    {
+        let layout = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&layout))
+            .await
+            .unwrap_or_else(|join| {
+                Err(BackendError::Unhealthy {
+                    path: PathBuf::new(),
+                    reason: format!("backend task failed: {join}"),
+                })
+            })
+    }
+}
+
+fn load_record(layout: &Layout, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError> {
+    let path = layout.record(id);
+    let Some(bytes) = durable::read_optional(&path).map_err(io_err("read", &path))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| BackendError::CorruptRecord { path, source })
+}
+
+fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
+    let key = layout.name_key(req.name.as_str());
+    let id = loop {
+        if let Some(bytes) = durable::read_optional(&key).map_err(io_err("read", &key))? {
+            let raw = String::from_utf8_lossy(&bytes);
+            break VolumeId::parse(raw.trim()).map_err(|e| BackendError::Unhealthy {
+                path: key.clone(),
+                reason: format!("name reservation holds an invalid id: {e}"),
+            })?;
+        }
+        let id = VolumeId::generate();
+        if durable::create_exclusive(&key, id.as_str().as_bytes())
+            .map_err(io_err("reserve name", &key))?
+        {
+            break id;
+        }
+        // Another writer reserved the name between our read and create: use theirs.
+    };
+
+    if let Some(existing) = load_record(layout, &id)? {
+        return match existing.incompatibility(req) {
+            None => Ok(existing),
+            Some(difference) => Err(BackendError::NameConflict {
+                name: req.name.to_string(),
+                existing: existing.id,
+                difference,
+            }),
+        };
+    }
+
+    // Reserved but not yet complete (fresh, or a crash mid-create): finish it.
+    let capacity = req.capacity.resolve()?;
+    let image = layout.image(&id);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&image)
+        .map_err(io_err("create image", &image))?;
+    file.set_len(capacity).map_err(|e| match e.raw_os_error() {
+        Some(libc::EFBIG) | Some(libc::EINVAL) => BackendError::TooLarge {
+            requested: capacity,
+        },
+        Some(libc::ENOSPC) => BackendError::NoSpace(id.clone()),
+        _ => io_err("size image", &image)(e),
+    })?;
+    file.sync_all().map_err(io_err("sync image", &image))?;
+
+    let record = VolumeRecord {
+        id: id.clone(),
+        name: req.name.to_string(),
+        capacity_bytes: capacity,
+        capabilities: req.capabilities.clone(),
+        parameters: req.parameters.clone(),
+        created_at: chrono::Utc::now(),
+    };
+    let path = layout.record(&id);
+    let json = serde_json::to_vec_pretty(&record).expect("volume records always serialise");
+    durable::write_atomic(&path, &json).map_err(io_err("write record", &path))?;
+    Ok(record)
+}
+
+fn delete_blocking(layout: &Layout, id: &VolumeId) -> Result<(), BackendError> {
+    if let Some(record) = load_record(layout, id)? {
+        // Release the name first: if we crash after this, the record still lets a
+        // retried DeleteVolume find and finish the job.
+        let key = layout.name_key(&record.name);
+        let reserved = durable::read_optional(&key).map_err(io_err("read", &key))?;
+        if reserved
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+            == Some(id.to_string())
+        {
+            durable::remove(&key).map_err(io_err("remove", &key))?;
+        }
+    }
+    let image = layout.image(id);
+    durable::remove(&image).map_err(io_err("remove", &image))?;
+    let record = layout.record(id);
+    durable::remove(&record).map_err(io_err("remove", &record))
+}
+
+fn probe_blocking(layout: &Layout) -> Result<(), BackendError> {
+    let unhealthy = |reason: String| BackendError::Unhealthy {
+        path: layout.root.clone(),
+        reason,
+    };
+    nix::unistd::access(&layout.volumes, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| unhealthy(format!("volumes directory is not writable: {e}")))?;
+    nix::sys::statvfs::statvfs(&layout.volumes)
+        .map_err(|e| unhealthy(format!("statvfs failed: {e}")))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for FileBackend {
+    async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
+        let req = req.clone();
+        self.blocking(move |l| create_blocking(l, &req)).await
+    }
+
+    async fn delete_volume(&self, id: &VolumeId) -> Result<(), BackendError> {
+        let id = id.clone();
+        self.blocking(move |l| delete_blocking(l, &id)).await
+    }
+
+    async fn get_volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError> {
+        let id = id.clone();
+        self.blocking(move |l| load_record(l, &id)).await
+    }
+
+    async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError> {
+        Ok(ExportInfo::LocalFile {
+            path: self.inner.image(&volume.id),
+        })
+    }
+
+    async fn probe(&self) -> Result<(), BackendError> {
+        self.blocking(probe_blocking).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::backend::{CapacityRange, StoredCapability, MIB};
+    use crate::capability::AccessMode;
+    use crate::ids::VolumeName;
+
+    fn request(name: &str, required: u64) -> CreateVolume {
+        CreateVolume {
+            name: VolumeName::parse(name).unwrap(),
+            capacity: CapacityRange { required, limit: 0 },
+            capabilities: vec![StoredCapability {
+                mode: AccessMode::SingleNodeWriter,
+                block: true,
+            }],
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn create_is_sparse_and_idempotent_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        let v1 = b
+            .create_volume(&request("pvc-a", 64 * MIB + 1))
+            .await
+            .unwrap();
+        assert_eq!(v1.capacity_bytes, 65 * MIB);
+        let meta = fs::metadata(b.layout().image(&v1.id)).unwrap();
+        assert_eq!(meta.len(), 65 * MIB);
+        assert!(meta.blocks() * 512 < MIB, "image must be sparse");
+        let again = b.create_volume(&request("pvc-a", 64 * MIB)).await.unwrap();
+        assert_eq!(again, v1);
+        let err = b
+            .create_volume(&request("pvc-a", 128 * MIB))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackendError::NameConflict { .. }), "{err}");
+        let other = b.create_volume(&request("pvc-b", MIB)).await.unwrap();
+        assert_ne!(other.id, v1.id);
+    }
+
+    #[tokio::test]
+    async fn concurrent_creates_of_one_name_yield_one_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.create_volume(&request("same", MIB)).await })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap().unwrap().id);
+        }
+        assert_eq!(ids.len(), 1);
+        let images = fs::read_dir(dir.path().join("volumes"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("img".as_ref()))
+            .count();
+        assert_eq!(images, 1);
+    }
+
+    #[tokio::test]
+    async fn delete_is_idempotent_and_frees_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        let v = b.create_volume(&request("pvc", MIB)).await.unwrap();
+        b.delete_volume(&v.id).await.unwrap();
+        b.delete_volume(&v.id).await.unwrap();
+        assert!(b.get_volume(&v.id).await.unwrap().is_none());
+        assert!(!b.layout().image(&v.id).exists());
+        let v2 = b.create_volume(&request("pvc", MIB)).await.unwrap();
+        assert_ne!(v2.id, v.id);
+    }
+
+    #[tokio::test]
+    async fn interrupted_create_is_completed_by_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        let v = b.create_volume(&request("pvc", MIB)).await.unwrap();
+        // Simulate a crash after the name was reserved, before the record was written.
+        fs::remove_file(b.layout().record(&v.id)).unwrap();
+        assert!(b.get_volume(&v.id).await.unwrap().is_none());
+        let again = b.create_volume(&request("pvc", 2 * MIB)).await.unwrap();
+        assert_eq!(again.id, v.id);
+        assert_eq!(again.capacity_bytes, 2 * MIB);
+    }
+
+    #[test]
+    fn image_paths_are_recognised_exactly() {
+        let l = Layout::new(Path::new("/data"));
+        let id = VolumeId::generate();
+        assert_eq!(l.volume_of_image(&l.image(&id)), Some(id.clone()));
+        assert_eq!(l.volume_of_image(Path::new("/etc/passwd")), None);
+        let sneaky = PathBuf::from(format!("/data/volumes/../volumes/{id}.img"));
+        assert_eq!(l.volume_of_image(&sneaky), None);
+        assert_eq!(l.volume_of_image(Path::new("/data/volumes/some.img")), None);
+    }
+
+    #[tokio::test]
+    async fn probe_checks_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        b.probe().await.unwrap();
+        fs::remove_dir_all(dir.path().join("volumes")).unwrap();
+        assert!(b.probe().await.is_err());
+    }
+}

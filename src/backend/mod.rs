@@ -1,0 +1,305 @@
+//! Storage backends: where volume data lives and how a node reaches it.
+
+pub mod file;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::capability::{AccessMode, Capability, Sharing};
+use crate::export::ExportInfo;
+use crate::ids::{VolumeId, VolumeName};
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_CAPACITY: u64 = GIB;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("volume name {name:?} already exists as {existing} with {difference}; choose another name or request the same parameters")]
+    NameConflict {
+        name: String,
+        existing: VolumeId,
+        difference: String,
+    },
+    #[error("{0}")]
+    Capacity(#[from] CapacityError),
+    #[error("cannot create a {requested} byte image: the filesystem holding the data dir refuses files that large")]
+    TooLarge { requested: u64 },
+    #[error("no space left in the data dir for volume {0}")]
+    NoSpace(VolumeId),
+    #[error("volume {0} does not exist")]
+    NotFound(VolumeId),
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume record {path:?} is unreadable: {source}")]
+    CorruptRecord {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("data dir {path:?} is not usable: {reason}")]
+    Unhealthy { path: PathBuf, reason: String },
+}
+
+/// A capacity range from a request: 0 means "unspecified" for either bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacityRange {
+    pub required: u64,
+    pub limit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    #[error("capacity_range {field} is negative ({value})")]
+    Negative { field: &'static str, value: i64 },
+    #[error("capacity_range required_bytes {required} exceeds limit_bytes {limit}")]
+    Inverted { required: u64, limit: u64 },
+    #[error("capacity_range cannot be met: sizes are whole MiB, and no multiple of 1 MiB lies between required_bytes {required} and limit_bytes {limit}")]
+    Unsatisfiable { required: u64, limit: u64 },
+}
+
+impl CapacityRange {
+    pub fn from_csi(range: Option<&crate::csi::CapacityRange>) -> Result<Self, CapacityError> {
+        let Some(r) = range else {
+            return Ok(Self::default());
+        };
+        let non_negative = |field, value: i64| {
+            u64::try_from(value).map_err(|_| CapacityError::Negative { field, value })
+        };
+        let range = CapacityRange {
+            required: non_negative("required_bytes", r.required_bytes)?,
+            limit: non_negative("limit_bytes", r.limit_bytes)?,
+        };
+        if range.limit != 0 && range.required > range.limit {
+            return Err(CapacityError::Inverted {
+                required: range.required,
+                limit: range.limit,
+            });
+        }
+        Ok(range)
+    }
+
+    /// The size to allocate: required rounded up to whole MiB (loop devices and
+    /// filesystems want aligned sizes), or the default clamped to the limit.
+    pub fn resolve(self) -> Result<u64, CapacityError> {
+        let unsatisfiable = CapacityError::Unsatisfiable {
+            required: self.required,
+            limit: self.limit,
+        };
+        let size = if self.required == 0 {
+            match self.limit {
+                0 => DEFAULT_CAPACITY,
+                limit => DEFAULT_CAPACITY.min(limit / MIB * MIB),
+            }
+        } else {
+            self.required
+                .checked_next_multiple_of(MIB)
+                .ok_or(unsatisfiable.clone())?
+        };
+        if size == 0 || (self.limit != 0 && size > self.limit) || size > i64::MAX as u64 {
+            return Err(unsatisfiable);
+        }
+        Ok(size)
+    }
+
+    pub fn contains(self, size: u64) -> bool {
+        size >= self.required && (self.limit == 0 || size <= self.limit)
+    }
+}
+
+/// A capability as remembered with the volume: the mode and whether it is raw block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StoredCapability {
+    pub mode: AccessMode,
+    pub block: bool,
+}
+
+impl From<&Capability> for StoredCapability {
+    fn from(c: &Capability) -> Self {
+        StoredCapability {
+            mode: c.mode,
+            block: c.is_block(),
+        }
+    }
+}
+
+/// What CreateVolume asks a backend for, already validated.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: VolumeName,
+    pub capacity: CapacityRange,
+    pub capabilities: Vec<StoredCapability>,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// A volume as the backend knows it; persisted with the data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub capabilities: Vec<StoredCapability>,
+    pub parameters: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl VolumeRecord {
+    /// CSI idempotency: a repeated CreateVolume with the same name gets this volume back
+    /// only if it is compatible with what is asked now; otherwise the reason.
+    pub fn incompatibility(&self, req: &CreateVolume) -> Option<String> {
+        if !req.capacity.contains(self.capacity_bytes) {
+            return Some(format!(
+                "capacity {} bytes (requested required={} limit={})",
+                self.capacity_bytes, req.capacity.required, req.capacity.limit
+            ));
+        }
+        if !req
+            .capabilities
+            .iter()
+            .all(|c| self.capabilities.contains(c))
+        {
+            return Some(format!(
+                "capabilities {:?} (requested {:?})",
+                self.capabilities, req.capabilities
+            ));
+        }
+        if self.parameters != req.parameters {
+            return Some(format!("parameters {:?}", self.parameters));
+        }
+        None
+    }
+
+    /// The broadest sharing any of the volume's capabilities allows.
+    pub fn sharing(&self) -> Sharing {
+        let modes = self.capabilities.iter().map(|c| c.mode.sharing());
+        modes
+            .max_by_key(|s| match s {
+                Sharing::Rwo => 0,
+                Sharing::Rox => 1,
+                Sharing::Rwx => 2,
+            })
+            .unwrap_or(Sharing::Rwo)
+    }
+
+    /// Whether `cap` is one of the capabilities the volume was created with.
+    pub fn supports(&self, cap: &Capability) -> bool {
+        self.capabilities.contains(&StoredCapability::from(cap))
+    }
+}
+
+/// A storage backend. Implementations are idempotent and safe to call concurrently
+/// for different volumes; the caller serialises calls for one volume or name.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Creates the volume, or returns the existing one of the same name if compatible.
+    async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeRecord, BackendError>;
+    /// Deletes the volume; deleting an absent volume succeeds.
+    async fn delete_volume(&self, id: &VolumeId) -> Result<(), BackendError>;
+    async fn get_volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError>;
+    /// How a node reaches the volume (goes into publish_context).
+    async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError>;
+    /// Cheap health check for the Identity Probe.
+    async fn probe(&self) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(required: u64, limit: u64) -> CapacityRange {
+        CapacityRange { required, limit }
+    }
+
+    #[test]
+    fn capacity_rounds_up_to_mib() {
+        assert_eq!(range(1, 0).resolve().unwrap(), MIB);
+        assert_eq!(range(MIB, 0).resolve().unwrap(), MIB);
+        assert_eq!(range(MIB + 1, 0).resolve().unwrap(), 2 * MIB);
+        assert_eq!(range(0, 0).resolve().unwrap(), DEFAULT_CAPACITY);
+        assert_eq!(range(0, 10 * MIB + 5).resolve().unwrap(), 10 * MIB);
+    }
+
+    #[test]
+    fn unsatisfiable_ranges_are_out_of_range() {
+        assert!(matches!(
+            range(MIB + 1, MIB + 100).resolve(),
+            Err(CapacityError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            range(0, MIB - 1).resolve(),
+            Err(CapacityError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            range(u64::MAX, 0).resolve(),
+            Err(CapacityError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            range(i64::MAX as u64, 0).resolve(),
+            Err(CapacityError::Unsatisfiable { .. })
+        ));
+    }
+
+    #[test]
+    fn csi_ranges_are_validated() {
+        let r = |required_bytes, limit_bytes| crate::csi::CapacityRange {
+            required_bytes,
+            limit_bytes,
+        };
+        assert!(matches!(
+            CapacityRange::from_csi(Some(&r(-1, 0))),
+            Err(CapacityError::Negative { .. })
+        ));
+        assert!(matches!(
+            CapacityRange::from_csi(Some(&r(10, 5))),
+            Err(CapacityError::Inverted { .. })
+        ));
+        assert_eq!(
+            CapacityRange::from_csi(None).unwrap(),
+            CapacityRange::default()
+        );
+    }
+
+    #[test]
+    fn incompatibility_names_the_difference() {
+        let cap = StoredCapability {
+            mode: AccessMode::SingleNodeWriter,
+            block: true,
+        };
+        let rec = VolumeRecord {
+            id: VolumeId::generate(),
+            name: "n".into(),
+            capacity_bytes: 10 * MIB,
+            capabilities: vec![cap],
+            parameters: BTreeMap::new(),
+            created_at: Utc::now(),
+        };
+        let mut req = CreateVolume {
+            name: VolumeName::parse("n").unwrap(),
+            capacity: range(10 * MIB, 0),
+            capabilities: vec![cap],
+            parameters: BTreeMap::new(),
+        };
+        assert_eq!(rec.incompatibility(&req), None);
+        req.capacity = range(11 * MIB, 0);
+        assert!(rec.incompatibility(&req).unwrap().contains("capacity"));
+        req.capacity = range(0, 0);
+        req.capabilities = vec![StoredCapability {
+            mode: AccessMode::MultiNodeMultiWriter,
+            block: true,
+        }];
+        assert!(rec.incompatibility(&req).unwrap().contains("capabilities"));
+        req.capabilities = vec![cap];
+        req.parameters.insert("k".into(), "v".into());
+        assert!(rec.incompatibility(&req).unwrap().contains("parameters"));
+    }
+}

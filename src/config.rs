@@ -1,0 +1,259 @@
+//! Command-line and environment configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::ids::NodeId;
+
+/// Which CSI services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity + Controller: volume lifecycle and attach tracking.
+    Controller,
+    /// Identity + Node: loop devices, filesystems and mounts on this host.
+    Node,
+    /// Everything in one process: the embedded single-machine default.
+    All,
+}
+
+impl Mode {
+    pub fn serves_controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    pub fn serves_node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Sparse raw images in --data-dir (node-local or a shared filesystem).
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// handoff-csi: a CSI block-storage driver with safe attach tracking for KubeVirt live migration.
+///
+/// Every flag can also be set through the environment variable shown in brackets.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "handoff-csi", version, about, long_about = None)]
+pub struct Config {
+    /// Which CSI services to serve.
+    #[arg(long, env = "HANDOFF_MODE", value_enum, default_value = "all")]
+    pub mode: Mode,
+
+    /// gRPC endpoint: unix:///path/to/csi.sock, or tcp://host:port for debugging only.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/handoff-csi/csi.sock"
+    )]
+    pub endpoint: Endpoint,
+
+    /// Node ID reported by NodeGetInfo (defaults to the host name).
+    #[arg(long, env = "HANDOFF_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// CSI driver name reported by GetPluginInfo.
+    #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
+    pub driver_name: String,
+
+    /// Storage backend.
+    #[arg(long, env = "HANDOFF_BACKEND", value_enum, default_value = "file")]
+    pub backend: BackendKind,
+
+    /// Directory holding the volume images (file backend). Must be the same path on every
+    /// node when it is a shared filesystem.
+    #[arg(
+        long,
+        env = "HANDOFF_DATA_DIR",
+        default_value = "/var/lib/handoff-csi/data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Directory for this process's durable state (attachment records without Kubernetes).
+    #[arg(
+        long,
+        env = "HANDOFF_STATE_DIR",
+        default_value = "/var/lib/handoff-csi/state"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Address for /metrics, /healthz and /readyz (disabled when unset).
+    #[arg(long, env = "HANDOFF_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Log output format.
+    #[arg(long, env = "HANDOFF_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `handoff_csi=debug,tower=warn`.
+    #[arg(long, env = "HANDOFF_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Permissions of the Unix socket (octal). 0600 lets only the owner (root) connect;
+    /// 0660 also admits the socket's group (a sidecar running as another user).
+    #[arg(long, env = "HANDOFF_SOCKET_MODE", default_value = "0600", value_parser = parse_socket_mode)]
+    pub socket_mode: u32,
+
+    /// Timeout for external tools (mkfs, blkid).
+    #[arg(long, env = "HANDOFF_TOOL_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub tool_timeout: Duration,
+}
+
+impl Config {
+    /// Checks that cannot be expressed as clap value parsers; returns the node id to use.
+    pub fn validate(&self) -> Result<NodeId, String> {
+        let raw = match &self.node_id {
+            Some(id) => id.clone(),
+            None => nix::unistd::gethostname()
+                .map_err(|e| format!("cannot read host name for --node-id: {e}"))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let node_id = NodeId::parse(&raw).map_err(|e| format!("--node-id: {e}"))?;
+        if !is_valid_driver_name(&self.driver_name) {
+            return Err(format!(
+                "--driver-name {:?} must be at most 63 characters of [a-zA-Z0-9.-], beginning and ending with an alphanumeric character",
+                self.driver_name
+            ));
+        }
+        for (flag, dir) in [
+            ("--data-dir", &self.data_dir),
+            ("--state-dir", &self.state_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(format!("{flag} must be an absolute path, got {dir:?}"));
+            }
+        }
+        Ok(node_id)
+    }
+}
+
+/// CSI GetPluginInfo: domain-name notation, 63 characters or less.
+fn is_valid_driver_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.')
+}
+
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "unix endpoint needs an absolute path (unix:///run/csi.sock), got {s:?}"
+                ));
+            }
+            Ok(Endpoint::Unix(path))
+        } else if let Some(addr) = s.strip_prefix("tcp://") {
+            addr.parse()
+                .map(Endpoint::Tcp)
+                .map_err(|e| format!("tcp endpoint {s:?}: {e} (expected tcp://127.0.0.1:10000)"))
+        } else {
+            Err(format!("endpoint {s:?} must start with unix:// or tcp://"))
+        }
+    }
+}
+
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "socket mode {s} would let any local user drive the storage driver; use 0600 or 0660"
+        ));
+    }
+    if mode & !0o770 != 0 {
+        return Err(format!(
+            "socket mode {s}: only read/write bits for owner and group are allowed"
+        ));
+    }
+    Ok(mode)
+}
+
+/// Accepts `30s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 30s, 500ms, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "unix:///run/csi.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/run/csi.sock".into())
+        );
+        assert!("unix://relative.sock".parse::<Endpoint>().is_err());
+        assert!(matches!(
+            "tcp://127.0.0.1:9000".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp(_)
+        ));
+        assert!("http://x".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn socket_mode_refuses_world_access() {
+        assert_eq!(parse_socket_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_socket_mode("0660").unwrap(), 0o660);
+        assert!(parse_socket_mode("0666").is_err());
+        assert!(parse_socket_mode("4770").is_err());
+        assert!(parse_socket_mode("abc").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("7d").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn driver_names() {
+        assert!(is_valid_driver_name("handoff.csi.dev"));
+        assert!(!is_valid_driver_name("-handoff"));
+        assert!(!is_valid_driver_name(&"a".repeat(64)));
+        assert!(!is_valid_driver_name("handoff_csi"));
+    }
+}

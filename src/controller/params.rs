@@ -1,0 +1,136 @@
+//! StorageClass parameters, parsed into a typed struct at CreateVolume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Keys the external-provisioner adds (PVC/PV names with --extra-create-metadata):
+/// accepted, never interpreted, and not part of the volume's identity.
+const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
+const MIGRATION_TIMEOUT_DEFAULT: u64 = 300;
+const MIGRATION_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=3600;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
+    Unknown { key: String },
+    #[error("parameter {key}={value:?} is invalid: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParams {
+    /// How long a live migration may keep two nodes attached before it is reported as
+    /// overdue. Access is never revoked when it passes.
+    pub migration_timeout: Duration,
+    /// The driver's own parameters, as given: the volume's identity for idempotency.
+    pub raw: BTreeMap<String, String>,
+}
+
+impl TryFrom<&HashMap<String, String>> for VolumeParams {
+    type Error = ParamError;
+
+    fn try_from(params: &HashMap<String, String>) -> Result<Self, Self::Error> {
+        let mut raw = BTreeMap::new();
+        let mut migration_timeout = Duration::from_secs(MIGRATION_TIMEOUT_DEFAULT);
+        for (key, value) in params {
+            if key.starts_with(KUBERNETES_PREFIX) {
+                continue;
+            }
+            match key.as_str() {
+                MIGRATION_TIMEOUT_KEY => {
+                    migration_timeout = parse_migration_timeout(value)?;
+                }
+                _ => {
+                    return Err(ParamError::Unknown {
+                        key: key.chars().take(64).collect(),
+                    })
+                }
+            }
+            raw.insert(key.clone(), value.clone());
+        }
+        Ok(VolumeParams {
+            migration_timeout,
+            raw,
+        })
+    }
+}
+
+fn parse_migration_timeout(value: &str) -> Result<Duration, ParamError> {
+    let invalid = |reason: String| ParamError::Invalid {
+        key: MIGRATION_TIMEOUT_KEY,
+        value: value.chars().take(32).collect(),
+        reason,
+    };
+    let secs: u64 = value
+        .parse()
+        .map_err(|_| invalid("expected whole seconds, e.g. \"600\"".into()))?;
+    if !MIGRATION_TIMEOUT_RANGE.contains(&secs) {
+        return Err(invalid(format!(
+            "must be between {} and {} seconds",
+            MIGRATION_TIMEOUT_RANGE.start(),
+            MIGRATION_TIMEOUT_RANGE.end()
+        )));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+impl VolumeParams {
+    /// Static per-volume facts the node and later calls see in volume_context.
+    pub fn volume_context(&self) -> HashMap<String, String> {
+        HashMap::from([(
+            MIGRATION_TIMEOUT_KEY.to_owned(),
+            self.migration_timeout.as_secs().to_string(),
+        )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_kubernetes_keys() {
+        let p = VolumeParams::try_from(&params(&[
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pvc/namespace", "vms"),
+        ]))
+        .unwrap();
+        assert_eq!(p.migration_timeout, Duration::from_secs(300));
+        assert!(p.raw.is_empty());
+    }
+
+    #[test]
+    fn migration_timeout_is_range_checked() {
+        let ok = VolumeParams::try_from(&params(&[("migrationTimeoutSeconds", "900")])).unwrap();
+        assert_eq!(ok.migration_timeout, Duration::from_secs(900));
+        assert_eq!(ok.volume_context()["migrationTimeoutSeconds"], "900");
+        for bad in ["29", "3601", "-1", "ten", ""] {
+            let err =
+                VolumeParams::try_from(&params(&[("migrationTimeoutSeconds", bad)])).unwrap_err();
+            assert!(err.to_string().contains("migrationTimeoutSeconds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = VolumeParams::try_from(&params(&[("replicas", "3")])).unwrap_err();
+        assert_eq!(
+            err,
+            ParamError::Unknown {
+                key: "replicas".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The composition root: parse the config, build the real implementations of every
+//! trait, and serve until SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing::{error, info};
+
+use handoff_csi::attachment::store::FileStore;
+use handoff_csi::attachment::AttachmentManager;
+use handoff_csi::backend::file::FileBackend;
+use handoff_csi::backend::Backend;
+use handoff_csi::config::{BackendKind, Config, LogFormat};
+use handoff_csi::controller::ControllerService;
+use handoff_csi::identity::{HealthCheck, IdentityService};
+use handoff_csi::ids::NodeId;
+use handoff_csi::metrics::{self, Metrics};
+use handoff_csi::node::command::CommandRunner;
+use handoff_csi::node::lifecycle::NodeVolumes;
+use handoff_csi::node::mount::SysMounter;
+use handoff_csi::node::transport::loopdev::{LoopPaths, LoopTransport};
+use handoff_csi::node::transport::Transport;
+use handoff_csi::node::NodeService;
+use handoff_csi::server::{self, Services};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn init_tracing(config: &Config) -> Result<(), BoxError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// Resolves once SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutting down: finishing in-flight RPCs");
+}
+
+/// Sysfs reports resolved paths, so the data dir is compared in canonical form.
+fn canonical(dir: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
+    let metrics = Metrics::new();
+    let mut checks = Vec::new();
+
+    let controller = if config.mode.serves_controller() {
+        let backend: Arc<dyn Backend> = match config.backend {
+            BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
+        };
+        let store = Arc::new(FileStore::open(&config.state_dir)?);
+        let attachments = Arc::new(AttachmentManager::load(store).await?);
+        checks.push(HealthCheck::Backend(backend.clone()));
+        Some(ControllerService::new(
+            backend,
+            attachments,
+            metrics.clone(),
+        ))
+    } else {
+        None
+    };
+
+    let node = if config.mode.serves_node() {
+        // The node does not create the data dir: on a cluster it is a shared filesystem,
+        // and creating it locally would hide a missing mount (Probe reports it instead).
+        let transport: Arc<dyn Transport> = Arc::new(LoopTransport::new(
+            &canonical(&config.data_dir),
+            LoopPaths::default(),
+        ));
+        let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
+        checks.push(HealthCheck::Transport(transport.clone()));
+        let volumes = NodeVolumes::new(transport, mounter);
+        Some(NodeService::new(node_id.clone(), volumes, metrics.clone()))
+    } else {
+        None
+    };
+
+    let identity = IdentityService::new(
+        config.driver_name.clone(),
+        controller.is_some(),
+        checks,
+        metrics.clone(),
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    if let Some(addr) = config.metrics_addr {
+        let (m, rx) = (metrics.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, stopped(rx)).await {
+                error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    info!(
+        mode = ?config.mode,
+        node_id = %node_id,
+        driver = %config.driver_name,
+        data_dir = %config.data_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "handoff-csi starting"
+    );
+    metrics.set_ready(true);
+    let services = Services {
+        identity,
+        controller,
+        node,
+    };
+    server::serve(
+        &config.endpoint,
+        config.socket_mode,
+        services,
+        stopped(stop_rx),
+    )
+    .await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    let node_id = match config.validate() {
+        Ok(id) => id,
+        Err(msg) => {
+            eprintln!("handoff-csi: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = init_tracing(&config) {
+        eprintln!("handoff-csi: --log-level: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("handoff-csi: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, node_id)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "handoff-csi failed");
+            ExitCode::FAILURE
+        }
+    }
+}

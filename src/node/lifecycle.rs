@@ -1,0 +1,315 @@
+//! Stage, publish, unpublish and unstage on this node. Each step checks what is already
+//! there first, so a repeated call (kubelet retries) converges instead of stacking mounts.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::mount::{MountError, MountOptions, Mounter, Signature, VolumeStats};
+use super::transport::{Device, Transport, TransportError};
+use crate::capability::{AccessType, Capability, FsType};
+use crate::export::ExportInfo;
+use crate::ids::VolumeId;
+use crate::locks::{Busy, OperationLocks};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("volume {0} is not staged on this node: NodeStageVolume must succeed first")]
+    NotStaged(VolumeId),
+    #[error("{path:?} already has something else mounted ({found}); refusing to mount volume {volume} over it")]
+    PathInUse {
+        volume: VolumeId,
+        path: PathBuf,
+        found: String,
+    },
+    #[error("volume {volume} already carries {found}, not the requested {wanted}; it is never reformatted")]
+    FilesystemMismatch {
+        volume: VolumeId,
+        found: String,
+        wanted: &'static str,
+    },
+    #[error("volume {volume} is still mounted at {paths:?}; NodeUnpublishVolume those first")]
+    StillPublished {
+        volume: VolumeId,
+        paths: Vec<PathBuf>,
+    },
+    #[error("{path:?} does not exist")]
+    PathNotFound { path: PathBuf },
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Health of a published or staged volume, for NodeGetVolumeStats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+pub struct NodeVolumes {
+    transport: Arc<dyn Transport>,
+    mounter: Arc<dyn Mounter>,
+    locks: OperationLocks,
+}
+
+fn device_numbers(path: &Path) -> Result<(u32, u32), NodeError> {
+    let meta = std::fs::metadata(path).map_err(io("stat", path))?;
+    let rdev = meta.rdev();
+    Ok((libc::major(rdev), libc::minor(rdev)))
+}
+
+impl NodeVolumes {
+    pub fn new(transport: Arc<dyn Transport>, mounter: Arc<dyn Mounter>) -> Self {
+        NodeVolumes {
+            transport,
+            mounter,
+            locks: OperationLocks::new(),
+        }
+    }
+
+    pub async fn stage(
+        &self,
+        volume: &VolumeId,
+        export: &ExportInfo,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<(), NodeError> {
+        let _guard = self.locks.try_lock(format!("volume {volume}"))?;
+        let device = self
+            .transport
+            .connect(volume, export, cap.mode.is_read_only())
+            .await?;
+        let AccessType::Mount { fs_type, flags } = &cap.access_type else {
+            // Block: the attached device is the staged state; publish binds it.
+            return Ok(());
+        };
+        std::fs::create_dir_all(staging).map_err(io("create staging directory", staging))?;
+        let (major, minor) = device_numbers(&device.path)?;
+        if let Some(m) = self.mounter.mount_at(staging).await? {
+            return if (m.major, m.minor) == (major, minor) {
+                Ok(())
+            } else {
+                Err(NodeError::PathInUse {
+                    volume: volume.clone(),
+                    path: staging.to_path_buf(),
+                    found: format!("{} from {}", m.fs_type, m.source),
+                })
+            };
+        }
+        self.ensure_filesystem(volume, &device, *fs_type, cap.mode.is_read_only())
+            .await?;
+        let opts = MountOptions::parse(flags, cap.mode.is_read_only());
+        self.mounter
+            .mount(&device.path, staging, *fs_type, &opts)
+            .await?;
+        info!(volume_id = %volume, device = %device.path.display(), "staged");
+        Ok(())
+    }
+
+    async fn ensure_filesystem(
+        &self,
+        volume: &VolumeId,
+        device: &Device,
+        fs: FsType,
+        read_only: bool,
+    ) -> Result<(), NodeError> {
+        match self.mounter.probe(&device.path).await? {
+            Some(Signature::Filesystem(found)) if found == fs.as_str() => Ok(()),
+            Some(Signature::Filesystem(found)) | Some(Signature::Other(found)) => {
+                Err(NodeError::FilesystemMismatch {
+                    volume: volume.clone(),
+                    found,
+                    wanted: fs.as_str(),
+                })
+            }
+            None if read_only => Err(NodeError::FilesystemMismatch {
+                volume: volume.clone(),
+                found: "no filesystem (a read-only volume cannot be formatted)".into(),
+                wanted: fs.as_str(),
+            }),
+            None => {
+                info!(volume_id = %volume, fs = fs.as_str(), "formatting new volume");
+                Ok(self.mounter.format(&device.path, fs).await?)
+            }
+        }
+    }
+
+    pub async fn unstage(&self, volume: &VolumeId, staging: &Path) -> Result<(), NodeError> {
+        let _guard = self.locks.try_lock(format!("volume {volume}"))?;
+        self.mounter.unmount(staging).await?;
+        let Some(device) = self.transport.find_device(volume).await? else {
+            return Ok(());
+        };
+        // Detaching under a live publish would yank the disk from a running VM.
+        let (major, minor) = device_numbers(&device.path)?;
+        let mut users: Vec<PathBuf> = self
+            .mounter
+            .mounts_of(major, minor)
+            .await?
+            .into_iter()
+            .map(|m| m.mount_point)
+            .collect();
+        let name = device
+            .path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let devtmpfs_root = format!("/{name}");
+        users.extend(self.device_binds(&devtmpfs_root).await?);
+        if !users.is_empty() {
+            return Err(NodeError::StillPublished {
+                volume: volume.clone(),
+                paths: users,
+            });
+        }
+        self.transport.disconnect(&device).await?;
+        info!(volume_id = %volume, device = %device.path.display(), "unstaged");
+        Ok(())
+    }
+
+    /// Bind mounts of a device node (block publishes) show up with the node as root.
+    async fn device_binds(&self, root: &str) -> Result<Vec<PathBuf>, NodeError> {
+        let dev = self.mounter.mount_at(Path::new("/dev")).await?;
+        let Some(dev) = dev else { return Ok(vec![]) };
+        Ok(self
+            .mounter
+            .mounts_of(dev.major, dev.minor)
+            .await?
+            .into_iter()
+            .filter(|m| m.root == root)
+            .map(|m| m.mount_point)
+            .collect())
+    }
+
+    pub async fn publish(
+        &self,
+        volume: &VolumeId,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        read_only: bool,
+    ) -> Result<(), NodeError> {
+        let _guard = self.locks.try_lock(format!("volume {volume}"))?;
+        let read_only = read_only || cap.mode.is_read_only();
+        let source = match cap.access_type {
+            AccessType::Block => {
+                let device = self
+                    .transport
+                    .find_device(volume)
+                    .await?
+                    .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
+                if !target.exists() {
+                    std::fs::File::create(target).map_err(io("create publish target", target))?;
+                }
+                let (major, minor) = device_numbers(&device.path)?;
+                if self.mounter.mount_at(target).await?.is_some() {
+                    let meta = std::fs::metadata(target).map_err(io("stat", target))?;
+                    let same = meta.file_type().is_block_device()
+                        && (libc::major(meta.rdev()), libc::minor(meta.rdev())) == (major, minor);
+                    return self.already_published(volume, target, same);
+                }
+                device.path
+            }
+            AccessType::Mount { .. } => {
+                let staged = self
+                    .mounter
+                    .mount_at(staging)
+                    .await?
+                    .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
+                std::fs::create_dir_all(target).map_err(io("create publish target", target))?;
+                if let Some(m) = self.mounter.mount_at(target).await? {
+                    let same = (m.major, m.minor) == (staged.major, staged.minor)
+                        && m.read_only == read_only;
+                    return self.already_published(volume, target, same);
+                }
+                staging.to_path_buf()
+            }
+        };
+        self.mounter.bind(&source, target, read_only).await?;
+        info!(volume_id = %volume, target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    fn already_published(
+        &self,
+        volume: &VolumeId,
+        target: &Path,
+        same: bool,
+    ) -> Result<(), NodeError> {
+        if same {
+            Ok(())
+        } else {
+            Err(NodeError::PathInUse {
+                volume: volume.clone(),
+                path: target.to_path_buf(),
+                found: "a different mount or read-only setting".into(),
+            })
+        }
+    }
+
+    pub async fn unpublish(&self, volume: &VolumeId, target: &Path) -> Result<(), NodeError> {
+        let _guard = self.locks.try_lock(format!("volume {volume}"))?;
+        self.mounter.unmount(target).await?;
+        let removed = match std::fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+            Ok(_) => std::fs::remove_file(target),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        removed.map_err(io("remove publish target", target))?;
+        info!(volume_id = %volume, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    pub async fn stats(
+        &self,
+        volume: &VolumeId,
+        path: &Path,
+    ) -> Result<(VolumeStats, Condition), NodeError> {
+        if !path.exists() {
+            return Err(NodeError::PathNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let stats = self.mounter.stats(path).await?;
+        let condition = match self.transport.find_device(volume).await? {
+            None => Condition {
+                abnormal: true,
+                message: format!("no device carries volume {volume} on this node"),
+            },
+            Some(d) if d.backing_deleted => Condition {
+                abnormal: true,
+                message: format!(
+                    "the image behind {} was deleted while attached; data written now is lost at detach",
+                    d.path.display()
+                ),
+            },
+            Some(d) => Condition {
+                abnormal: false,
+                message: format!("attached as {}", d.path.display()),
+            },
+        };
+        Ok((stats, condition))
+    }
+}

@@ -1,0 +1,318 @@
+//! CSI Node service: thin handlers over `NodeVolumes`.
+
+pub mod command;
+pub mod lifecycle;
+pub mod mount;
+pub mod mountinfo;
+pub mod transport;
+
+use std::path::{Component, Path, PathBuf};
+
+use tonic::{Request, Response, Status};
+
+use self::lifecycle::NodeVolumes;
+use self::mount::VolumeStats;
+use crate::capability;
+use crate::csi;
+use crate::csi::node_server::Node;
+use crate::error::Error;
+use crate::export::ExportInfo;
+use crate::ids::{IdError, NodeId, VolumeId};
+use crate::metrics::Metrics;
+use crate::rpc::handle;
+
+pub struct NodeService {
+    node_id: NodeId,
+    volumes: NodeVolumes,
+    metrics: Metrics,
+}
+
+/// Paths from the CO are absolute, without `..` or NUL: checked before any syscall.
+fn host_path(field: &'static str, raw: &str) -> Result<PathBuf, Error> {
+    let invalid = |reason: &str| Error::InvalidField {
+        field,
+        reason: reason.into(),
+    };
+    if raw.is_empty() {
+        return Err(IdError::Missing(field).into());
+    }
+    if raw.len() > 4096 || raw.contains('\0') {
+        return Err(invalid("must be a path of at most 4096 bytes without NUL"));
+    }
+    let path = Path::new(raw);
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return Err(invalid("must be an absolute path without '..'"));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Unknown volume ids are "nothing to undo" for unstage/unpublish.
+fn volume_or_nothing(raw: &str) -> Result<Option<VolumeId>, Error> {
+    match VolumeId::parse(raw) {
+        Ok(id) => Ok(Some(id)),
+        Err(IdError::Unknown { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn usage(unit: csi::volume_usage::Unit, total: u64, available: u64, used: u64) -> csi::VolumeUsage {
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    csi::VolumeUsage {
+        total: clamp(total),
+        available: clamp(available),
+        used: clamp(used),
+        unit: unit as i32,
+    }
+}
+
+impl NodeService {
+    pub fn new(node_id: NodeId, volumes: NodeVolumes, metrics: Metrics) -> Self {
+        NodeService {
+            node_id,
+            volumes,
+            metrics,
+        }
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> Result<csi::NodeStageVolumeResponse, Error> {
+        let volume = VolumeId::parse(&req.volume_id)?;
+        let staging = host_path("staging_target_path", &req.staging_target_path)?;
+        let cap = capability::parse_one(req.volume_capability.as_ref())?;
+        let export = ExportInfo::from_publish_context(&req.publish_context)?;
+        self.volumes.stage(&volume, &export, &staging, &cap).await?;
+        Ok(csi::NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> Result<csi::NodeUnstageVolumeResponse, Error> {
+        let volume = volume_or_nothing(&req.volume_id)?;
+        let staging = host_path("staging_target_path", &req.staging_target_path)?;
+        if let Some(volume) = volume {
+            self.volumes.unstage(&volume, &staging).await?;
+        }
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> Result<csi::NodePublishVolumeResponse, Error> {
+        let volume = VolumeId::parse(&req.volume_id)?;
+        let staging = host_path("staging_target_path", &req.staging_target_path)?;
+        let target = host_path("target_path", &req.target_path)?;
+        let cap = capability::parse_one(req.volume_capability.as_ref())?;
+        self.volumes
+            .publish(&volume, &staging, &target, &cap, req.readonly)
+            .await?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> Result<csi::NodeUnpublishVolumeResponse, Error> {
+        let volume = volume_or_nothing(&req.volume_id)?;
+        let target = host_path("target_path", &req.target_path)?;
+        if let Some(volume) = volume {
+            self.volumes.unpublish(&volume, &target).await?;
+        }
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, Error> {
+        use csi::volume_usage::Unit;
+        let volume = VolumeId::parse(&req.volume_id)?;
+        let path = host_path("volume_path", &req.volume_path)?;
+        let (stats, condition) = self.volumes.stats(&volume, &path).await?;
+        let usage = match stats {
+            VolumeStats::Block { total_bytes } => vec![usage(Unit::Bytes, total_bytes, 0, 0)],
+            VolumeStats::Filesystem {
+                total_bytes,
+                available_bytes,
+                used_bytes,
+                total_inodes,
+                available_inodes,
+                used_inodes,
+            } => vec![
+                usage(Unit::Bytes, total_bytes, available_bytes, used_bytes),
+                usage(Unit::Inodes, total_inodes, available_inodes, used_inodes),
+            ],
+        };
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(csi::VolumeCondition {
+                abnormal: condition.abnormal,
+                message: condition.message,
+            }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        handle(
+            &self.metrics,
+            "NodeStageVolume",
+            &id,
+            self.node_id.as_str(),
+            self.stage(req),
+        )
+        .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        handle(
+            &self.metrics,
+            "NodeUnstageVolume",
+            &id,
+            self.node_id.as_str(),
+            self.unstage(req),
+        )
+        .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        handle(
+            &self.metrics,
+            "NodePublishVolume",
+            &id,
+            self.node_id.as_str(),
+            self.publish(req),
+        )
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        handle(
+            &self.metrics,
+            "NodeUnpublishVolume",
+            &id,
+            self.node_id.as_str(),
+            self.unpublish(req),
+        )
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        handle(
+            &self.metrics,
+            "NodeGetVolumeStats",
+            &id,
+            self.node_id.as_str(),
+            self.stats(req),
+        )
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        handle(
+            &self.metrics,
+            "NodeExpandVolume",
+            &id,
+            self.node_id.as_str(),
+            async {
+                Err::<csi::NodeExpandVolumeResponse, _>(Error::Unimplemented("NodeExpandVolume"))
+            },
+        )
+        .await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::{rpc::Type, Rpc, Type as CapType};
+        handle(
+            &self.metrics,
+            "NodeGetCapabilities",
+            "",
+            self.node_id.as_str(),
+            async {
+                Ok(csi::NodeGetCapabilitiesResponse {
+                    capabilities: [
+                        Type::StageUnstageVolume,
+                        Type::GetVolumeStats,
+                        Type::VolumeCondition,
+                    ]
+                    .into_iter()
+                    .map(|t| csi::NodeServiceCapability {
+                        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+                    })
+                    .collect(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        handle(
+            &self.metrics,
+            "NodeGetInfo",
+            "",
+            self.node_id.as_str(),
+            async {
+                Ok(csi::NodeGetInfoResponse {
+                    node_id: self.node_id.to_string(),
+                    max_volumes_per_node: 0,
+                    accessible_topology: None,
+                })
+            },
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_are_checked() {
+        assert!(host_path("target_path", "/var/lib/kubelet/pods/x/vol").is_ok());
+        for bad in ["relative/path", "/a/../etc", "/a\0b", ""] {
+            assert!(host_path("target_path", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Filesystem work on the node: probe, format, mount, bind, unmount, stats. Mount and
+//! unmount are syscalls; only mkfs and blkid are external tools (through CommandRunner).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use nix::mount::{MntFlags, MsFlags};
+
+use super::command::{CommandRunner, ToolError};
+use super::mountinfo::{self, MountEntry};
+use crate::capability::FsType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{op} {path:?}: {source}")]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+}
+
+fn sys<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MountError + 'a {
+    move |source| MountError::Sys {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn errno(e: nix::errno::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// What blkid found on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signature {
+    Filesystem(String),
+    /// A partition table or another non-filesystem signature: never format over it.
+    Other(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeStats {
+    Block {
+        total_bytes: u64,
+    },
+    Filesystem {
+        total_bytes: u64,
+        available_bytes: u64,
+        used_bytes: u64,
+        total_inodes: u64,
+        available_inodes: u64,
+        used_inodes: u64,
+    },
+}
+
+/// Mount flags from a CSI capability, split into kernel flags and filesystem data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    pub data: Vec<String>,
+}
+
+impl MountOptions {
+    pub fn parse(csi_flags: &[String], read_only: bool) -> Self {
+        let mut opts = MountOptions {
+            flags: MsFlags::empty(),
+            data: Vec::new(),
+        };
+        for f in csi_flags {
+            let flag = match f.as_str() {
+                "ro" => MsFlags::MS_RDONLY,
+                "rw" | "defaults" => MsFlags::empty(),
+                "noatime" => MsFlags::MS_NOATIME,
+                "nodiratime" => MsFlags::MS_NODIRATIME,
+                "relatime" => MsFlags::MS_RELATIME,
+                "strictatime" => MsFlags::MS_STRICTATIME,
+                "lazytime" => MsFlags::MS_LAZYTIME,
+                "nosuid" => MsFlags::MS_NOSUID,
+                "nodev" => MsFlags::MS_NODEV,
+                "noexec" => MsFlags::MS_NOEXEC,
+                "sync" => MsFlags::MS_SYNCHRONOUS,
+                "dirsync" => MsFlags::MS_DIRSYNC,
+                other => {
+                    opts.data.push(other.to_owned());
+                    continue;
+                }
+            };
+            opts.flags |= flag;
+        }
+        if read_only {
+            opts.flags |= MsFlags::MS_RDONLY;
+        }
+        opts
+    }
+}
+
+#[async_trait]
+pub trait Mounter: Send + Sync + 'static {
+    async fn probe(&self, device: &Path) -> Result<Option<Signature>, MountError>;
+    async fn format(&self, device: &Path, fs: FsType) -> Result<(), MountError>;
+    async fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs: FsType,
+        opts: &MountOptions,
+    ) -> Result<(), MountError>;
+    /// Bind-mounts `source` (a directory or a device node) onto `target`.
+    async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError>;
+    /// Unmounts everything stacked on `target`; an unmounted or missing path is success.
+    async fn unmount(&self, target: &Path) -> Result<(), MountError>;
+    async fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError>;
+    /// Every mount of the filesystem or device with these numbers.
+    async fn mounts_of(&self, major: u32, minor: u32) -> Result<Vec<MountEntry>, MountError>;
+    async fn stats(&self, path: &Path) -> Result<VolumeStats, MountError>;
+}
+
+/// The real thing: syscalls plus mkfs/blkid.
+#[derive(Debug, Clone)]
+pub struct SysMounter {
+    runner: CommandRunner,
+    mountinfo: PathBuf,
+}
+
+impl SysMounter {
+    pub fn new(runner: CommandRunner) -> Self {
+        SysMounter {
+            runner,
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+        }
+    }
+
+    fn read_mountinfo(&self) -> Result<String, MountError> {
+        std::fs::read_to_string(&self.mountinfo).map_err(sys("read", &self.mountinfo))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, MountError> + Send + 'static,
+) -> Result<T, MountError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("mount task panicked")
+}
+
+/// mountinfo lists resolved paths; resolve ours the same way (a missing path stays as is).
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+
+/// Size in bytes of the block device at `path`.
+pub fn block_device_size(path: &Path) -> std::io::Result<u64> {
+    let f = File::open(path)?;
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which outlives the call.
+    unsafe { blk_get_size64(f.as_raw_fd(), &mut size) }.map_err(errno)?;
+    Ok(size)
+}
+
+#[async_trait]
+impl Mounter for SysMounter {
+    async fn probe(&self, device: &Path) -> Result<Option<Signature>, MountError> {
+        // -p bypasses the cache and reads the device itself; exit 2 means "no signature".
+        let out = self
+            .runner
+            .run(
+                "blkid",
+                [
+                    Path::new("-p"),
+                    Path::new("-o"),
+                    Path::new("export"),
+                    device,
+                ],
+                &[2],
+            )
+            .await?;
+        if out.status.code() == Some(2) {
+            return Ok(None);
+        }
+        let value = |key: &str| {
+            out.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        Ok(match (value("TYPE"), value("PTTYPE")) {
+            (Some(fs), _) => Some(Signature::Filesystem(fs)),
+            (None, Some(pt)) => Some(Signature::Other(format!("partition table {pt}"))),
+            (None, None) => Some(Signature::Other(out.stdout.replace('\n', " "))),
+        })
+    }
+
+    async fn format(&self, device: &Path, fs: FsType) -> Result<(), MountError> {
+        // No force flags: if a signature appeared since the probe, mkfs refuses.
+        match fs {
+            FsType::Ext4 => {
+                self.runner
+                    .run(
+                        "mkfs.ext4",
+                        [
+                            Path::new("-q"),
+                            Path::new("-E"),
+                            Path::new("lazy_itable_init=1,lazy_journal_init=1"),
+                            device,
+                        ],
+                        &[],
+                    )
+                    .await?
+            }
+            FsType::Xfs => {
+                self.runner
+                    .run("mkfs.xfs", [Path::new("-q"), device], &[])
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    async fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs: FsType,
+        opts: &MountOptions,
+    ) -> Result<(), MountError> {
+        let (device, target, opts) = (device.to_path_buf(), target.to_path_buf(), opts.clone());
+        blocking(move || {
+            let data = opts.data.join(",");
+            nix::mount::mount(
+                Some(&device),
+                &target,
+                Some(fs.as_str()),
+                opts.flags,
+                (!data.is_empty()).then_some(data.as_str()),
+            )
+            .map_err(|e| sys("mount", &target)(errno(e)))
+        })
+        .await
+    }
+
+    async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
+        let (source, target) = (source.to_path_buf(), target.to_path_buf());
+        blocking(move || {
+            nix::mount::mount(
+                Some(&source),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| sys("bind mount", &target)(errno(e)))?;
+            if read_only {
+                // A bind mount ignores MS_RDONLY on creation; it takes a remount.
+                let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                if let Err(e) =
+                    nix::mount::mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+                {
+                    let _ = nix::mount::umount2(&target, MntFlags::empty());
+                    return Err(sys("remount read-only", &target)(errno(e)));
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        let target = resolved(target);
+        let this = self.clone();
+        blocking(move || {
+            // Bounded: each pass removes the top of a stack of mounts on the path.
+            for _ in 0..8 {
+                let info = this.read_mountinfo()?;
+                if mountinfo::find_mount(&info, &target).is_none() {
+                    return Ok(());
+                }
+                match nix::mount::umount2(&target, MntFlags::empty()) {
+                    Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                    Err(e) => return Err(sys("unmount", &target)(errno(e))),
+                }
+            }
+            Err(sys("unmount", &target)(std::io::Error::other(
+                "still mounted after 8 unmounts",
+            )))
+        })
+        .await
+    }
+
+    async fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+        let target = resolved(target);
+        let this = self.clone();
+        blocking(move || Ok(mountinfo::find_mount(&this.read_mountinfo()?, &target))).await
+    }
+
+    async fn mounts_of(&self, major: u32, minor: u32) -> Result<Vec<MountEntry>, MountError> {
+        let this = self.clone();
+        blocking(move || Ok(mountinfo::mounts_of(&this.read_mountinfo()?, major, minor))).await
+    }
+
+    async fn stats(&self, path: &Path) -> Result<VolumeStats, MountError> {
+        let path = path.to_path_buf();
+        blocking(move || {
+            let meta = std::fs::metadata(&path).map_err(sys("stat", &path))?;
+            if meta.file_type().is_block_device() {
+                let total_bytes = block_device_size(&path).map_err(sys("size", &path))?;
+                return Ok(VolumeStats::Block { total_bytes });
+            }
+            let st =
+                nix::sys::statvfs::statvfs(&path).map_err(|e| sys("statvfs", &path)(errno(e)))?;
+            let frsize = st.fragment_size();
+            let blocks = st.blocks();
+            Ok(VolumeStats::Filesystem {
+                total_bytes: blocks * frsize,
+                available_bytes: st.blocks_available() * frsize,
+                used_bytes: blocks.saturating_sub(st.blocks_free()) * frsize,
+                total_inodes: st.files(),
+                available_inodes: st.files_available(),
+                used_inodes: st.files().saturating_sub(st.files_free()),
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csi_mount_flags_split_into_kernel_flags_and_data() {
+        let flags: Vec<String> = ["noatime", "discard", "nodev", "data=ordered"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let o = MountOptions::parse(&flags, false);
+        assert_eq!(o.flags, MsFlags::MS_NOATIME | MsFlags::MS_NODEV);
+        assert_eq!(o.data, vec!["discard", "data=ordered"]);
+        let ro = MountOptions::parse(&[], true);
+        assert_eq!(ro.flags, MsFlags::MS_RDONLY);
+    }
+}

@@ -1,0 +1,57 @@
+//! Node transports: turn an export into a block device on this node, find it again after
+//! a restart, and release it. `loop` today; NVMe/TCP and NBD implement the same trait.
+
+pub mod loopdev;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::export::ExportInfo;
+use crate::ids::VolumeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("export path {path:?} is not the image of volume {volume} in this node's data dir; refusing to attach it")]
+    ForeignImage { volume: VolumeId, path: PathBuf },
+    #[error("image {0:?} does not exist on this node: is the data dir (shared filesystem) mounted here?")]
+    ImageMissing(PathBuf),
+    #[error("direct I/O could not be enabled on {device:?} for {image:?}; the data dir's filesystem must support O_DIRECT so that nodes sharing it stay coherent")]
+    DirectIoUnavailable { device: PathBuf, image: PathBuf },
+    #[error("no free loop device after {attempts} attempts (other processes keep taking them)")]
+    NoFreeDevice { attempts: u32 },
+    #[error("{op} {path:?}: {source}")]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A block device that carries a volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub volume_id: VolumeId,
+    pub path: PathBuf,
+    /// The backing image was deleted while attached: I/O continues on an orphan.
+    pub backing_deleted: bool,
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Attaches the export, or returns the device already carrying this volume.
+    async fn connect(
+        &self,
+        volume: &VolumeId,
+        export: &ExportInfo,
+        read_only: bool,
+    ) -> Result<Device, TransportError>;
+    async fn find_device(&self, volume: &VolumeId) -> Result<Option<Device>, TransportError>;
+    /// Releases the device; an already released device is success.
+    async fn disconnect(&self, device: &Device) -> Result<(), TransportError>;
+    /// Every device this transport holds for this driver (adoption after restart).
+    async fn list(&self) -> Result<Vec<Device>, TransportError>;
+    /// Whether this node can attach anything at all (for the Identity Probe).
+    async fn probe(&self) -> Result<(), TransportError>;
+}

@@ -1,0 +1,152 @@
+//! The gRPC listener: which services run in which mode, the Unix socket's life cycle
+//! (stale socket replaced, private permissions, removed on exit) and graceful shutdown.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::config::Endpoint;
+use crate::controller::ControllerService;
+use crate::csi::controller_server::ControllerServer;
+use crate::csi::identity_server::IdentityServer;
+use crate::csi::node_server::NodeServer;
+use crate::identity::IdentityService;
+use crate::node::NodeService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another process is already serving {0:?}; stop it or choose another --endpoint")]
+    SocketInUse(PathBuf),
+    #[error("{0:?} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub struct Services {
+    pub identity: IdentityService,
+    pub controller: Option<ControllerService>,
+    pub node: Option<NodeService>,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
+    move |source| ServerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Removes a socket left by a crashed instance; refuses if someone still answers on it.
+fn clear_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("stat", path)(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket(path.to_path_buf()));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ServerError::SocketInUse(path.to_path_buf()));
+    }
+    warn!(socket = %path.display(), "removing stale socket from a previous run");
+    std::fs::remove_file(path).map_err(io("remove stale socket", path))
+}
+
+/// Binds with a restrictive umask so the socket is never reachable by others, not even
+/// between bind and chmod.
+fn bind_private(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ServerError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create socket directory", dir))?;
+    }
+    clear_stale_socket(path)?;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io("bind", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("chmod socket", path))?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight RPCs finish.
+pub async fn serve(
+    endpoint: &Endpoint,
+    socket_mode: u32,
+    services: Services,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let router = Server::builder()
+        .add_service(IdentityServer::new(services.identity))
+        .add_optional_service(services.controller.map(ControllerServer::new))
+        .add_optional_service(services.node.map(NodeServer::new));
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_private(path, socket_mode)?;
+            info!(socket = %path.display(), "serving CSI");
+            let result = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await;
+            let _ = std::fs::remove_file(path);
+            info!("server stopped, socket removed");
+            Ok(result?)
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| io("bind", Path::new(&addr.to_string()))(e))?;
+            warn!(%addr, "serving CSI over TCP: for debugging only, there is no authentication");
+            Ok(router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_sockets_are_replaced_live_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csi.sock");
+        let live = bind_private(&path, 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            clear_stale_socket(&path),
+            Err(ServerError::SocketInUse(_))
+        ));
+        drop(live);
+        // The file stays behind after the listener is gone, like after a crash.
+        assert!(path.exists());
+        let _again = bind_private(&path, 0o660).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+    }
+
+    #[test]
+    fn regular_files_are_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("important");
+        std::fs::write(&path, b"data").unwrap();
+        assert!(matches!(
+            clear_stale_socket(&path),
+            Err(ServerError::NotASocket(_))
+        ));
+        assert!(path.exists());
+    }
+}
