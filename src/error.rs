@@ -40,7 +40,7 @@ pub enum Error {
     InvalidField { field: &'static str, reason: String },
     #[error("volume {0} does not exist")]
     VolumeNotFound(VolumeId),
-    #[error("volume {volume} is still published to {nodes:?}; ControllerUnpublishVolume it first")]
+    #[error("volume {volume} is still published to {}; ControllerUnpublishVolume it first", join(.nodes))]
     VolumeInUse {
         volume: VolumeId,
         nodes: Vec<NodeId>,
@@ -52,6 +52,14 @@ pub enum Error {
     },
     #[error("{0} is not implemented by this driver")]
     Unimplemented(&'static str),
+}
+
+fn join(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(NodeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The message with every `source` in the chain, so the CO's event says why.
