@@ -75,7 +75,7 @@ impl Identity for IdentityService {
         let serves_controller = self.serves_controller;
         handle(&self.metrics, "GetPluginCapabilities", "", "", async move {
             let capabilities = serves_controller
-                .then(|| csi::PluginCapability {
+                .then_some(csi::PluginCapability {
                     r#type: Some(CapType::Service(Service {
                         r#type: Type::ControllerService as i32,
                     })),

@@ -65,9 +65,9 @@ fn parse_line(line: &str) -> Option<MountEntry> {
 pub fn find_mount(mountinfo: &str, path: &Path) -> Option<MountEntry> {
     mountinfo
         .lines()
+        .rev()
         .filter_map(parse_line)
-        .filter(|m| m.mount_point == path)
-        .last()
+        .find(|m| m.mount_point == path)
 }
 
 /// Every mount of the filesystem or device with these numbers.
