@@ -25,11 +25,22 @@ async fn main() -> Result<(), BoxError> {
     let channel = Endpoint::try_from("http://[::]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await?;
-    let (mut c, mut n) = (ControllerClient::new(channel.clone()), NodeClient::new(channel));
-    let node_id = n.node_get_info(csi::NodeGetInfoRequest {}).await?.into_inner().node_id;
+    let (mut c, mut n) = (
+        ControllerClient::new(channel.clone()),
+        NodeClient::new(channel),
+    );
+    let node_id = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await?
+        .into_inner()
+        .node_id;
 
     let access_type = match kind.as_str() {
         "block" => AccessType::Block(Default::default()),
@@ -97,7 +108,10 @@ async fn main() -> Result<(), BoxError> {
 
     let payload = b"handoff-csi says hello";
     if kind == "block" {
-        let dev = std::fs::OpenOptions::new().read(true).write(true).open(&target)?;
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)?;
         dev.write_all_at(payload, 0)?;
         dev.sync_all()?;
         let mut back = vec![0; payload.len()];
