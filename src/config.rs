@@ -104,6 +104,16 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_SOCKET_MODE", default_value = "0600", value_parser = parse_socket_mode)]
     pub socket_mode: u32,
 
+    /// How long a detached RWO holder is remembered, so that a pod moving to another node
+    /// is recorded as a hand-off (0 disables). Never allows two RWO nodes at once.
+    #[arg(long, env = "HANDOFF_ATTACH_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub attach_grace_period: Duration,
+
+    /// How often the controller re-checks attachments: overdue migrations, expired
+    /// records, nodes or VolumeAttachments that disappeared.
+    #[arg(long, env = "HANDOFF_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+
     /// Timeout for external tools (mkfs, blkid).
     #[arg(long, env = "HANDOFF_TOOL_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub tool_timeout: Duration,
@@ -125,6 +135,9 @@ impl Config {
                 "--driver-name {:?} must be at most 63 characters of [a-zA-Z0-9.-], beginning and ending with an alphanumeric character",
                 self.driver_name
             ));
+        }
+        if self.reconcile_interval.is_zero() {
+            return Err("--reconcile-interval must be greater than 0".into());
         }
         for (flag, dir) in [
             ("--data-dir", &self.data_dir),

@@ -114,15 +114,17 @@ fn store_code(e: &StoreError) -> Code {
 fn attach_code(e: &AttachError) -> Code {
     match e {
         AttachError::Refused(r) => match r {
-            PublishRefusal::HeldElsewhere { .. } | PublishRefusal::MigrationLimit { .. } => {
-                Code::FailedPrecondition
-            }
+            PublishRefusal::HeldElsewhere { .. }
+            | PublishRefusal::MigrationLimit { .. }
+            | PublishRefusal::MigrationTimedOut { .. } => Code::FailedPrecondition,
             PublishRefusal::ReadOnlyRequired { .. } => Code::InvalidArgument,
             // CSI: published to this node already, but incompatibly.
             PublishRefusal::ReadonlyMismatch { .. } => Code::AlreadyExists,
         },
         AttachError::Busy(_) => Code::Aborted,
         AttachError::Store(s) => store_code(s),
+        // The Kubernetes API could not be asked: retry later.
+        AttachError::Cluster(_) => Code::Unavailable,
     }
 }
 

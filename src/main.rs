@@ -8,8 +8,10 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info};
 
+use handoff_csi::attachment::cluster::Standalone;
+use handoff_csi::attachment::events::{Fanout, LogSink};
 use handoff_csi::attachment::store::FileStore;
-use handoff_csi::attachment::AttachmentManager;
+use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
 use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{BackendKind, Config, LogFormat};
@@ -69,7 +71,13 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
         };
         let store = Arc::new(FileStore::open(&config.state_dir)?);
-        let attachments = Arc::new(AttachmentManager::load(store).await?);
+        let events = Arc::new(Fanout(vec![Arc::new(metrics.clone()), Arc::new(LogSink)]));
+        let policy = Policy {
+            grace_period: config.attach_grace_period,
+        };
+        let attachments =
+            Arc::new(AttachmentManager::load(store, Arc::new(Standalone), events, policy).await?);
+        spawn_reconciler(attachments.clone(), config.reconcile_interval);
         checks.push(HealthCheck::Backend(backend.clone()));
         Some(ControllerService::new(
             backend,

@@ -11,43 +11,137 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::attachment::events::{AttachEvent, EventSink};
 
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     rpc_total: IntCounterVec,
     rpc_seconds: HistogramVec,
+    attach_operations: IntCounterVec,
+    attach_conflicts: IntCounterVec,
+    handoffs: IntCounter,
+    stale_holders_cleared: IntCounter,
+    migrations_active: IntGauge,
+    state_repairs: IntCounter,
+    migrations: IntCounterVec,
+    migration_seconds: HistogramVec,
     ready: Arc<AtomicBool>,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("handoff_csi".into()), None)
             .expect("static registry prefix is valid");
-        let rpc_total = IntCounterVec::new(
-            Opts::new("rpc_total", "CSI RPCs handled, by method and gRPC code"),
+        let r = &registry;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("static metric"),
+            )
+        };
+        let rpc_total = counter_vec(
+            "rpc_total",
+            "CSI RPCs handled, by method and gRPC code",
             &["method", "code"],
-        )
-        .expect("static metric definition");
-        let rpc_seconds = HistogramVec::new(
-            HistogramOpts::new("rpc_duration_seconds", "CSI RPC latency by method").buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &["method"],
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(rpc_total.clone()))
-            .expect("first registration");
-        registry
-            .register(Box::new(rpc_seconds.clone()))
-            .expect("first registration");
+        );
+        let rpc_seconds = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new("rpc_duration_seconds", "CSI RPC latency by method").buckets(
+                    vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0,
+                    ],
+                ),
+                &["method"],
+            )
+            .expect("static metric"),
+        );
+        let attach_operations = counter_vec(
+            "attach_operations_total",
+            "Attachment changes that were persisted, by operation (attach|detach)",
+            &["operation"],
+        );
+        let attach_conflicts = counter_vec(
+            "attach_conflicts_total",
+            "Publishes refused because other nodes hold the volume, by kind (rwo_held|migration_limit|migration_timed_out)",
+            &["kind"],
+        );
+        let handoffs = register(
+            r,
+            IntCounter::new(
+                "grace_period_handoffs_total",
+                "RWO volumes handed to a new node within the grace period after a detach",
+            )
+            .expect("static metric"),
+        );
+        let stale_holders_cleared = register(
+            r,
+            IntCounter::new(
+                "stale_holders_cleared_total",
+                "RWO attachments cleared because the holder's Node object is gone",
+            )
+            .expect("static metric"),
+        );
+        let migrations_active = register(
+            r,
+            IntGauge::new(
+                "migrations_active",
+                "Volumes attached to two nodes for a live migration right now",
+            )
+            .expect("static metric"),
+        );
+        let state_repairs = register(
+            r,
+            IntCounter::new(
+                "state_repairs_total",
+                "Stored attachment states corrected from VolumeAttachments",
+            )
+            .expect("static metric"),
+        );
+        let migrations = counter_vec(
+            "migrations_total",
+            "Live migrations by result (started|completed|aborted|timed_out)",
+            &["result"],
+        );
+        let migration_seconds = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "migration_duration_seconds",
+                    "Time from second attach to first detach, by result",
+                )
+                .buckets(vec![
+                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0,
+                ]),
+                &["result"],
+            )
+            .expect("static metric"),
+        );
         Metrics {
             registry,
             rpc_total,
             rpc_seconds,
+            attach_operations,
+            attach_conflicts,
+            handoffs,
+            stale_holders_cleared,
+            migrations_active,
+            state_repairs,
+            migrations,
+            migration_seconds,
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -77,6 +171,46 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("prometheus text format is UTF-8")
+    }
+}
+
+impl EventSink for Metrics {
+    fn emit(&self, event: &AttachEvent) {
+        let finished = |result: &str, duration: &Option<Duration>| {
+            self.migrations.with_label_values(&[result]).inc();
+            self.migrations_active.dec();
+            if let Some(d) = duration {
+                self.migration_seconds
+                    .with_label_values(&[result])
+                    .observe(d.as_secs_f64());
+            }
+        };
+        match event {
+            AttachEvent::Attached { .. } => {
+                self.attach_operations.with_label_values(&["attach"]).inc()
+            }
+            AttachEvent::Detached { .. } => {
+                self.attach_operations.with_label_values(&["detach"]).inc()
+            }
+            AttachEvent::AttachConflict { kind, .. } => {
+                self.attach_conflicts.with_label_values(&[kind]).inc()
+            }
+            AttachEvent::HandedOff { .. } => self.handoffs.inc(),
+            AttachEvent::StaleHolderCleared { .. } => self.stale_holders_cleared.inc(),
+            AttachEvent::MigrationStarted { .. } => {
+                self.migrations.with_label_values(&["started"]).inc();
+                self.migrations_active.inc();
+            }
+            AttachEvent::MigrationCompleted { duration, .. } => finished("completed", duration),
+            AttachEvent::MigrationAborted { duration, .. } => finished("aborted", duration),
+            AttachEvent::MigrationTimedOut { .. } => {
+                self.migrations.with_label_values(&["timed_out"]).inc()
+            }
+            AttachEvent::StateRepaired { .. } => self.state_repairs.inc(),
+            AttachEvent::Restored {
+                migrations_active, ..
+            } => self.migrations_active.set(*migrations_active as i64),
+        }
     }
 }
 

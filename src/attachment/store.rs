@@ -107,6 +107,31 @@ impl AttachmentStore for FileStore {
     }
 }
 
+/// In-memory store: for tests and benchmarks of the rules without disk I/O.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    states: parking_lot::Mutex<std::collections::BTreeMap<VolumeId, AttachmentState>>,
+}
+
+#[async_trait]
+impl AttachmentStore for MemoryStore {
+    async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
+        Ok(self.states.lock().values().cloned().collect())
+    }
+
+    async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        self.states
+            .lock()
+            .insert(state.volume_id.clone(), state.clone());
+        Ok(())
+    }
+
+    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
+        self.states.lock().remove(volume);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
@@ -120,7 +145,11 @@ mod tests {
     async fn file_store_round_trips_order_and_timestamps() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        let mut s = AttachmentState::new(VolumeId::generate(), Sharing::Rwx);
+        let mut s = AttachmentState::new(
+            VolumeId::generate(),
+            Sharing::Rwx,
+            crate::attachment::state::DEFAULT_MIGRATION_TIMEOUT,
+        );
         for n in ["node-b", "node-a"] {
             s.nodes.push(NodeAttachment {
                 node_id: NodeId::parse(n).unwrap(),

@@ -122,10 +122,12 @@ impl ControllerService {
                 capability: format!("{:?}", StoredCapability::from(&cap)),
             });
         }
+        let params = stored_params(&volume)?;
         self.attachments
             .publish(
                 &volume.id,
                 cap.mode.sharing(),
+                params.migration_timeout,
                 PublishRequest {
                     node_id,
                     readonly: req.readonly,
@@ -356,4 +358,11 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         self.unimplemented("ControllerModifyVolume").await
     }
+}
+
+/// The typed parameters of a stored volume (validated when it was created).
+fn stored_params(volume: &VolumeRecord) -> Result<VolumeParams, Error> {
+    let raw: std::collections::HashMap<String, String> =
+        volume.parameters.clone().into_iter().collect();
+    Ok(VolumeParams::try_from(&raw)?)
 }

@@ -1,0 +1,55 @@
+//! What the cluster knows about nodes and attachments. Without Kubernetes nothing is
+//! known (every well-formed node id is accepted); with it, Node and VolumeAttachment
+//! objects answer (from watch caches, not a LIST per call).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use crate::ids::{NodeId, VolumeId};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cluster view unavailable: {0}")]
+pub struct ClusterError(pub String);
+
+/// One VolumeAttachment of this driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentObject {
+    pub volume: VolumeId,
+    pub node: NodeId,
+    /// status.attached: the attacher saw ControllerPublish succeed.
+    pub attached: bool,
+}
+
+/// VolumeAttachments grouped by volume.
+pub type AttachmentIndex = HashMap<VolumeId, Vec<AttachmentObject>>;
+
+pub fn index(objects: Vec<AttachmentObject>) -> AttachmentIndex {
+    let mut idx: AttachmentIndex = HashMap::new();
+    for o in objects {
+        idx.entry(o.volume.clone()).or_default().push(o);
+    }
+    idx
+}
+
+#[async_trait]
+pub trait ClusterView: Send + Sync + 'static {
+    /// Which of these nodes no longer exist in the cluster.
+    async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError>;
+    /// Every VolumeAttachment of this driver, or `None` when the cluster cannot say.
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError>;
+}
+
+/// The embedded default: no cluster, so no node is ever known to be gone.
+#[derive(Debug, Default, Clone)]
+pub struct Standalone;
+
+#[async_trait]
+impl ClusterView for Standalone {
+    async fn gone_nodes(&self, _nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError> {
+        Ok(Vec::new())
+    }
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        Ok(None)
+    }
+}

@@ -1,0 +1,493 @@
+//! AttachmentManager tests: persistence, races, events, reconciler, and a randomized
+//! comparison against a reference model of the rules.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use super::cluster::{AttachmentObject, Standalone};
+use super::events::RecordingSink;
+use super::state::DEFAULT_MIGRATION_TIMEOUT;
+use super::store::{FileStore, MemoryStore};
+use super::*;
+
+fn node(n: &str) -> NodeId {
+    NodeId::parse(n).unwrap()
+}
+
+fn req(n: &str) -> PublishRequest {
+    PublishRequest {
+        node_id: node(n),
+        readonly: false,
+    }
+}
+
+async fn manager_with(
+    store: Arc<dyn AttachmentStore>,
+    cluster: Arc<dyn ClusterView>,
+    grace: Duration,
+) -> (AttachmentManager, Arc<RecordingSink>) {
+    let sink = Arc::new(RecordingSink::default());
+    let m = AttachmentManager::load(
+        store,
+        cluster,
+        sink.clone(),
+        Policy {
+            grace_period: grace,
+        },
+    )
+    .await
+    .unwrap();
+    sink.take();
+    (m, sink)
+}
+
+async fn manager() -> (AttachmentManager, Arc<RecordingSink>) {
+    manager_with(
+        Arc::new(MemoryStore::default()),
+        Arc::new(Standalone),
+        Duration::from_secs(30),
+    )
+    .await
+}
+
+async fn publish(
+    m: &AttachmentManager,
+    v: &VolumeId,
+    sharing: Sharing,
+    n: &str,
+) -> Result<PublishOutcome, AttachError> {
+    m.publish(v, sharing, DEFAULT_MIGRATION_TIMEOUT, req(n))
+        .await
+}
+
+#[tokio::test]
+async fn state_survives_a_restart_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).unwrap());
+    let (m, _) = manager_with(store.clone(), Arc::new(Standalone), Duration::from_secs(30)).await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+    assert_eq!(
+        publish(&m, &v, Sharing::Rwx, "b").await.unwrap(),
+        PublishOutcome::MigrationStarted
+    );
+    let before = m.snapshot();
+    drop(m);
+    let (m, sink) = manager_with(
+        Arc::new(FileStore::open(dir.path()).unwrap()),
+        Arc::new(Standalone),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        m.snapshot(),
+        before,
+        "order and migration start time survive"
+    );
+    assert!(sink.take().is_empty());
+    m.unpublish(&v, &node("a")).await.unwrap();
+    m.unpublish(&v, &node("b")).await.unwrap();
+    assert!(m.state(&v).is_none());
+    assert!(store.load_all().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn racing_rwo_publishes_have_exactly_one_winner() {
+    let (m, _) = manager().await;
+    let m = Arc::new(m);
+    let v = VolumeId::generate();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let (m, v, b) = (m.clone(), v.clone(), barrier.clone());
+            tokio::spawn(async move {
+                b.wait().await;
+                publish(&m, &v, Sharing::Rwo, &format!("n{i}")).await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(AttachError::Busy(_)) | Err(AttachError::Refused(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(m.attached_nodes(&v).len(), 1);
+}
+
+#[tokio::test]
+async fn racing_rwx_publishes_never_exceed_two_nodes() {
+    let (m, _) = manager().await;
+    let m = Arc::new(m);
+    let v = VolumeId::generate();
+    for round in 0..20 {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (m, v) = (m.clone(), v.clone());
+                tokio::spawn(async move {
+                    let n = format!("r{round}n{i}");
+                    let _ = publish(&m, &v, Sharing::Rwx, &n).await;
+                    tokio::task::yield_now().await;
+                    if i % 3 == 0 {
+                        let _ = m.unpublish(&v, &node(&n)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            m.attached_nodes(&v).len() <= 2,
+            "round {round}: {:?}",
+            m.attached_nodes(&v)
+        );
+    }
+}
+
+#[tokio::test]
+async fn events_name_source_and_target() {
+    let (m, sink) = manager().await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+    publish(&m, &v, Sharing::Rwx, "b").await.unwrap();
+    assert!(publish(&m, &v, Sharing::Rwx, "c").await.is_err());
+    m.unpublish(&v, &node("a")).await.unwrap();
+    publish(&m, &v, Sharing::Rwx, "c").await.unwrap();
+    m.unpublish(&v, &node("c")).await.unwrap();
+    let events = sink.take();
+    let interesting: Vec<_> = events
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e,
+                AttachEvent::Attached { .. } | AttachEvent::Detached { .. }
+            )
+        })
+        .collect();
+    assert!(
+        matches!(&interesting[0], AttachEvent::MigrationStarted { source, target, .. } if *source == node("a") && *target == node("b"))
+    );
+    assert!(
+        matches!(&interesting[1], AttachEvent::AttachConflict { kind: "migration_limit", requester, .. } if *requester == node("c"))
+    );
+    assert!(
+        matches!(&interesting[2], AttachEvent::MigrationCompleted { source, target, duration: Some(_), .. } if *source == node("a") && *target == node("b"))
+    );
+    assert!(
+        matches!(&interesting[3], AttachEvent::MigrationStarted { source, target, .. } if *source == node("b") && *target == node("c"))
+    );
+    assert!(
+        matches!(&interesting[4], AttachEvent::MigrationAborted { source, target, .. } if *source == node("b") && *target == node("c"))
+    );
+    assert_eq!(interesting.len(), 5);
+}
+
+#[tokio::test]
+async fn rwo_handoff_within_grace_is_reported() {
+    let (m, sink) = manager().await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwo, "a").await.unwrap();
+    m.unpublish(&v, &node("a")).await.unwrap();
+    assert!(
+        m.state(&v).is_some(),
+        "release remembered during the grace period"
+    );
+    assert!(m.attached_nodes(&v).is_empty());
+    assert_eq!(
+        publish(&m, &v, Sharing::Rwo, "b").await.unwrap(),
+        PublishOutcome::HandedOff
+    );
+    assert!(sink
+        .take()
+        .iter()
+        .any(|e| matches!(e, AttachEvent::HandedOff { from, to, .. } if *from == node("a") && *to == node("b"))));
+}
+
+/// A store whose writes can be made to fail, to prove "durable before OK".
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl AttachmentStore for FlakyStore {
+    async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                op: "write",
+                path: "flaky".into(),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.save(state).await
+    }
+    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
+        self.inner.remove(volume).await
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_changes_nothing() {
+    let store = Arc::new(FlakyStore::default());
+    let (m, sink) =
+        manager_with(store.clone(), Arc::new(Standalone), Duration::from_secs(30)).await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+    store.failing.store(true, Ordering::SeqCst);
+    sink.take();
+    assert!(matches!(
+        publish(&m, &v, Sharing::Rwx, "b").await,
+        Err(AttachError::Store(_))
+    ));
+    assert_eq!(m.attached_nodes(&v), vec![node("a")]);
+    assert!(
+        sink.take().is_empty(),
+        "no event for a change that did not happen"
+    );
+    store.failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        publish(&m, &v, Sharing::Rwx, "b").await.unwrap(),
+        PublishOutcome::MigrationStarted
+    );
+}
+
+/// A cluster where some nodes are deleted and VolumeAttachments are scripted.
+#[derive(Default)]
+struct FakeCluster {
+    gone: parking_lot::Mutex<Vec<NodeId>>,
+    objects: parking_lot::Mutex<Option<Vec<AttachmentObject>>>,
+}
+
+#[async_trait]
+impl ClusterView for FakeCluster {
+    async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError> {
+        let gone = self.gone.lock();
+        Ok(nodes.iter().filter(|n| gone.contains(n)).cloned().collect())
+    }
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        Ok(self.objects.lock().clone())
+    }
+}
+
+#[tokio::test]
+async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
+    let cluster = Arc::new(FakeCluster::default());
+    let (m, sink) = manager_with(
+        Arc::new(MemoryStore::default()),
+        cluster.clone(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwo, "a").await.unwrap();
+    assert!(publish(&m, &v, Sharing::Rwo, "b").await.is_err());
+    cluster.gone.lock().push(node("a"));
+    assert_eq!(
+        publish(&m, &v, Sharing::Rwo, "b").await.unwrap(),
+        PublishOutcome::StaleHolderCleared
+    );
+    assert_eq!(m.attached_nodes(&v), vec![node("b")]);
+    assert!(sink.take().iter().any(
+        |e| matches!(e, AttachEvent::StaleHolderCleared { holder, .. } if *holder == node("a"))
+    ));
+}
+
+#[tokio::test]
+async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
+    let (m, sink) = manager().await;
+    let v = VolumeId::generate();
+    m.publish(&v, Sharing::Rwx, Duration::from_secs(30), req("a"))
+        .await
+        .unwrap();
+    m.publish(&v, Sharing::Rwx, Duration::from_secs(30), req("b"))
+        .await
+        .unwrap();
+    // Age the migration past its deadline.
+    let mut s = m.state(&v).unwrap();
+    s.migration_started_at = Some(Utc::now() - chrono::Duration::seconds(31));
+    m.states.insert(v.clone(), s);
+    sink.take();
+    let r = m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(r.timed_out, 1);
+    let r = m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(r.timed_out, 0, "reported once");
+    let timed_out: Vec<_> = sink
+        .take()
+        .into_iter()
+        .filter(|e| matches!(e, AttachEvent::MigrationTimedOut { .. }))
+        .collect();
+    assert_eq!(timed_out.len(), 1);
+    assert_eq!(
+        m.attached_nodes(&v),
+        vec![node("a"), node("b")],
+        "access never revoked"
+    );
+    let err = publish(&m, &v, Sharing::Rwx, "c").await.unwrap_err();
+    assert!(err.to_string().contains("timeout"), "{err}");
+}
+
+#[tokio::test]
+async fn reconciler_clears_nodes_the_cluster_lost() {
+    let cluster = Arc::new(FakeCluster::default());
+    let (m, _) = manager_with(
+        Arc::new(MemoryStore::default()),
+        cluster.clone(),
+        Duration::ZERO,
+    )
+    .await;
+    let (v1, v2) = (VolumeId::generate(), VolumeId::generate());
+    publish(&m, &v1, Sharing::Rwx, "a").await.unwrap();
+    publish(&m, &v1, Sharing::Rwx, "b").await.unwrap();
+    publish(&m, &v2, Sharing::Rwo, "c").await.unwrap();
+    *cluster.objects.lock() = Some(vec![
+        AttachmentObject {
+            volume: v1.clone(),
+            node: node("a"),
+            attached: true,
+        },
+        AttachmentObject {
+            volume: v1.clone(),
+            node: node("b"),
+            attached: true,
+        },
+        AttachmentObject {
+            volume: v2.clone(),
+            node: node("c"),
+            attached: true,
+        },
+    ]);
+    assert!(m
+        .reconcile(Duration::ZERO)
+        .await
+        .unwrap()
+        .cleared
+        .is_empty());
+    // b's node is deleted; c's VolumeAttachment disappeared.
+    cluster.gone.lock().push(node("b"));
+    cluster.objects.lock().as_mut().unwrap().pop();
+    let r = m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(r.cleared.len(), 2, "{r:?}");
+    assert_eq!(m.attached_nodes(&v1), vec![node("a")]);
+    assert!(m.state(&v1).unwrap().migration_started_at.is_none());
+    assert!(m.state(&v2).is_none(), "nothing left: record reclaimed");
+}
+
+#[tokio::test]
+async fn rebuild_repairs_state_from_volume_attachments() {
+    let store = Arc::new(MemoryStore::default());
+    let (m, _) = manager_with(store.clone(), Arc::new(Standalone), Duration::ZERO).await;
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+    publish(&m, &v, Sharing::Rwx, "b").await.unwrap();
+    drop(m);
+    let cluster = Arc::new(FakeCluster::default());
+    *cluster.objects.lock() = Some(vec![AttachmentObject {
+        volume: v.clone(),
+        node: node("b"),
+        attached: true,
+    }]);
+    let (m, sink) = {
+        let sink = Arc::new(RecordingSink::default());
+        let m = AttachmentManager::load(store.clone(), cluster, sink.clone(), Policy::default())
+            .await
+            .unwrap();
+        (m, sink)
+    };
+    assert_eq!(m.attached_nodes(&v), vec![node("b")]);
+    assert!(sink.take().iter().any(
+        |e| matches!(e, AttachEvent::StateRepaired { removed, .. } if removed == &vec![node("a")])
+    ));
+    assert_eq!(
+        store.load_all().await.unwrap()[0].nodes.len(),
+        1,
+        "repair persisted"
+    );
+}
+
+/// Reference model: the rules restated as plainly as possible.
+#[derive(Default, Clone)]
+struct Model {
+    nodes: Vec<String>,
+}
+
+impl Model {
+    fn publish(&mut self, sharing: Sharing, n: &str) -> bool {
+        if self.nodes.iter().any(|x| x == n) {
+            return true;
+        }
+        let limit = match sharing {
+            Sharing::Rwo => 1,
+            Sharing::Rwx => 2,
+            Sharing::Rox => usize::MAX,
+        };
+        if self.nodes.len() < limit {
+            self.nodes.push(n.to_string());
+            true
+        } else {
+            false
+        }
+    }
+    fn unpublish(&mut self, n: &str) {
+        self.nodes.retain(|x| x != n);
+    }
+}
+
+/// Deterministic xorshift so failures reproduce from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn random_sequences_match_the_reference_model() {
+    for seed in 1..=200u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let sharing = [Sharing::Rwo, Sharing::Rwx][(seed % 2) as usize];
+        let (m, _) = manager_with(
+            Arc::new(MemoryStore::default()),
+            Arc::new(Standalone),
+            Duration::ZERO,
+        )
+        .await;
+        let v = VolumeId::generate();
+        let mut model = Model::default();
+        for step in 0..60 {
+            let n = ["a", "b", "c", "d"][(rng.next() % 4) as usize];
+            if rng.next() % 3 == 0 {
+                m.unpublish(&v, &node(n)).await.unwrap();
+                model.unpublish(n);
+            } else {
+                let ok = publish(&m, &v, sharing, n).await.is_ok();
+                assert_eq!(
+                    ok,
+                    model.publish(sharing, n),
+                    "seed {seed} step {step}: publish {n}"
+                );
+            }
+            let got: Vec<String> = m.attached_nodes(&v).iter().map(|n| n.to_string()).collect();
+            assert_eq!(got, model.nodes, "seed {seed} step {step}: order differs");
+            let migrating = m
+                .state(&v)
+                .is_some_and(|s| s.migration_started_at.is_some());
+            assert_eq!(
+                migrating,
+                sharing == Sharing::Rwx && model.nodes.len() == 2,
+                "seed {seed} step {step}"
+            );
+        }
+    }
+}
