@@ -34,6 +34,15 @@ pub enum BackendKind {
     File,
 }
 
+/// Where the controller keeps attachment state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttachmentStoreKind {
+    /// JSON files in --state-dir (no Kubernetes).
+    File,
+    /// PersistentVolume annotations, cross-checked with VolumeAttachments and Nodes.
+    Kube,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -86,6 +95,16 @@ pub struct Config {
         default_value = "/var/lib/handoff-csi/state"
     )]
     pub state_dir: PathBuf,
+
+    /// Where attachment state lives: `file` without Kubernetes, `kube` in a cluster
+    /// (uses the in-cluster service account or $KUBECONFIG).
+    #[arg(
+        long,
+        env = "HANDOFF_ATTACHMENT_STORE",
+        value_enum,
+        default_value = "file"
+    )]
+    pub attachment_store: AttachmentStoreKind,
 
     /// Address for /metrics, /healthz and /readyz (disabled when unset).
     #[arg(long, env = "HANDOFF_METRICS_ADDR")]

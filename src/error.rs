@@ -106,7 +106,8 @@ fn backend_code(e: &BackendError) -> Code {
 fn store_code(e: &StoreError) -> Code {
     match e {
         // Nothing was persisted and nothing changed: the CO may retry.
-        StoreError::Io { .. } => Code::Unavailable,
+        StoreError::Io { .. } | StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::Conflict { .. } => Code::Aborted,
         StoreError::Corrupt { .. } => Code::Internal,
     }
 }
@@ -125,6 +126,7 @@ fn attach_code(e: &AttachError) -> Code {
         AttachError::Store(s) => store_code(s),
         // The Kubernetes API could not be asked: retry later.
         AttachError::Cluster(_) => Code::Unavailable,
+        AttachError::UnknownNode(_) => Code::NotFound,
     }
 }
 

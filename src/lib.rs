@@ -16,6 +16,7 @@ pub mod error;
 pub mod export;
 pub mod identity;
 pub mod ids;
+pub mod kube;
 pub mod locks;
 pub mod metrics;
 pub mod node;

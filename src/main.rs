@@ -8,16 +8,23 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info};
 
-use handoff_csi::attachment::cluster::Standalone;
-use handoff_csi::attachment::events::{Fanout, LogSink};
+use std::time::Duration;
+
+use handoff_csi::attachment::cluster::{ClusterView, Standalone};
+use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
+use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
 use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
 use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
-use handoff_csi::config::{BackendKind, Config, LogFormat};
+use handoff_csi::config::{AttachmentStoreKind, BackendKind, Config, LogFormat};
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
 use handoff_csi::ids::NodeId;
+use handoff_csi::kube::cache::ClusterCache;
+use handoff_csi::kube::cluster::KubeCluster;
+use handoff_csi::kube::events::KubeEvents;
+use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
 use handoff_csi::node::command::CommandRunner;
 use handoff_csi::node::lifecycle::NodeVolumes;
@@ -62,6 +69,47 @@ fn canonical(dir: &Path) -> std::path::PathBuf {
     std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
 }
 
+type Seams = (
+    Arc<dyn AttachmentStore>,
+    Arc<dyn ClusterView>,
+    Arc<dyn EventSink>,
+);
+
+/// The attachment store, cluster view and event sinks for the chosen mode.
+async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, BoxError> {
+    let mut sinks: Vec<Arc<dyn EventSink>> = vec![Arc::new(metrics.clone()), Arc::new(LogSink)];
+    match config.attachment_store {
+        AttachmentStoreKind::File => {
+            let store = Arc::new(FileStore::open(&config.state_dir)?);
+            Ok((store, Arc::new(Standalone), Arc::new(Fanout(sinks))))
+        }
+        AttachmentStoreKind::Kube => {
+            let client = kube::Client::try_default().await?;
+            let cache = ClusterCache::new(&config.driver_name);
+            cache.spawn_watches(client.clone());
+            info!("waiting for PersistentVolume, Node and VolumeAttachment watches to sync");
+            if !cache.wait_ready(Duration::from_secs(120)).await {
+                return Err("Kubernetes watches did not sync within 120s; check RBAC (get/list/watch on persistentvolumes, nodes, volumeattachments)".into());
+            }
+            let store = Arc::new(PvStore::new(
+                kube::Api::all(client.clone()),
+                cache.clone(),
+                RetryPolicy::default(),
+            ));
+            sinks.push(Arc::new(KubeEvents::new(
+                client,
+                cache.clone(),
+                "handoff-csi",
+            )));
+            Ok((
+                store,
+                Arc::new(KubeCluster::new(cache)),
+                Arc::new(Fanout(sinks)),
+            ))
+        }
+    }
+}
+
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let metrics = Metrics::new();
     let mut checks = Vec::new();
@@ -70,13 +118,11 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let backend: Arc<dyn Backend> = match config.backend {
             BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
         };
-        let store = Arc::new(FileStore::open(&config.state_dir)?);
-        let events = Arc::new(Fanout(vec![Arc::new(metrics.clone()), Arc::new(LogSink)]));
+        let (store, cluster, events) = attachment_seams(&config, &metrics).await?;
         let policy = Policy {
             grace_period: config.attach_grace_period,
         };
-        let attachments =
-            Arc::new(AttachmentManager::load(store, Arc::new(Standalone), events, policy).await?);
+        let attachments = Arc::new(AttachmentManager::load(store, cluster, events, policy).await?);
         spawn_reconciler(attachments.clone(), config.reconcile_interval);
         checks.push(HealthCheck::Backend(backend.clone()));
         Some(ControllerService::new(

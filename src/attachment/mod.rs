@@ -34,6 +34,8 @@ pub enum AttachError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error("node {0} does not exist in the cluster")]
+    UnknownNode(NodeId),
 }
 
 /// What a successful publish did.
@@ -153,11 +155,13 @@ impl AttachmentManager {
             .state(volume)
             .unwrap_or_else(|| AttachmentState::new(volume.clone(), sharing, migration_timeout));
         let holders: Vec<NodeId> = current.node_ids().cloned().collect();
-        let gone_nodes = if holders.is_empty() || holders.contains(&req.node_id) {
-            Vec::new()
-        } else {
-            self.cluster.gone_nodes(&holders).await?
-        };
+        let mut asked = holders.clone();
+        asked.push(req.node_id.clone());
+        let mut gone_nodes = self.cluster.gone_nodes(&asked).await?;
+        if gone_nodes.contains(&req.node_id) {
+            return Err(AttachError::UnknownNode(req.node_id));
+        }
+        gone_nodes.retain(|n| n != &req.node_id);
         let ctx = PublishContext {
             now: Utc::now(),
             grace: self.policy.grace_period,

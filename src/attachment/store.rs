@@ -19,6 +19,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("attachment store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{object} kept changing under {attempts} guarded writes; retry")]
+    Conflict { object: String, attempts: u32 },
     #[error("attachment record {path:?} is unreadable: {source}")]
     Corrupt {
         path: PathBuf,

@@ -32,10 +32,13 @@ pub fn require_root(test: &str) -> bool {
     panic!("{msg}, or set HANDOFF_ALLOW_UNPRIVILEGED_SKIP=1 to skip privileged tests");
 }
 
+pub mod fake_kube;
+
 pub struct DriverOptions {
     pub mode: &'static str,
     pub node_id: String,
     pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DriverOptions {
@@ -44,6 +47,7 @@ impl Default for DriverOptions {
             mode: "all",
             node_id: "node-a".into(),
             extra_args: vec![],
+            env: vec![],
         }
     }
 }
@@ -107,6 +111,7 @@ impl Driver {
             .arg("--log-level")
             .arg("error")
             .args(&self.options.extra_args)
+            .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null());
         let child = cmd.spawn().expect("spawn handoff-csi");
         self.child = Some(child);

@@ -1,0 +1,339 @@
+//! Watch caches of the objects the controller reads: this driver's PersistentVolumes
+//! (indexed both ways between volume id and PV name), Nodes and VolumeAttachments.
+//! Reads never go to the API server; writes (PV annotation patches) feed their result
+//! back so the next guarded patch uses the newest resourceVersion.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::ids::{NodeId, VolumeId};
+
+/// What the controller needs to know about one of its PVs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PvEntry {
+    pub name: String,
+    pub volume_id: VolumeId,
+    pub resource_version: String,
+    pub attachment: Option<String>,
+    /// namespace/name of the bound claim, for Events on the PVC.
+    pub claim: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaEntry {
+    pub pv_name: String,
+    pub node: NodeId,
+    pub attached: bool,
+}
+
+#[derive(Default)]
+struct Ready {
+    pvs: AtomicBool,
+    nodes: AtomicBool,
+    vas: AtomicBool,
+}
+
+pub struct ClusterCache {
+    driver: String,
+    pvs: DashMap<String, PvEntry>,
+    handles: DashMap<VolumeId, String>,
+    nodes: DashMap<String, ()>,
+    vas: DashMap<String, VaEntry>,
+    ready: Ready,
+    changed: Notify,
+}
+
+impl ClusterCache {
+    pub fn new(driver: &str) -> Arc<Self> {
+        Arc::new(ClusterCache {
+            driver: driver.to_owned(),
+            pvs: DashMap::new(),
+            handles: DashMap::new(),
+            nodes: DashMap::new(),
+            vas: DashMap::new(),
+            ready: Ready::default(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Starts the three watches; they reconnect with backoff for as long as the process runs.
+    pub fn spawn_watches(self: &Arc<Self>, client: Client) {
+        let cache = self.clone();
+        let api: Api<PersistentVolume> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut pending = HashMap::new();
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(e) => cache.on_pv_event(e, &mut pending),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "PersistentVolume watch interrupted; retrying")
+                    }
+                }
+            }
+        });
+        let cache = self.clone();
+        let api: Api<Node> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut pending = HashMap::new();
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(e) => cache.on_node_event(e, &mut pending),
+                    Err(e) => tracing::warn!(error = %e, "Node watch interrupted; retrying"),
+                }
+            }
+        });
+        let cache = self.clone();
+        let api: Api<VolumeAttachment> = Api::all(client);
+        tokio::spawn(async move {
+            let mut pending = HashMap::new();
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(e) => cache.on_va_event(e, &mut pending),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "VolumeAttachment watch interrupted; retrying")
+                    }
+                }
+            }
+        });
+    }
+
+    fn watch_event<K, V>(
+        event: Event<K>,
+        pending: &mut HashMap<String, V>,
+        convert: impl Fn(&K) -> Option<V>,
+        name: impl Fn(&K) -> String,
+        apply: impl Fn(String, Option<V>),
+        replace_all: impl FnOnce(HashMap<String, V>),
+    ) -> bool {
+        match event {
+            Event::Apply(obj) => apply(name(&obj), convert(&obj)),
+            Event::Delete(obj) => apply(name(&obj), None),
+            Event::Init => pending.clear(),
+            Event::InitApply(obj) => {
+                if let Some(v) = convert(&obj) {
+                    pending.insert(name(&obj), v);
+                }
+            }
+            // A full relist: objects deleted while the watch was down disappear here.
+            Event::InitDone => {
+                replace_all(std::mem::take(pending));
+                return true;
+            }
+        }
+        false
+    }
+
+    fn on_pv_event(&self, event: Event<PersistentVolume>, pending: &mut HashMap<String, PvEntry>) {
+        let synced = Self::watch_event(
+            event,
+            pending,
+            |pv| self.pv_entry(pv),
+            |pv| pv.name_any(),
+            |name, entry| self.put_pv(name, entry),
+            |all| {
+                self.pvs.clear();
+                self.handles.clear();
+                for (name, entry) in all {
+                    self.put_pv(name, Some(entry));
+                }
+            },
+        );
+        if synced {
+            self.ready.pvs.store(true, Ordering::SeqCst);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn on_node_event(&self, event: Event<Node>, pending: &mut HashMap<String, ()>) {
+        let synced = Self::watch_event(
+            event,
+            pending,
+            |_| Some(()),
+            |n| n.name_any(),
+            |name, v| match v {
+                Some(()) => {
+                    self.nodes.insert(name, ());
+                }
+                None => {
+                    self.nodes.remove(&name);
+                }
+            },
+            |all| {
+                self.nodes.clear();
+                for (k, v) in all {
+                    self.nodes.insert(k, v);
+                }
+            },
+        );
+        if synced {
+            self.ready.nodes.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn on_va_event(&self, event: Event<VolumeAttachment>, pending: &mut HashMap<String, VaEntry>) {
+        let synced = Self::watch_event(
+            event,
+            pending,
+            |va| self.va_entry(va),
+            |va| va.name_any(),
+            |name, v| match v {
+                Some(v) => {
+                    self.vas.insert(name, v);
+                }
+                None => {
+                    self.vas.remove(&name);
+                }
+            },
+            |all| {
+                self.vas.clear();
+                for (k, v) in all {
+                    self.vas.insert(k, v);
+                }
+            },
+        );
+        if synced {
+            self.ready.vas.store(true, Ordering::SeqCst);
+        }
+    }
+
+    pub fn pv_entry(&self, pv: &PersistentVolume) -> Option<PvEntry> {
+        let csi = pv.spec.as_ref()?.csi.as_ref()?;
+        if csi.driver != self.driver {
+            return None;
+        }
+        let volume_id = VolumeId::parse(&csi.volume_handle).ok()?;
+        let claim = pv
+            .spec
+            .as_ref()?
+            .claim_ref
+            .as_ref()
+            .and_then(|c| Some((c.namespace.clone()?, c.name.clone()?)));
+        Some(PvEntry {
+            name: pv.name_any(),
+            volume_id,
+            resource_version: pv.resource_version().unwrap_or_default(),
+            attachment: pv.annotations().get(super::ANNOTATION_STATE).cloned(),
+            claim,
+        })
+    }
+
+    fn va_entry(&self, va: &VolumeAttachment) -> Option<VaEntry> {
+        if va.spec.attacher != self.driver {
+            return None;
+        }
+        Some(VaEntry {
+            pv_name: va.spec.source.persistent_volume_name.clone()?,
+            node: NodeId::parse(&va.spec.node_name).ok()?,
+            attached: va.status.as_ref().is_some_and(|s| s.attached),
+        })
+    }
+
+    fn put_pv(&self, name: String, entry: Option<PvEntry>) {
+        if let Some((_, old)) = self.pvs.remove(&name) {
+            self.handles.remove(&old.volume_id);
+        }
+        if let Some(entry) = entry {
+            self.handles.insert(entry.volume_id.clone(), name.clone());
+            self.pvs.insert(name, entry);
+        }
+    }
+
+    /// Records a PV returned by our own write, unless the watch already has a newer one.
+    pub fn observe_pv(&self, pv: &PersistentVolume) {
+        if let Some(entry) = self.pv_entry(pv) {
+            let newer = |old: &PvEntry| {
+                let parse = |rv: &str| rv.parse::<u64>().ok();
+                match (parse(&old.resource_version), parse(&entry.resource_version)) {
+                    (Some(o), Some(n)) => n >= o,
+                    _ => true,
+                }
+            };
+            if self.pvs.get(&entry.name).is_none_or(|old| newer(&old)) {
+                self.put_pv(entry.name.clone(), Some(entry));
+            }
+        }
+    }
+
+    pub fn pv_for(&self, volume: &VolumeId) -> Option<PvEntry> {
+        let name = self.handles.get(volume)?.clone();
+        self.pvs.get(&name).map(|e| e.clone())
+    }
+
+    /// Waits up to `timeout` for the PV of `volume` to appear in the cache (a PV that
+    /// was created a moment ago may not have reached the watch yet).
+    pub async fn wait_pv_for(&self, volume: &VolumeId, timeout: Duration) -> Option<PvEntry> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(e) = self.pv_for(volume) {
+                return Some(e);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn pvs(&self) -> Vec<PvEntry> {
+        self.pvs.iter().map(|e| e.clone()).collect()
+    }
+
+    pub fn nodes_known(&self) -> bool {
+        self.ready.nodes.load(Ordering::SeqCst)
+    }
+
+    pub fn node_exists(&self, node: &NodeId) -> bool {
+        self.nodes.contains_key(node.as_str())
+    }
+
+    pub fn attachments_known(&self) -> bool {
+        self.ready.vas.load(Ordering::SeqCst) && self.ready.pvs.load(Ordering::SeqCst)
+    }
+
+    pub fn attachments(&self) -> Vec<(VolumeId, VaEntry)> {
+        self.vas
+            .iter()
+            .filter_map(|va| {
+                let pv = self.pvs.get(&va.pv_name)?;
+                Some((pv.volume_id.clone(), va.clone()))
+            })
+            .collect()
+    }
+
+    /// Resolves once every watch has listed its objects at least once.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.ready.pvs.load(Ordering::SeqCst)
+                && self.ready.nodes.load(Ordering::SeqCst)
+                && self.ready.vas.load(Ordering::SeqCst)
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Kubernetes Events for attachment decisions, on the PV and on its bound PVC, so
+//! `kubectl describe pvc` shows a migration's start, end, timeout and conflicts.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use super::cache::ClusterCache;
+use crate::attachment::events::{AttachEvent, EventSink};
+
+pub struct KubeEvents {
+    client: Client,
+    cache: Arc<ClusterCache>,
+    component: String,
+}
+
+impl KubeEvents {
+    pub fn new(client: Client, cache: Arc<ClusterCache>, component: &str) -> Self {
+        KubeEvents {
+            client,
+            cache,
+            component: component.to_owned(),
+        }
+    }
+}
+
+/// (type, reason, message) for the events worth an object Event.
+fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)> {
+    Some(match event {
+        AttachEvent::MigrationStarted { source, target, .. } => (
+            "Normal",
+            "MigrationStarted",
+            format!("attached to {target} as live-migration target; {source} remains primary"),
+        ),
+        AttachEvent::MigrationCompleted { source, target, duration, .. } => (
+            "Normal",
+            "MigrationCompleted",
+            format!("detached from {source}; {target} is now the only node (migration took {duration:?})"),
+        ),
+        AttachEvent::MigrationAborted { source, target, .. } => (
+            "Warning",
+            "MigrationAborted",
+            format!("migration target {target} detached first; {source} stays primary"),
+        ),
+        AttachEvent::MigrationTimedOut { source, target, timeout_secs, .. } => (
+            "Warning",
+            "MigrationTimedOut",
+            format!("attached to {source} and {target} for longer than {timeout_secs}s; both keep access, new attachments are refused until one side detaches"),
+        ),
+        AttachEvent::AttachConflict { message, .. } => ("Warning", "AttachConflict", message.clone()),
+        AttachEvent::HandedOff { from, to, .. } => (
+            "Normal",
+            "HandedOff",
+            format!("moved from {from} to {to} within the attach grace period"),
+        ),
+        AttachEvent::StaleHolderCleared { holder, to, .. } => (
+            "Warning",
+            "StaleAttachmentCleared",
+            format!("node {holder} no longer exists; its attachment was cleared for {to}"),
+        ),
+        AttachEvent::StateRepaired { added, removed, .. } => (
+            "Warning",
+            "AttachmentStateRepaired",
+            format!("stored attachments disagreed with VolumeAttachments: added {added:?}, removed {removed:?}"),
+        ),
+        AttachEvent::Attached { .. } | AttachEvent::Detached { .. } | AttachEvent::Restored { .. } => return None,
+    })
+}
+
+impl EventSink for KubeEvents {
+    fn emit(&self, event: &AttachEvent) {
+        let Some((kind, reason, message)) = describe(event) else {
+            return;
+        };
+        let Some(pv) = event.volume().and_then(|v| self.cache.pv_for(v)) else {
+            return;
+        };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut targets = vec![(
+            "default".to_owned(),
+            ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolume".into()),
+                name: Some(pv.name.clone()),
+                ..Default::default()
+            },
+        )];
+        if let Some((ns, name)) = pv.claim {
+            targets.push((
+                ns.clone(),
+                ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("PersistentVolumeClaim".into()),
+                    name: Some(name),
+                    namespace: Some(ns),
+                    ..Default::default()
+                },
+            ));
+        }
+        for (namespace, involved) in targets {
+            let ev = Event {
+                metadata: ObjectMeta {
+                    generate_name: Some(format!("{}.", involved.name.clone().unwrap_or_default())),
+                    namespace: Some(namespace.clone()),
+                    ..Default::default()
+                },
+                involved_object: involved,
+                reason: Some(reason.into()),
+                message: Some(message.clone()),
+                type_: Some(kind.into()),
+                first_timestamp: Some(Time(now)),
+                last_timestamp: Some(Time(now)),
+                event_time: Some(MicroTime(now)),
+                count: Some(1),
+                action: Some("Attach".into()),
+                reporting_component: Some(self.component.clone()),
+                reporting_instance: Some(self.component.clone()),
+                source: Some(EventSource {
+                    component: Some(self.component.clone()),
+                    host: None,
+                }),
+                ..Default::default()
+            };
+            let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+            // Events are best effort: never hold up an attach decision for one.
+            tokio::spawn(async move {
+                if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                    tracing::debug!(error = %e, "could not record Kubernetes Event");
+                }
+            });
+        }
+    }
+}

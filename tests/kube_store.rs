@@ -1,0 +1,366 @@
+//! The controller against a fake Kubernetes API server: attachment state in PV
+//! annotations, Node checks, VolumeAttachment cross-checks, Events, and API faults.
+
+mod support;
+
+use std::time::Duration;
+
+use handoff_csi::csi;
+use handoff_csi::csi::volume_capability::access_mode::Mode;
+use serde_json::Value;
+use support::fake_kube::{self, FakeKube, Faults};
+use support::*;
+use tonic::Code;
+
+const DRIVER: &str = "handoff.csi.dev";
+
+struct Cluster {
+    fake: FakeKube,
+    driver: Driver,
+}
+
+async fn start() -> Cluster {
+    let fake = FakeKube::start().await;
+    for n in ["node-a", "node-b", "node-c"] {
+        fake.put("nodes", fake_kube::node(n));
+    }
+    let driver = start_controller(&fake).await;
+    Cluster { fake, driver }
+}
+
+async fn start_controller(fake: &FakeKube) -> Driver {
+    let kubeconfig = tempfile::NamedTempFile::new()
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap();
+    fake.write_kubeconfig(&kubeconfig);
+    Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--attachment-store".into(),
+            "kube".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
+        ],
+        env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        ..Default::default()
+    })
+    .await
+}
+
+/// Creates a volume over CSI and the PV Kubernetes would create for it.
+async fn volume(c: &Cluster, name: &str, cap: csi::VolumeCapability) -> String {
+    let id = c
+        .driver
+        .controller()
+        .await
+        .create_volume(create_request(name, MIB, cap))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    c.fake
+        .put("persistentvolumes", fake_kube::pv(name, DRIVER, &id));
+    id
+}
+
+fn annotation(fake: &FakeKube, pv: &str) -> Option<Value> {
+    let obj = fake.get("persistentvolumes", pv)?;
+    let raw = obj["metadata"]["annotations"]["handoff.csi.dev/attachment"].as_str()?;
+    Some(serde_json::from_str(raw).unwrap())
+}
+
+fn nodes_in(state: &Value) -> Vec<String> {
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn rwx() -> csi::VolumeCapability {
+    block_cap(Mode::MultiNodeMultiWriter)
+}
+
+#[tokio::test]
+async fn publish_state_lives_in_pv_annotations() {
+    let c = start().await;
+    let id = volume(&c, "pv-annot", rwx()).await;
+    let mut ctl = c.driver.controller().await;
+    ctl.controller_publish_volume(publish_request(&id, "node-b", rwx()))
+        .await
+        .unwrap();
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwx()))
+        .await
+        .unwrap();
+    let state = annotation(&c.fake, "pv-annot").expect("state annotation written");
+    assert_eq!(
+        nodes_in(&state),
+        ["node-b", "node-a"],
+        "order kept: primary first"
+    );
+    assert!(state["migration_started_at"].is_string());
+    let pv = c.fake.get("persistentvolumes", "pv-annot").unwrap();
+    assert_eq!(
+        pv["metadata"]["annotations"]["handoff.csi.dev/attached-nodes"],
+        "node-b,node-a"
+    );
+
+    for n in ["node-b", "node-a"] {
+        ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: n.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        annotation(&c.fake, "pv-annot").is_none(),
+        "annotation removed when nothing is attached"
+    );
+}
+
+#[tokio::test]
+async fn nodes_are_checked_against_node_objects() {
+    let c = start().await;
+    let id = volume(&c, "pv-nodes", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    let r = ctl
+        .controller_publish_volume(publish_request(&id, "node-zzz", rwo_block()))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            ctl.controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    // node-a is deleted from the cluster: its stale attachment gives way.
+    c.fake.remove("nodes", "node-a");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctl.controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-nodes").unwrap()),
+        ["node-b"]
+    );
+    wait_for("StaleAttachmentCleared event", || {
+        c.fake
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "StaleAttachmentCleared")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn conflict_storms_are_retried_then_reported_as_aborted() {
+    let c = start().await;
+    let id = volume(&c, "pv-409", rwx()).await;
+    let mut ctl = c.driver.controller().await;
+    c.fake.set_faults(Faults {
+        conflicts: 3,
+        ..Default::default()
+    });
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwx()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-409").unwrap()),
+        ["node-a"]
+    );
+
+    c.fake.set_faults(Faults {
+        conflicts: 1000,
+        ..Default::default()
+    });
+    let status = ctl
+        .controller_publish_volume(publish_request(&id, "node-b", rwx()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-409").unwrap()),
+        ["node-a"],
+        "nothing half-written"
+    );
+
+    c.fake.set_faults(Faults::default());
+    ctl.controller_publish_volume(publish_request(&id, "node-b", rwx()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-409").unwrap()),
+        ["node-a", "node-b"]
+    );
+}
+
+#[tokio::test]
+async fn server_errors_give_retryable_codes_never_an_unpersisted_ok() {
+    let c = start().await;
+    let id = volume(&c, "pv-500", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    c.fake.set_faults(Faults {
+        server_errors: 1000,
+        ..Default::default()
+    });
+    let status = ctl
+        .controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    c.fake.set_faults(Faults::default());
+    assert!(annotation(&c.fake, "pv-500").is_none());
+    // The refused attach left no trace: another node can take the volume.
+    ctl.controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-500").unwrap()),
+        ["node-b"]
+    );
+}
+
+#[tokio::test]
+async fn migration_survives_a_controller_crash_exactly() {
+    let mut c = start().await;
+    let id = volume(&c, "pv-crash", rwx()).await;
+    {
+        let mut ctl = c.driver.controller().await;
+        for n in ["node-a", "node-b"] {
+            ctl.controller_publish_volume(publish_request(&id, n, rwx()))
+                .await
+                .unwrap();
+            c.fake.put(
+                "volumeattachments",
+                fake_kube::volume_attachment(DRIVER, "pv-crash", n, true),
+            );
+        }
+    }
+    // Events are best effort and sent in the background: let this one land before the kill.
+    wait_for("MigrationStarted event", || {
+        c.fake
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "MigrationStarted")
+    })
+    .await;
+    let before = annotation(&c.fake, "pv-crash").unwrap();
+    c.driver.crash_and_restart().await;
+    let mut ctl = c.driver.controller().await;
+    let refused = ctl
+        .controller_publish_volume(publish_request(&id, "node-c", rwx()))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("migration limit"),
+        "{}",
+        refused.message()
+    );
+    for n in ["node-a", "node-b"] {
+        ctl.controller_publish_volume(publish_request(&id, n, rwx()))
+            .await
+            .unwrap();
+    }
+    let after = annotation(&c.fake, "pv-crash").unwrap();
+    assert_eq!(
+        after, before,
+        "order, attach times and migration start survive"
+    );
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_for("migration events on PV and PVC", || {
+        let events = c.fake.events();
+        let on = |reason: &str, kind: &str| {
+            events
+                .iter()
+                .any(|e| e["reason"] == reason && e["involvedObject"]["kind"] == kind)
+        };
+        on("MigrationCompleted", "PersistentVolume")
+            && on("MigrationCompleted", "PersistentVolumeClaim")
+            && on("AttachConflict", "PersistentVolume")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rebuild_repairs_state_from_volume_attachments() {
+    let mut c = start().await;
+    let id = volume(&c, "pv-repair", rwx()).await;
+    {
+        let mut ctl = c.driver.controller().await;
+        for n in ["node-a", "node-b"] {
+            ctl.controller_publish_volume(publish_request(&id, n, rwx()))
+                .await
+                .unwrap();
+        }
+    }
+    // Only node-b has a VolumeAttachment: node-a's detach happened while we were down.
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-repair", "node-b", true),
+    );
+    c.driver.crash_and_restart().await;
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-repair").unwrap()),
+        ["node-b"]
+    );
+    wait_for("AttachmentStateRepaired event", || {
+        c.fake
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "AttachmentStateRepaired")
+    })
+    .await;
+    // node-b is now the only holder: a new migration target is accepted.
+    c.driver
+        .controller()
+        .await
+        .controller_publish_volume(publish_request(&id, "node-c", rwx()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn dropped_watches_recover() {
+    let c = start().await;
+    c.fake.drop_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A PV created after the drop must still reach the cache through the re-watch.
+    let id = volume(&c, "pv-rewatch", rwo_block()).await;
+    c.driver
+        .controller()
+        .await
+        .controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-rewatch").unwrap()),
+        ["node-a"]
+    );
+}
