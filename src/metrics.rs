@@ -258,6 +258,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn attach_events_drive_migration_metrics() {
+        use crate::ids::{NodeId, VolumeId};
+        let m = Metrics::new();
+        let (volume, a, b) = (
+            VolumeId::generate(),
+            NodeId::parse("a").unwrap(),
+            NodeId::parse("b").unwrap(),
+        );
+        m.emit(&AttachEvent::MigrationStarted {
+            volume: volume.clone(),
+            source: a.clone(),
+            target: b.clone(),
+        });
+        assert!(m.render().contains("handoff_csi_migrations_active 1"));
+        m.emit(&AttachEvent::AttachConflict {
+            volume: volume.clone(),
+            requester: NodeId::parse("c").unwrap(),
+            holders: vec![a.clone(), b.clone()],
+            kind: "migration_limit",
+            message: String::new(),
+        });
+        m.emit(&AttachEvent::MigrationCompleted {
+            volume,
+            source: a,
+            target: b,
+            duration: Some(Duration::from_secs(12)),
+        });
+        let text = m.render();
+        assert!(text.contains("handoff_csi_migrations_active 0"), "{text}");
+        assert!(
+            text.contains("handoff_csi_migrations_total{result=\"completed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_csi_attach_conflicts_total{kind=\"migration_limit\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_csi_migration_duration_seconds_sum{result=\"completed\"} 12"),
+            "{text}"
+        );
+        m.emit(&AttachEvent::Restored {
+            volumes: 5,
+            migrations_active: 2,
+        });
+        assert!(m.render().contains("handoff_csi_migrations_active 2"));
+    }
+
+    #[test]
     fn rpc_metrics_are_rendered() {
         let m = Metrics::new();
         m.observe_rpc("CreateVolume", tonic::Code::Ok, Duration::from_millis(3));

@@ -228,6 +228,20 @@ async fn controller_publish_rules_and_codes() {
         .controller_publish_volume(publish_request(id, "node-a", rwo_mount("ext4")))
         .await;
     assert_eq!(code(other_cap), Code::InvalidArgument);
+    let rwx_fs = c
+        .controller_publish_volume(publish_request(
+            id,
+            "node-a",
+            mount_cap(Mode::MultiNodeMultiWriter, "ext4"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rwx_fs.code(), Code::InvalidArgument);
+    assert!(
+        rwx_fs.message().contains("corrupts"),
+        "{}",
+        rwx_fs.message()
+    );
 
     let first = c
         .controller_publish_volume(publish_request(id, "node-a", rwo_block()))
