@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::ids::NodeId;
 
@@ -51,9 +51,57 @@ pub enum LogFormat {
 
 /// handoff-csi: a CSI block-storage driver with safe attach tracking for KubeVirt live migration.
 ///
-/// Every flag can also be set through the environment variable shown in brackets.
+/// Without a subcommand it serves CSI. Every flag can also be set through the
+/// environment variable shown in brackets.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "handoff-csi", version, about, long_about = None)]
+#[command(name = "handoff-csi", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub server: Config,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run a scenario on the embedded default in a temporary directory (needs root).
+    Demo {
+        #[command(subcommand)]
+        scenario: DemoScenario,
+    },
+    /// Print the attachment table: volume, mode, nodes in order, migration start, time left.
+    Attachments(AttachmentsArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DemoScenario {
+    /// A KubeVirt-style live migration between two node plugins, with a data check.
+    Migration {
+        /// Number of 4 KiB checksummed blocks the VM writes and the target verifies.
+        #[arg(long, default_value_t = 4096)]
+        blocks: u64,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AttachmentsArgs {
+    /// Where to read the state from.
+    #[arg(long, value_enum, default_value = "file")]
+    pub store: AttachmentStoreKind,
+    /// The controller's --state-dir (file store).
+    #[arg(
+        long,
+        env = "HANDOFF_STATE_DIR",
+        default_value = "/var/lib/handoff-csi/state"
+    )]
+    pub state_dir: PathBuf,
+    /// The CSI driver name whose PersistentVolumes to read (kube store).
+    #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
+    pub driver_name: String,
+}
+
+/// Flags of the CSI server.
+#[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Which CSI services to serve.
     #[arg(long, env = "HANDOFF_MODE", value_enum, default_value = "all")]
@@ -247,6 +295,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subcommands_and_server_flags_parse() {
+        let cli = Cli::try_parse_from(["handoff-csi", "--mode", "node"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.server.mode, Mode::Node);
+        let cli =
+            Cli::try_parse_from(["handoff-csi", "demo", "migration", "--blocks", "8"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Demo {
+                scenario: DemoScenario::Migration { blocks: 8 }
+            })
+        ));
+        let cli = Cli::try_parse_from(["handoff-csi", "attachments", "--state-dir", "/x"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Attachments(a)) if a.state_dir == std::path::Path::new("/x"))
+        );
+    }
 
     #[test]
     fn endpoints_parse() {

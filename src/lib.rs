@@ -8,9 +8,12 @@
 pub mod attachment;
 pub mod backend;
 pub mod capability;
+pub mod client;
 pub mod config;
 pub mod controller;
 pub mod csi;
+pub mod datacheck;
+pub mod demo;
 pub mod durable;
 pub mod error;
 pub mod export;

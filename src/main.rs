@@ -12,12 +12,16 @@ use std::time::Duration;
 
 use handoff_csi::attachment::cluster::{ClusterView, Standalone};
 use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
+use handoff_csi::attachment::report::render_table;
 use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
 use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
 use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
-use handoff_csi::config::{AttachmentStoreKind, BackendKind, Config, LogFormat};
+use handoff_csi::config::{
+    AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
+    LogFormat,
+};
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
 use handoff_csi::ids::NodeId;
@@ -140,6 +144,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport::new(
             &canonical(&config.data_dir),
             LoopPaths::default(),
+            node_id.as_str(),
         ));
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
@@ -198,8 +203,59 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// `handoff-csi attachments`: the table, read from the same store the controller uses.
+async fn print_attachments(args: AttachmentsArgs) -> Result<(), BoxError> {
+    let states = match args.store {
+        AttachmentStoreKind::File => FileStore::open(&args.state_dir)?.load_all().await?,
+        AttachmentStoreKind::Kube => {
+            let client = kube::Client::try_default().await?;
+            let cache = ClusterCache::new(&args.driver_name);
+            cache.spawn_watches(client.clone());
+            if !cache.wait_ready(Duration::from_secs(60)).await {
+                return Err("Kubernetes watches did not sync within 60s".into());
+            }
+            PvStore::new(kube::Api::all(client), cache, RetryPolicy::default())
+                .load_all()
+                .await?
+        }
+    };
+    print!("{}", render_table(&states, chrono::Utc::now()));
+    Ok(())
+}
+
+fn run_command(command: Command) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the async runtime");
+    let result: Result<(), BoxError> = runtime.block_on(async {
+        match command {
+            Command::Demo {
+                scenario: DemoScenario::Migration { blocks },
+            } => {
+                let binary = std::env::current_exe()?;
+                handoff_csi::demo::migration(&binary, blocks)
+                    .await
+                    .map(drop)
+            }
+            Command::Attachments(args) => print_attachments(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("handoff-csi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return run_command(command);
+    }
+    let config = cli.server;
     let node_id = match config.validate() {
         Ok(id) => id,
         Err(msg) => {

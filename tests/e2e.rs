@@ -3,12 +3,12 @@
 
 mod support;
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use handoff_csi::csi;
 use handoff_csi::csi::controller_client::ControllerClient;
 use handoff_csi::csi::node_client::NodeClient;
+use handoff_csi::datacheck;
 use support::*;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -153,23 +153,10 @@ async fn block_volume_full_lifecycle() {
     }
     assert_eq!(mounts_under(&root).len(), 1, "one bind mount, not stacked");
 
-    // Write 4 MiB with O_DIRECT through the published device and read it back.
-    let dev = open_direct(&target, true).unwrap();
-    let mut buf = AlignedBuf::new(1 << 20);
-    for block in 0..4u64 {
-        fill_pattern(buf.as_mut_slice(), 7, block);
-        dev.write_all_at(buf.as_slice(), block << 20).unwrap();
-    }
-    dev.sync_all().unwrap();
-    let mut expected = vec![0u8; 1 << 20];
-    for block in 0..4u64 {
-        dev.read_exact_at(buf.as_mut_slice(), block << 20).unwrap();
-        fill_pattern(&mut expected, 7, block);
-        assert!(
-            buf.as_slice() == expected.as_slice(),
-            "block {block} differs"
-        );
-    }
+    // Write 4 MiB of checksummed blocks with O_DIRECT through the published device.
+    let dev = datacheck::open_direct(&target, true).unwrap();
+    datacheck::write_blocks(&dev, 0, 1024, 7).unwrap();
+    assert_eq!(datacheck::verify_blocks(&dev, &[7; 1024]), Ok(1024));
     drop(dev);
 
     let stats = n
@@ -209,10 +196,8 @@ async fn block_volume_full_lifecycle() {
     n.node_publish_volume(publish_req(&v, &staging, &target, &cap, false))
         .await
         .unwrap();
-    let dev = open_direct(&target, false).unwrap();
-    dev.read_exact_at(buf.as_mut_slice(), 3 << 20).unwrap();
-    fill_pattern(&mut expected, 7, 3);
-    assert!(buf.as_slice() == expected.as_slice());
+    let dev = datacheck::open_direct(&target, false).unwrap();
+    assert_eq!(datacheck::verify_blocks(&dev, &[7; 1024]), Ok(1024));
     drop(dev);
     unpublish(&mut n, &v, &target).await;
     unstage(&mut n, &v, &staging).await.unwrap();

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod events;
 pub mod rebuild;
+pub mod report;
 pub mod state;
 pub mod store;
 

@@ -12,8 +12,7 @@ use handoff_csi::csi;
 use handoff_csi::csi::controller_client::ControllerClient;
 use handoff_csi::csi::identity_client::IdentityClient;
 use handoff_csi::csi::node_client::NodeClient;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub const MIB: i64 = 1 << 20;
 
@@ -39,6 +38,8 @@ pub struct DriverOptions {
     pub node_id: String,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A data dir shared with other drivers (multi-node tests); default: private.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for DriverOptions {
@@ -48,6 +49,7 @@ impl Default for DriverOptions {
             node_id: "node-a".into(),
             extra_args: vec![],
             env: vec![],
+            data_dir: None,
         }
     }
 }
@@ -81,7 +83,10 @@ impl Driver {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -90,6 +95,10 @@ impl Driver {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.options.node_id
     }
 
     pub fn pid(&self) -> u32 {
@@ -133,17 +142,7 @@ impl Driver {
     }
 
     pub async fn channel(&self) -> Channel {
-        let socket = self.socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(TokioIo::new)
-                }
-            }))
+        handoff_csi::client::connect(&self.socket)
             .await
             .expect("connect to driver socket")
     }
@@ -187,38 +186,17 @@ impl Driver {
     }
 }
 
-/// Every mount under `root`, deepest first (so nested mounts go before their parents).
+#[allow(unused_imports)]
+pub use handoff_csi::demo::loops_backed_under as loops_under;
+
+/// Every mount under `root`.
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<PathBuf> = info
-        .lines()
+    info.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
         .filter(|p| p.starts_with(root))
-        .collect();
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    mounts
-}
-
-/// Loop devices whose backing file lies under `root`.
-pub fn loops_under(root: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/sys/block")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(backing.trim_end().trim_end_matches(" (deleted)")).starts_with(root) {
-                found.push(PathBuf::from("/dev").join(name));
-            }
-        }
-    }
-    found
+        .collect()
 }
 
 impl Drop for Driver {
@@ -227,11 +205,9 @@ impl Drop for Driver {
             self.stop(nix::sys::signal::Signal::SIGKILL);
         }
         let root = std::fs::canonicalize(self.dir.path()).unwrap_or(self.dir.path().to_path_buf());
-        for m in mounts_under(&root) {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        for dev in loops_under(&root) {
-            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        handoff_csi::demo::release_kernel_resources(&root);
+        if let Some(data) = &self.options.data_dir {
+            handoff_csi::demo::release_kernel_resources(data);
         }
     }
 }
@@ -309,51 +285,112 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     }
 }
 
-/// A 4 KiB-aligned buffer, as O_DIRECT requires.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
+/// A controller and node plugins as separate processes on one shared data dir: several
+/// "nodes" on one machine, the stand-in for a cluster on shared storage.
+pub struct LocalCluster {
+    pub controller: Driver,
+    pub nodes: Vec<Driver>,
+    // Declared last: dropped after the drivers have released their devices.
+    pub shared: tempfile::TempDir,
 }
 
-impl AlignedBuf {
-    pub fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: non-zero size checked by Layout users; freed in Drop with the same layout.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, len }
+impl LocalCluster {
+    pub async fn start(node_names: &[&str], controller_args: Vec<String>) -> LocalCluster {
+        let shared = tempfile::Builder::new()
+            .prefix("handoff-test-shared-")
+            .tempdir()
+            .unwrap();
+        let data = std::fs::canonicalize(shared.path()).unwrap().join("data");
+        let controller = Driver::start_with(DriverOptions {
+            mode: "controller",
+            node_id: "controller".into(),
+            extra_args: controller_args,
+            data_dir: Some(data.clone()),
+            ..Default::default()
+        })
+        .await;
+        let mut nodes = Vec::new();
+        for name in node_names {
+            nodes.push(
+                Driver::start_with(DriverOptions {
+                    mode: "node",
+                    node_id: name.to_string(),
+                    data_dir: Some(data.clone()),
+                    ..Default::default()
+                })
+                .await,
+            );
+        }
+        LocalCluster {
+            controller,
+            nodes,
+            shared,
+        }
     }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for len bytes and uniquely borrowed through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+
+    pub fn node(&self, name: &str) -> &Driver {
+        self.nodes
+            .iter()
+            .find(|d| d.node_id() == name)
+            .expect("node started")
     }
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+
+    pub fn node_mut(&mut self, name: &str) -> &mut Driver {
+        self.nodes
+            .iter_mut()
+            .find(|d| d.node_id() == name)
+            .expect("node started")
+    }
+
+    /// The controller's persisted attachment state of `volume`, as JSON.
+    pub fn stored_state(&self, volume: &str) -> Option<serde_json::Value> {
+        let path = self
+            .controller
+            .state_dir()
+            .join("attachments")
+            .join(format!("{volume}.json"));
+        let bytes = std::fs::read(path).ok()?;
+        Some(serde_json::from_slice(&bytes).unwrap())
     }
 }
 
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
-        // SAFETY: allocated in new() with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) }
-    }
+pub fn stored_nodes(state: &serde_json::Value) -> Vec<String> {
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
-/// A deterministic pattern for block `index`, so a read can be checked without a copy.
-pub fn fill_pattern(buf: &mut [u8], seed: u64, index: u64) {
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        let v = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64);
-        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
-    }
+/// A free TCP port on loopback for a metrics endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-pub fn open_direct(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
+/// GET over plain HTTP/1.1; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -18,6 +18,7 @@ use crate::ids::VolumeId;
 
 // linux/loop.h
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -56,6 +57,8 @@ const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
 pub struct LoopPaths {
     pub sys_block: PathBuf,
     pub dev: PathBuf,
+    /// Reads the owner tag of a loop device (LOOP_GET_STATUS64's lo_file_name).
+    pub read_tag: fn(&Path) -> Option<String>,
 }
 
 impl Default for LoopPaths {
@@ -63,7 +66,43 @@ impl Default for LoopPaths {
         LoopPaths {
             sys_block: PathBuf::from("/sys/block"),
             dev: PathBuf::from("/dev"),
+            read_tag: read_tag_ioctl,
         }
+    }
+}
+
+/// Owner tag of a bound loop device, from the kernel.
+fn read_tag_ioctl(device: &Path) -> Option<String> {
+    let dev = File::open(device).ok()?;
+    // SAFETY: LoopInfo64 is plain old data; the kernel fills it in.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    ioctl(
+        &dev,
+        LOOP_GET_STATUS64,
+        &mut info as *mut LoopInfo64 as libc::c_ulong,
+    )
+    .ok()?;
+    let end = info
+        .lo_file_name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(LO_NAME_SIZE);
+    Some(String::from_utf8_lossy(&info.lo_file_name[..end]).into_owned())
+}
+
+/// The tag written into every loop device this node plugin creates. Several node
+/// plugins can share one kernel (tests, the demo, a node running two drivers), and
+/// anyone may attach the same image by hand: each plugin adopts and detaches only
+/// devices that carry its own tag.
+pub fn owner_tag(node_id: &str) -> String {
+    const PREFIX: &str = "handoff-csi:";
+    if PREFIX.len() + node_id.len() < LO_NAME_SIZE {
+        format!("{PREFIX}{node_id}")
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(node_id.as_bytes());
+        let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+        format!("{PREFIX}{hex}")
     }
 }
 
@@ -71,6 +110,7 @@ impl Default for LoopPaths {
 pub struct LoopTransport {
     layout: std::sync::Arc<Layout>,
     paths: LoopPaths,
+    tag: String,
 }
 
 fn sys_err<'a>(
@@ -96,11 +136,12 @@ fn ioctl(fd: &File, request: libc::c_ulong, arg: libc::c_ulong) -> std::io::Resu
 }
 
 impl LoopTransport {
-    /// `data_dir` must be canonical (sysfs reports resolved paths).
-    pub fn new(data_dir: &Path, paths: LoopPaths) -> Self {
+    /// `data_dir` must be canonical (sysfs reports resolved paths); `owner` is the node id.
+    pub fn new(data_dir: &Path, paths: LoopPaths, owner: &str) -> Self {
         LoopTransport {
             layout: std::sync::Arc::new(Layout::new(data_dir)),
             paths,
+            tag: owner_tag(owner),
         }
     }
 
@@ -122,10 +163,14 @@ impl LoopTransport {
                 Some(p) => (p, true),
                 None => (raw, false),
             };
-            if let Some(volume_id) = self.layout.volume_of_image(Path::new(path)) {
+            let Some(volume_id) = self.layout.volume_of_image(Path::new(path)) else {
+                continue;
+            };
+            let device = self.paths.dev.join(name);
+            if (self.paths.read_tag)(&device).as_deref() == Some(self.tag.as_str()) {
                 devices.push(Device {
                     volume_id,
-                    path: self.paths.dev.join(name),
+                    path: device,
                     backing_deleted,
                 });
             }
@@ -158,9 +203,8 @@ impl LoopTransport {
 
         let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
         info.lo_flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
-        let name = image.as_os_str().as_encoded_bytes();
-        let n = name.len().min(LO_NAME_SIZE - 1);
-        info.lo_file_name[..n].copy_from_slice(&name[..n]);
+        let tag = self.tag.as_bytes();
+        info.lo_file_name[..tag.len()].copy_from_slice(tag);
         let config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
             // 0: the kernel matches the backing device's logical block size for direct I/O.
@@ -319,20 +363,35 @@ mod tests {
                 std::fs::write(dir.join("backing_file"), b).unwrap();
             }
         }
+        // The fake "tag" of loopN is the file dev/loopN.tag in the fake tree.
+        fn fake_tag(device: &Path) -> Option<String> {
+            std::fs::read_to_string(device.with_extension("tag")).ok()
+        }
+        let dev = sys.path().join("dev");
+        std::fs::create_dir_all(&dev).unwrap();
+        for (name, owner) in [
+            ("loop0", "node-a"),
+            ("loop7", "node-a"),
+            ("loop3", "node-b"),
+        ] {
+            std::fs::write(dev.join(format!("{name}.tag")), owner_tag(owner)).unwrap();
+        }
         let t = LoopTransport::new(
             data,
             LoopPaths {
                 sys_block: sys.path().to_path_buf(),
-                dev: PathBuf::from("/dev"),
+                dev: dev.clone(),
+                read_tag: fake_tag,
             },
+            "node-a",
         );
         let mut found = t.list().await.unwrap();
         found.sort_by(|x, y| x.path.cmp(&y.path));
         assert_eq!(found.len(), 2);
-        assert_eq!(found[0].path, Path::new("/dev/loop0"));
+        assert_eq!(found[0].path, dev.join("loop0"));
         assert_eq!(found[0].volume_id, a);
         assert!(!found[0].backing_deleted);
-        assert_eq!(found[1].path, Path::new("/dev/loop7"));
+        assert_eq!(found[1].path, dev.join("loop7"));
         assert!(found[1].backing_deleted);
         assert_eq!(
             t.find_device(&b).await.unwrap().unwrap().path,
@@ -340,9 +399,17 @@ mod tests {
         );
     }
 
+    #[test]
+    fn owner_tags_fit_the_kernel_field() {
+        assert_eq!(owner_tag("node-a"), "handoff-csi:node-a");
+        let long = owner_tag(&"n".repeat(128));
+        assert!(long.len() < LO_NAME_SIZE, "{long}");
+        assert_ne!(long, owner_tag(&"m".repeat(128)));
+    }
+
     #[tokio::test]
     async fn connect_refuses_images_outside_the_data_dir() {
-        let t = LoopTransport::new(Path::new("/srv/handoff"), LoopPaths::default());
+        let t = LoopTransport::new(Path::new("/srv/handoff"), LoopPaths::default(), "node-a");
         let v = VolumeId::generate();
         for path in ["/etc/shadow", "/srv/handoff/volumes/../../../etc/shadow"] {
             let err = t
