@@ -107,7 +107,7 @@ fn store_code(e: &StoreError) -> Code {
     match e {
         // Nothing was persisted and nothing changed: the CO may retry.
         StoreError::Io { .. } | StoreError::Unavailable(_) => Code::Unavailable,
-        StoreError::Conflict { .. } => Code::Aborted,
+        StoreError::Conflict { .. } | StoreError::Stale { .. } => Code::Aborted,
         StoreError::Corrupt { .. } => Code::Internal,
     }
 }

@@ -24,11 +24,12 @@ async fn start() -> Cluster {
     for n in ["node-a", "node-b", "node-c"] {
         fake.put("nodes", fake_kube::node(n));
     }
-    let driver = start_controller(&fake).await;
+    let driver = start_controller(&fake, None).await;
     Cluster { fake, driver }
 }
 
-async fn start_controller(fake: &FakeKube) -> Driver {
+/// A controller on the fake cluster; `data_dir` shares another replica's storage.
+async fn start_controller(fake: &FakeKube, data_dir: Option<std::path::PathBuf>) -> Driver {
     let kubeconfig = tempfile::NamedTempFile::new()
         .unwrap()
         .into_temp_path()
@@ -44,6 +45,7 @@ async fn start_controller(fake: &FakeKube) -> Driver {
             "1s".into(),
         ],
         env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        data_dir,
         ..Default::default()
     })
     .await
@@ -362,5 +364,70 @@ async fn dropped_watches_recover() {
     assert_eq!(
         nodes_in(&annotation(&c.fake, "pv-rewatch").unwrap()),
         ["node-a"]
+    );
+}
+
+#[tokio::test]
+async fn two_controller_replicas_never_decide_on_old_state() {
+    let c = start().await;
+    let second = start_controller(&c.fake, Some(c.driver.data_dir())).await;
+    let id = volume(&c, "pv-replicas", rwo_block()).await;
+    // Replica 1 attaches; replica 2 (which started earlier than this state existed) must
+    // see it before deciding, as after a leader failover.
+    c.driver
+        .controller()
+        .await
+        .controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    let mut r2 = second.controller().await;
+    let mut refused = None;
+    for _ in 0..50 {
+        match r2
+            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+            .await
+        {
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                refused = Some(s);
+                break;
+            }
+            // Aborted: replica 2's watch had not caught up; its guarded write was stale.
+            Err(s) if s.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("replica 2 must not attach a second RWO node: {other:?}"),
+        }
+    }
+    assert!(refused.unwrap().message().contains("node-a"));
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-replicas").unwrap()),
+        ["node-a"]
+    );
+    // Replica 2 detaches; replica 1 then lets node-b in.
+    r2.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut r1 = c.driver.controller().await;
+    let mut attached = false;
+    for _ in 0..50 {
+        match r1
+            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+            .await
+        {
+            Ok(_) => {
+                attached = true;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(attached);
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-replicas").unwrap()),
+        ["node-b"]
     );
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dashmap::DashMap;
 
 use self::cluster::{ClusterError, ClusterView};
 use self::events::{AttachEvent, EventSink};
@@ -69,16 +68,27 @@ pub struct AttachmentManager {
     events: Arc<dyn EventSink>,
     policy: Policy,
     locks: OperationLocks,
-    states: DashMap<VolumeId, AttachmentState>,
 }
+
+/// How often a decision is re-made after the store reported it stale.
+const STALE_RETRIES: u32 = 5;
 
 fn elapsed_since(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<Duration> {
     t.and_then(|t| (now - t).to_std().ok())
 }
 
+fn conflict_kind(refusal: &PublishRefusal) -> Option<&'static str> {
+    match refusal {
+        PublishRefusal::HeldElsewhere { .. } => Some("rwo_held"),
+        PublishRefusal::MigrationLimit { .. } => Some("migration_limit"),
+        PublishRefusal::MigrationTimedOut { .. } => Some("migration_timed_out"),
+        PublishRefusal::ReadOnlyRequired { .. } | PublishRefusal::ReadonlyMismatch { .. } => None,
+    }
+}
+
 impl AttachmentManager {
-    /// Rebuilds the in-memory state from the store, cross-checked with the cluster;
-    /// call before serving Controller RPCs.
+    /// Cross-checks the stored state with the cluster and repairs it; call before
+    /// serving Controller RPCs.
     pub async fn load(
         store: Arc<dyn AttachmentStore>,
         cluster: Arc<dyn ClusterView>,
@@ -102,10 +112,6 @@ impl AttachmentManager {
             events,
             policy,
             locks: OperationLocks::new(),
-            states: states
-                .into_iter()
-                .map(|s| (s.volume_id.clone(), s))
-                .collect(),
         })
     }
 
@@ -114,34 +120,32 @@ impl AttachmentManager {
         self.locks.try_lock(format!("volume {id}"))
     }
 
-    pub fn attached_nodes(&self, id: &VolumeId) -> Vec<NodeId> {
-        self.states
-            .get(id)
+    pub async fn attached_nodes(&self, id: &VolumeId) -> Result<Vec<NodeId>, AttachError> {
+        Ok(self
+            .state(id)
+            .await?
             .map(|s| s.node_ids().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
-    pub fn state(&self, id: &VolumeId) -> Option<AttachmentState> {
-        self.states.get(id).map(|s| s.clone())
+    pub async fn state(&self, id: &VolumeId) -> Result<Option<AttachmentState>, AttachError> {
+        Ok(self.store.load(id).await?)
     }
 
     /// Every volume's state, for listings and the `attachments` command.
-    pub fn snapshot(&self) -> Vec<AttachmentState> {
-        let mut all: Vec<_> = self.states.iter().map(|s| s.clone()).collect();
+    pub async fn snapshot(&self) -> Result<Vec<AttachmentState>, AttachError> {
+        let mut all = self.store.load_all().await?;
         all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        all
+        Ok(all)
     }
 
-    /// Durable before visible: the cache changes only after the store accepted it.
-    async fn commit(&self, next: AttachmentState) -> Result<(), StoreError> {
+    /// Durable before OK: nothing is reported before the store accepted it.
+    async fn commit(&self, next: &AttachmentState) -> Result<(), StoreError> {
         if next.is_idle(Utc::now(), self.policy.grace_period) {
-            self.store.remove(&next.volume_id).await?;
-            self.states.remove(&next.volume_id);
+            self.store.remove(next).await
         } else {
-            self.store.save(&next).await?;
-            self.states.insert(next.volume_id.clone(), next);
+            self.store.save(next).await
         }
-        Ok(())
     }
 
     pub async fn publish(
@@ -152,15 +156,47 @@ impl AttachmentManager {
         req: PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
         let _guard = self.lock_volume(volume)?;
-        let current = self
-            .state(volume)
-            .unwrap_or_else(|| AttachmentState::new(volume.clone(), sharing, migration_timeout));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .try_publish(volume, sharing, migration_timeout, &req)
+                .await
+            {
+                Err(AttachError::Store(StoreError::Stale { object }))
+                    if attempt < STALE_RETRIES =>
+                {
+                    tracing::debug!(volume_id = %volume, object, attempt, "stale attachment state; deciding again");
+                }
+                Err(AttachError::Store(StoreError::Stale { object })) => {
+                    return Err(StoreError::Conflict {
+                        object,
+                        attempts: attempt,
+                    }
+                    .into())
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_publish(
+        &self,
+        volume: &VolumeId,
+        sharing: Sharing,
+        migration_timeout: Duration,
+        req: &PublishRequest,
+    ) -> Result<PublishOutcome, AttachError> {
+        let current =
+            self.store.load(volume).await?.unwrap_or_else(|| {
+                AttachmentState::new(volume.clone(), sharing, migration_timeout)
+            });
         let holders: Vec<NodeId> = current.node_ids().cloned().collect();
         let mut asked = holders.clone();
         asked.push(req.node_id.clone());
         let mut gone_nodes = self.cluster.gone_nodes(&asked).await?;
         if gone_nodes.contains(&req.node_id) {
-            return Err(AttachError::UnknownNode(req.node_id));
+            return Err(AttachError::UnknownNode(req.node_id.clone()));
         }
         gone_nodes.retain(|n| n != &req.node_id);
         let ctx = PublishContext {
@@ -168,17 +204,10 @@ impl AttachmentManager {
             grace: self.policy.grace_period,
             gone_nodes,
         };
-        let decision = match decide_publish(&current, &req, &ctx) {
+        let decision = match decide_publish(&current, req, &ctx) {
             Ok(d) => d,
             Err(refusal) => {
-                let kind = match &refusal {
-                    PublishRefusal::HeldElsewhere { .. } => Some("rwo_held"),
-                    PublishRefusal::MigrationLimit { .. } => Some("migration_limit"),
-                    PublishRefusal::MigrationTimedOut { .. } => Some("migration_timed_out"),
-                    PublishRefusal::ReadOnlyRequired { .. }
-                    | PublishRefusal::ReadonlyMismatch { .. } => None,
-                };
-                if let Some(kind) = kind {
+                if let Some(kind) = conflict_kind(&refusal) {
                     self.events.emit(&AttachEvent::AttachConflict {
                         volume: volume.clone(),
                         requester: req.node_id.clone(),
@@ -190,7 +219,7 @@ impl AttachmentManager {
                 return Err(refusal.into());
             }
         };
-        let node = req.node_id;
+        let node = req.node_id.clone();
         let (next, outcome, event) = match decision {
             PublishDecision::AlreadyAttached => return Ok(PublishOutcome::AlreadyAttached),
             PublishDecision::Attached(next) => (next, PublishOutcome::Attached, None),
@@ -225,7 +254,7 @@ impl AttachmentManager {
                 )
             }
         };
-        self.commit(next).await?;
+        self.commit(&next).await?;
         self.events.emit(&AttachEvent::Attached {
             volume: volume.clone(),
             node,
@@ -238,7 +267,25 @@ impl AttachmentManager {
 
     pub async fn unpublish(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {
         let _guard = self.lock_volume(volume)?;
-        let Some(current) = self.state(volume) else {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_unpublish(volume, node).await {
+                Err(AttachError::Store(StoreError::Stale { .. })) if attempt < STALE_RETRIES => {}
+                Err(AttachError::Store(StoreError::Stale { object })) => {
+                    return Err(StoreError::Conflict {
+                        object,
+                        attempts: attempt,
+                    }
+                    .into())
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_unpublish(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {
+        let Some(current) = self.store.load(volume).await? else {
             return Ok(());
         };
         let now = Utc::now();
@@ -272,7 +319,7 @@ impl AttachmentManager {
                 }),
             ),
         };
-        self.commit(next).await?;
+        self.commit(&next).await?;
         self.events.emit(&AttachEvent::Detached {
             volume: volume.clone(),
             node: node.clone(),
@@ -285,17 +332,23 @@ impl AttachmentManager {
 
     /// One reconciler pass: report overdue migrations once, drop expired release
     /// records, and clear attachments the cluster says are gone. Volumes busy with an
-    /// RPC are skipped and looked at next time.
+    /// RPC are skipped and looked at next time; a stale write is retried next pass.
     pub async fn reconcile(&self, min_age: Duration) -> Result<ReconcileReport, AttachError> {
         let mut report = ReconcileReport::default();
-        let ids: Vec<VolumeId> = self.states.iter().map(|s| s.key().clone()).collect();
+        let ids: Vec<VolumeId> = self
+            .store
+            .load_all()
+            .await?
+            .into_iter()
+            .map(|s| s.volume_id)
+            .collect();
         let objects = self.cluster.attachments().await?.map(cluster::index);
         for id in ids {
             let Ok(_guard) = self.lock_volume(&id) else {
                 report.skipped_busy += 1;
                 continue;
             };
-            let Some(mut state) = self.state(&id) else {
+            let Some(mut state) = self.store.load(&id).await? else {
                 continue;
             };
             let now = Utc::now();
@@ -326,14 +379,25 @@ impl AttachmentManager {
             stale.dedup();
             for node in &stale {
                 state.nodes.retain(|a| &a.node_id != node);
-                report.cleared.push((id.clone(), node.clone()));
             }
             if state.nodes.len() < 2 {
                 state.migration_started_at = None;
                 state.migration_timed_out = false;
             }
-            if state.migration_overdue(now) && !state.migration_timed_out {
+            let timed_out = state.migration_overdue(now) && !state.migration_timed_out;
+            if timed_out {
                 state.migration_timed_out = true;
+            }
+            let idle = state.is_idle(now, self.policy.grace_period);
+            if state == before && !idle {
+                continue;
+            }
+            match self.commit(&state).await {
+                Ok(()) => {}
+                Err(StoreError::Stale { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if timed_out {
                 self.events.emit(&AttachEvent::MigrationTimedOut {
                     volume: id.clone(),
                     source: state.nodes[0].node_id.clone(),
@@ -342,18 +406,15 @@ impl AttachmentManager {
                 });
                 report.timed_out += 1;
             }
-            let idle = state.is_idle(now, self.policy.grace_period);
-            if state != before || idle {
-                self.commit(state).await?;
-                for node in stale {
-                    self.events.emit(&AttachEvent::Detached {
-                        volume: id.clone(),
-                        node,
-                    });
-                }
-                if idle {
-                    report.reclaimed += 1;
-                }
+            for node in stale {
+                report.cleared.push((id.clone(), node.clone()));
+                self.events.emit(&AttachEvent::Detached {
+                    volume: id.clone(),
+                    node,
+                });
+            }
+            if idle {
+                report.reclaimed += 1;
             }
         }
         Ok(report)

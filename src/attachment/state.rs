@@ -46,6 +46,10 @@ pub struct AttachmentState {
     pub migration_timed_out: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
+    /// Which stored version this state was read at, opaque to everything but the store
+    /// (a PV's resourceVersion): a write based on an older read is refused as stale.
+    #[serde(skip)]
+    pub stored_version: Option<String>,
 }
 
 impl AttachmentState {
@@ -58,6 +62,7 @@ impl AttachmentState {
             migration_timeout_secs: migration_timeout.as_secs(),
             migration_timed_out: false,
             released: None,
+            stored_version: None,
         }
     }
 

@@ -21,7 +21,9 @@ pub enum StoreError {
     },
     #[error("attachment store unavailable: {0}")]
     Unavailable(String),
-    #[error("{object} kept changing under {attempts} guarded writes; retry")]
+    #[error("{object} changed since it was read (another writer); the decision is re-made on fresh state")]
+    Stale { object: String },
+    #[error("{object} kept changing under {attempts} attempts; retry")]
     Conflict { object: String, attempts: u32 },
     #[error("attachment record {path:?} is unreadable: {source}")]
     Corrupt {
@@ -33,12 +35,16 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait AttachmentStore: Send + Sync + 'static {
-    /// Every persisted state, for the rebuild at start-up.
+    /// Every persisted state, for the rebuild at start-up and listings.
     async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError>;
-    /// Persists `state`; returns only once it is durable.
+    /// The current state of one volume. Every decision starts from this, never from a
+    /// copy kept in memory, so a second controller replica never decides on old data.
+    async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError>;
+    /// Persists `state`; returns only once it is durable. `Stale` when the stored
+    /// state changed since `state.stored_version` was read.
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError>;
-    /// Forgets the volume's state (no node holds it any more).
-    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError>;
+    /// Forgets the volume's state (no node holds it any more), with the same guard.
+    async fn remove(&self, state: &AttachmentState) -> Result<(), StoreError>;
 }
 
 #[derive(Debug, Clone)]
@@ -99,14 +105,27 @@ impl AttachmentStore for FileStore {
         .await
     }
 
+    async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError> {
+        let path = self.path(volume);
+        blocking(move || {
+            let Some(bytes) = durable::read_optional(&path).map_err(io("read", &path))? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source })
+        })
+        .await
+    }
+
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
         let path = self.path(&state.volume_id);
         let json = serde_json::to_vec(state).expect("attachment state always serialises");
         blocking(move || durable::write_atomic(&path, &json).map_err(io("write", &path))).await
     }
 
-    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
-        let path = self.path(volume);
+    async fn remove(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        let path = self.path(&state.volume_id);
         blocking(move || durable::remove(&path).map_err(io("remove", &path))).await
     }
 }
@@ -130,8 +149,12 @@ impl AttachmentStore for MemoryStore {
         Ok(())
     }
 
-    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
-        self.states.lock().remove(volume);
+    async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError> {
+        Ok(self.states.lock().get(volume).cloned())
+    }
+
+    async fn remove(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        self.states.lock().remove(&state.volume_id);
         Ok(())
     }
 }
@@ -165,9 +188,11 @@ mod tests {
         store.save(&s).await.unwrap();
         let reopened = FileStore::open(dir.path()).unwrap();
         assert_eq!(reopened.load_all().await.unwrap(), vec![s.clone()]);
-        store.remove(&s.volume_id).await.unwrap();
-        store.remove(&s.volume_id).await.unwrap();
+        assert_eq!(reopened.load(&s.volume_id).await.unwrap(), Some(s.clone()));
+        store.remove(&s).await.unwrap();
+        store.remove(&s).await.unwrap();
         assert!(reopened.load_all().await.unwrap().is_empty());
+        assert_eq!(reopened.load(&s.volume_id).await.unwrap(), None);
     }
 
     #[tokio::test]

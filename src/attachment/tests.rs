@@ -72,7 +72,7 @@ async fn state_survives_a_restart_exactly() {
         publish(&m, &v, Sharing::Rwx, "b").await.unwrap(),
         PublishOutcome::MigrationStarted
     );
-    let before = m.snapshot();
+    let before = m.snapshot().await.unwrap();
     drop(m);
     let (m, sink) = manager_with(
         Arc::new(FileStore::open(dir.path()).unwrap()),
@@ -81,14 +81,14 @@ async fn state_survives_a_restart_exactly() {
     )
     .await;
     assert_eq!(
-        m.snapshot(),
+        m.snapshot().await.unwrap(),
         before,
         "order and migration start time survive"
     );
     assert!(sink.take().is_empty());
     m.unpublish(&v, &node("a")).await.unwrap();
     m.unpublish(&v, &node("b")).await.unwrap();
-    assert!(m.state(&v).is_none());
+    assert!(m.state(&v).await.unwrap().is_none());
     assert!(store.load_all().await.unwrap().is_empty());
 }
 
@@ -116,7 +116,7 @@ async fn racing_rwo_publishes_have_exactly_one_winner() {
         }
     }
     assert_eq!(wins, 1);
-    assert_eq!(m.attached_nodes(&v).len(), 1);
+    assert_eq!(m.attached_nodes(&v).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -142,9 +142,9 @@ async fn racing_rwx_publishes_never_exceed_two_nodes() {
             t.await.unwrap();
         }
         assert!(
-            m.attached_nodes(&v).len() <= 2,
+            m.attached_nodes(&v).await.unwrap().len() <= 2,
             "round {round}: {:?}",
-            m.attached_nodes(&v)
+            m.attached_nodes(&v).await.unwrap()
         );
     }
 }
@@ -194,10 +194,10 @@ async fn rwo_handoff_within_grace_is_reported() {
     publish(&m, &v, Sharing::Rwo, "a").await.unwrap();
     m.unpublish(&v, &node("a")).await.unwrap();
     assert!(
-        m.state(&v).is_some(),
+        m.state(&v).await.unwrap().is_some(),
         "release remembered during the grace period"
     );
-    assert!(m.attached_nodes(&v).is_empty());
+    assert!(m.attached_nodes(&v).await.unwrap().is_empty());
     assert_eq!(
         publish(&m, &v, Sharing::Rwo, "b").await.unwrap(),
         PublishOutcome::HandedOff
@@ -208,17 +208,23 @@ async fn rwo_handoff_within_grace_is_reported() {
         .any(|e| matches!(e, AttachEvent::HandedOff { from, to, .. } if *from == node("a") && *to == node("b"))));
 }
 
-/// A store whose writes can be made to fail, to prove "durable before OK".
+/// A store whose writes can be made to fail, to prove "durable before OK", or to race
+/// with another writer, to prove that a stale decision is made again.
 #[derive(Default)]
 struct FlakyStore {
     inner: MemoryStore,
     failing: AtomicBool,
+    /// On the next save: another controller attaches this node first.
+    race_with: parking_lot::Mutex<Option<NodeId>>,
 }
 
 #[async_trait]
 impl AttachmentStore for FlakyStore {
     async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
         self.inner.load_all().await
+    }
+    async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError> {
+        self.inner.load(volume).await
     }
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
@@ -228,11 +234,43 @@ impl AttachmentStore for FlakyStore {
                 source: std::io::Error::other("injected"),
             });
         }
+        let racer = self.race_with.lock().take();
+        if let Some(other) = racer {
+            let mut theirs = AttachmentState::new(
+                state.volume_id.clone(),
+                state.sharing,
+                DEFAULT_MIGRATION_TIMEOUT,
+            );
+            theirs.nodes.push(state::NodeAttachment {
+                node_id: other,
+                attached_at: Utc::now(),
+                readonly: false,
+            });
+            self.inner.save(&theirs).await?;
+            return Err(StoreError::Stale {
+                object: "flaky".into(),
+            });
+        }
         self.inner.save(state).await
     }
-    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
-        self.inner.remove(volume).await
+    async fn remove(&self, state: &AttachmentState) -> Result<(), StoreError> {
+        self.inner.remove(state).await
     }
+}
+
+#[tokio::test]
+async fn a_stale_write_is_decided_again_on_fresh_state() {
+    let store = Arc::new(FlakyStore::default());
+    let (m, _) = manager_with(store.clone(), Arc::new(Standalone), Duration::from_secs(30)).await;
+    let v = VolumeId::generate();
+    // Another replica attached node-x between our read and our write: RWO must refuse.
+    *store.race_with.lock() = Some(node("x"));
+    let err = publish(&m, &v, Sharing::Rwo, "a").await.unwrap_err();
+    assert!(
+        matches!(&err, AttachError::Refused(PublishRefusal::HeldElsewhere { holder, .. }) if *holder == node("x")),
+        "{err}"
+    );
+    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("x")]);
 }
 
 #[tokio::test]
@@ -248,7 +286,7 @@ async fn a_failed_write_changes_nothing() {
         publish(&m, &v, Sharing::Rwx, "b").await,
         Err(AttachError::Store(_))
     ));
-    assert_eq!(m.attached_nodes(&v), vec![node("a")]);
+    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("a")]);
     assert!(
         sink.take().is_empty(),
         "no event for a change that did not happen"
@@ -295,7 +333,7 @@ async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
         publish(&m, &v, Sharing::Rwo, "b").await.unwrap(),
         PublishOutcome::StaleHolderCleared
     );
-    assert_eq!(m.attached_nodes(&v), vec![node("b")]);
+    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("b")]);
     assert!(sink.take().iter().any(
         |e| matches!(e, AttachEvent::StaleHolderCleared { holder, .. } if *holder == node("a"))
     ));
@@ -303,7 +341,9 @@ async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
 
 #[tokio::test]
 async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
-    let (m, sink) = manager().await;
+    let store = Arc::new(MemoryStore::default());
+    let (m, sink) =
+        manager_with(store.clone(), Arc::new(Standalone), Duration::from_secs(30)).await;
     let v = VolumeId::generate();
     m.publish(&v, Sharing::Rwx, Duration::from_secs(30), req("a"))
         .await
@@ -312,9 +352,9 @@ async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
         .await
         .unwrap();
     // Age the migration past its deadline.
-    let mut s = m.state(&v).unwrap();
+    let mut s = m.state(&v).await.unwrap().unwrap();
     s.migration_started_at = Some(Utc::now() - chrono::Duration::seconds(31));
-    m.states.insert(v.clone(), s);
+    store.save(&s).await.unwrap();
     sink.take();
     let r = m.reconcile(Duration::ZERO).await.unwrap();
     assert_eq!(r.timed_out, 1);
@@ -327,7 +367,7 @@ async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
         .collect();
     assert_eq!(timed_out.len(), 1);
     assert_eq!(
-        m.attached_nodes(&v),
+        m.attached_nodes(&v).await.unwrap(),
         vec![node("a"), node("b")],
         "access never revoked"
     );
@@ -376,9 +416,18 @@ async fn reconciler_clears_nodes_the_cluster_lost() {
     cluster.objects.lock().as_mut().unwrap().pop();
     let r = m.reconcile(Duration::ZERO).await.unwrap();
     assert_eq!(r.cleared.len(), 2, "{r:?}");
-    assert_eq!(m.attached_nodes(&v1), vec![node("a")]);
-    assert!(m.state(&v1).unwrap().migration_started_at.is_none());
-    assert!(m.state(&v2).is_none(), "nothing left: record reclaimed");
+    assert_eq!(m.attached_nodes(&v1).await.unwrap(), vec![node("a")]);
+    assert!(m
+        .state(&v1)
+        .await
+        .unwrap()
+        .unwrap()
+        .migration_started_at
+        .is_none());
+    assert!(
+        m.state(&v2).await.unwrap().is_none(),
+        "nothing left: record reclaimed"
+    );
 }
 
 #[tokio::test]
@@ -402,7 +451,7 @@ async fn rebuild_repairs_state_from_volume_attachments() {
             .unwrap();
         (m, sink)
     };
-    assert_eq!(m.attached_nodes(&v), vec![node("b")]);
+    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("b")]);
     assert!(sink.take().iter().any(
         |e| matches!(e, AttachEvent::StateRepaired { removed, .. } if removed == &vec![node("a")])
     ));
@@ -478,10 +527,18 @@ async fn random_sequences_match_the_reference_model() {
                     "seed {seed} step {step}: publish {n}"
                 );
             }
-            let got: Vec<String> = m.attached_nodes(&v).iter().map(|n| n.to_string()).collect();
+            let got: Vec<String> = m
+                .attached_nodes(&v)
+                .await
+                .unwrap()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
             assert_eq!(got, model.nodes, "seed {seed} step {step}: order differs");
             let migrating = m
                 .state(&v)
+                .await
+                .unwrap()
                 .is_some_and(|s| s.migration_started_at.is_some());
             assert_eq!(
                 migrating,

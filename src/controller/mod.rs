@@ -101,7 +101,7 @@ impl ControllerService {
             Err(e) => return Err(e.into()),
         };
         let _guard = self.attachments.lock_volume(&id)?;
-        let nodes = self.attachments.attached_nodes(&id);
+        let nodes = self.attachments.attached_nodes(&id).await?;
         if !nodes.is_empty() {
             return Err(Error::VolumeInUse { volume: id, nodes });
         }
@@ -151,7 +151,7 @@ impl ControllerService {
         };
         // An empty node_id means "from every node" (CSI spec).
         let nodes = if req.node_id.is_empty() {
-            self.attachments.attached_nodes(&id)
+            self.attachments.attached_nodes(&id).await?
         } else {
             vec![NodeId::parse(&req.node_id)?]
         };

@@ -45,8 +45,8 @@ pub struct PvStore {
 
 enum Attempt {
     Done,
-    /// The object changed under us: re-read and try again.
-    Conflict,
+    /// The object changed since the state was read: the decision must be re-made.
+    Stale,
     /// Transient (5xx, 429, timeout, connection): back off and try again.
     Transient(String),
     Gone,
@@ -71,7 +71,7 @@ impl PvStore {
                 Attempt::Done
             }
             Ok(Err(kube::Error::Api(status))) => match status.code {
-                409 => Attempt::Conflict,
+                409 => Attempt::Stale,
                 404 => Attempt::Gone,
                 429 | 500..=599 => {
                     Attempt::Transient(format!("{} {}", status.code, status.message))
@@ -82,25 +82,25 @@ impl PvStore {
         }
     }
 
-    /// Reads the PV's current resourceVersion after a conflict.
-    async fn refresh(&self, name: &str) -> Option<String> {
-        let call = self.api.get(name);
-        match tokio::time::timeout(self.retry.request_timeout, call).await {
-            Ok(Ok(pv)) => {
-                self.cache.observe_pv(&pv);
-                pv.metadata.resource_version
-            }
-            _ => None,
+    /// Brings the cache up to date with the PV after a conflict, so the next load
+    /// decides on what the API server holds.
+    async fn refresh(&self, name: &str) {
+        if let Ok(Ok(pv)) =
+            tokio::time::timeout(self.retry.request_timeout, self.api.get(name)).await
+        {
+            self.cache.observe_pv(&pv);
         }
     }
 
-    /// Applies `annotations` to the PV of `volume`; `missing_ok` for removals.
+    /// Applies `annotations` to the PV of `state`'s volume, guarded by the version the
+    /// state was read at (or, for a state never stored, by "no annotation yet").
     async fn write(
         &self,
-        volume: &VolumeId,
+        state: &AttachmentState,
         annotations: serde_json::Value,
         missing_ok: bool,
     ) -> Result<(), StoreError> {
+        let volume = &state.volume_id;
         let Some(pv) = self.cache.wait_pv_for(volume, Duration::from_secs(2)).await else {
             if missing_ok {
                 return Ok(());
@@ -109,13 +109,20 @@ impl PvStore {
                 "no PersistentVolume with volumeHandle {volume} is known yet; retry once it exists"
             )));
         };
-        let mut rv = pv.resource_version;
-        let mut conflicts = 0;
+        let rv = match &state.stored_version {
+            Some(rv) => rv.clone(),
+            // Never stored: valid only while the PV still carries no state.
+            None if pv.attachment.is_none() => pv.resource_version.clone(),
+            None => {
+                return Err(StoreError::Stale {
+                    object: format!("PersistentVolume {}", pv.name),
+                })
+            }
+        };
         let mut last = String::new();
         for attempt in 0..self.retry.attempts {
             if attempt > 0 {
-                let backoff = self.retry.base_delay * 2u32.pow(attempt.min(6) - 1);
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(self.retry.base_delay * 2u32.pow(attempt.min(6) - 1)).await;
             }
             match self.patch_once(&pv.name, &rv, &annotations).await {
                 Attempt::Done => return Ok(()),
@@ -126,12 +133,11 @@ impl PvStore {
                         pv.name
                     )))
                 }
-                Attempt::Conflict => {
-                    conflicts += 1;
-                    last = "409 Conflict".into();
-                    if let Some(fresh) = self.refresh(&pv.name).await {
-                        rv = fresh;
-                    }
+                Attempt::Stale => {
+                    self.refresh(&pv.name).await;
+                    return Err(StoreError::Stale {
+                        object: format!("PersistentVolume {}", pv.name),
+                    });
                 }
                 Attempt::Transient(msg) => last = msg,
                 Attempt::Fatal(msg) => {
@@ -142,12 +148,6 @@ impl PvStore {
                 }
             }
         }
-        if conflicts == self.retry.attempts {
-            return Err(StoreError::Conflict {
-                object: pv.name,
-                attempts: conflicts,
-            });
-        }
         Err(StoreError::Unavailable(format!(
             "patching PersistentVolume {} failed {} times, last: {last}",
             pv.name, self.retry.attempts
@@ -155,40 +155,51 @@ impl PvStore {
     }
 }
 
+fn parse(pv: &super::cache::PvEntry) -> Option<AttachmentState> {
+    let raw = pv.attachment.as_ref()?;
+    match serde_json::from_str::<AttachmentState>(raw) {
+        Ok(mut state) if state.volume_id == pv.volume_id => {
+            state.stored_version = Some(pv.resource_version.clone());
+            Some(state)
+        }
+        Ok(state) => {
+            tracing::error!(pv = %pv.name, claims = %state.volume_id, handle = %pv.volume_id,
+                "attachment annotation names another volume; ignored, VolumeAttachments decide");
+            None
+        }
+        Err(e) => {
+            tracing::error!(pv = %pv.name, error = %e,
+                "attachment annotation is unreadable; ignored, VolumeAttachments decide");
+            None
+        }
+    }
+}
+
 #[async_trait]
 impl AttachmentStore for PvStore {
     async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
-        let mut states = Vec::new();
-        for pv in self.cache.pvs() {
-            let Some(raw) = pv.attachment else { continue };
-            match serde_json::from_str::<AttachmentState>(&raw) {
-                Ok(state) if state.volume_id == pv.volume_id => states.push(state),
-                Ok(state) => {
-                    tracing::error!(pv = %pv.name, claims = %state.volume_id, handle = %pv.volume_id,
-                    "attachment annotation names another volume; ignored, VolumeAttachments decide")
-                }
-                Err(e) => tracing::error!(pv = %pv.name, error = %e,
-                    "attachment annotation is unreadable; ignored, VolumeAttachments decide"),
-            }
-        }
-        Ok(states)
+        Ok(self.cache.pvs().iter().filter_map(parse).collect())
+    }
+
+    async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError> {
+        Ok(self.cache.pv_for(volume).as_ref().and_then(parse))
     }
 
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
         let json = serde_json::to_string(state).expect("attachment state always serialises");
         let nodes: Vec<&str> = state.node_ids().map(|n| n.as_str()).collect();
         self.write(
-            &state.volume_id,
+            state,
             json!({ANNOTATION_STATE: json, ANNOTATION_NODES: nodes.join(",")}),
             false,
         )
         .await
     }
 
-    async fn remove(&self, volume: &VolumeId) -> Result<(), StoreError> {
+    async fn remove(&self, state: &AttachmentState) -> Result<(), StoreError> {
         // A merge patch with null deletes the keys.
         self.write(
-            volume,
+            state,
             json!({ANNOTATION_STATE: null, ANNOTATION_NODES: null}),
             true,
         )

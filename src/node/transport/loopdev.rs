@@ -395,7 +395,7 @@ mod tests {
         assert!(found[1].backing_deleted);
         assert_eq!(
             t.find_device(&b).await.unwrap().unwrap().path,
-            Path::new("/dev/loop7")
+            dev.join("loop7")
         );
     }
 
