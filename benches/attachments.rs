@@ -163,7 +163,7 @@ async fn rebuild(volumes: usize) {
     .await
     .unwrap();
     let total = started.elapsed();
-    let states = m.snapshot();
+    let states = m.snapshot().await.unwrap();
     assert_eq!(states.len(), volumes);
     assert_eq!(
         states.iter().filter(|s| s.nodes.len() == 2).count(),
