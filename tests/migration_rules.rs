@@ -111,6 +111,16 @@ async fn controller_killed_mid_migration_restores_order_and_start_time() {
         }
     }
     let before = stored(&d, &id).unwrap();
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .arg("attachments")
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(&format!("{id} RWX")), "{table}");
+    assert!(table.contains("node-b → node-a"), "{table}");
+    assert!(table.contains("299s") || table.contains("300s"), "{table}");
     d.crash_and_restart().await;
     let mut c = d.controller().await;
     for n in ["node-b", "node-a"] {
