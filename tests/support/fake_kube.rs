@@ -43,6 +43,8 @@ struct Inner {
     patches: AtomicU64,
     /// Bumped to end every open watch (a dropped connection).
     watch_epoch: tokio::sync::watch::Sender<u64>,
+    /// Every request as (method, path, query), to check RBAC against real calls.
+    requests: Mutex<Vec<(String, String, String)>>,
 }
 
 #[derive(Clone)]
@@ -374,6 +376,20 @@ async fn delete(
     }
 }
 
+async fn log_request(
+    State(inner): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = req.uri();
+    inner.requests.lock().push((
+        req.method().to_string(),
+        uri.path().to_owned(),
+        uri.query().unwrap_or("").to_owned(),
+    ));
+    next.run(req).await
+}
+
 impl FakeKube {
     pub async fn start() -> FakeKube {
         let (live, _) = broadcast::channel(65536);
@@ -385,6 +401,7 @@ impl FakeKube {
             faults: Mutex::new(Faults::default()),
             patches: AtomicU64::new(0),
             watch_epoch: tokio::sync::watch::channel(0).0,
+            requests: Mutex::new(Vec::new()),
         });
         let cluster = Router::new()
             .route("/{resource}", get(list_or_watch).post(create))
@@ -399,6 +416,10 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/{resource}",
                 get(list_or_watch_in).post(create_in),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                inner.clone(),
+                log_request,
+            ))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -472,6 +493,11 @@ impl FakeKube {
 
     pub fn patch_count(&self) -> u64 {
         self.inner.patches.load(Ordering::SeqCst)
+    }
+
+    /// Every request received so far: (method, path, query).
+    pub fn requests(&self) -> Vec<(String, String, String)> {
+        self.inner.requests.lock().clone()
     }
 
     pub fn drop_watches(&self) {
