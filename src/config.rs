@@ -181,6 +181,11 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
+    /// Topology pool this driver serves: nodes that reach the same data dir share a pool
+    /// (reported as topology.handoff.csi.dev/pool; CreateVolume honours it).
+    #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]
+    pub topology_pool: String,
+
     /// Timeout for external tools (mkfs, blkid).
     #[arg(long, env = "HANDOFF_TOOL_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub tool_timeout: Duration,
@@ -202,6 +207,15 @@ impl Config {
                 "--driver-name {:?} must be at most 63 characters of [a-zA-Z0-9.-], beginning and ending with an alphanumeric character",
                 self.driver_name
             ));
+        }
+        let pool = &self.topology_pool;
+        if pool.is_empty()
+            || pool.len() > 63
+            || !pool
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(format!("--topology-pool {pool:?} must be a Kubernetes label value (1-63 of [A-Za-z0-9._-])"));
         }
         if self.reconcile_interval.is_zero() {
             return Err("--reconcile-interval must be greater than 0".into());

@@ -52,6 +52,10 @@ pub enum Error {
     },
     #[error("{0} is not implemented by this driver")]
     Unimplemented(&'static str),
+    #[error("starting_token {0:?} was not issued by this driver or its entry is gone; list again from the start")]
+    BadToken(String),
+    #[error("the volume cannot be placed in the requested topology: this controller serves pool {pool:?}")]
+    TopologyUnavailable { pool: String },
 }
 
 fn join(nodes: &[NodeId]) -> String {
@@ -97,7 +101,10 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::Capacity(c) => capacity_code(c),
         BackendError::TooLarge { .. } => Code::OutOfRange,
         BackendError::NoSpace(_) => Code::ResourceExhausted,
-        BackendError::NotFound(_) => Code::NotFound,
+        BackendError::NotFound(_) | BackendError::SnapshotNotFound(_) => Code::NotFound,
+        BackendError::SnapshotNameConflict { .. } => Code::AlreadyExists,
+        BackendError::SmallerThanSource { .. } | BackendError::Shrink { .. } => Code::OutOfRange,
+        BackendError::NotAtomic(_) => Code::FailedPrecondition,
         BackendError::Io { .. } | BackendError::CorruptRecord { .. } => Code::Internal,
         BackendError::Unhealthy { .. } => Code::FailedPrecondition,
     }
@@ -182,6 +189,9 @@ impl Error {
             Error::VolumeInUse { .. } => Code::FailedPrecondition,
             Error::CapabilityNotOffered { .. } => Code::InvalidArgument,
             Error::Unimplemented(_) => Code::Unimplemented,
+            // CSI: an invalid starting_token is ABORTED.
+            Error::BadToken(_) => Code::Aborted,
+            Error::TopologyUnavailable { .. } => Code::ResourceExhausted,
         }
     }
 }

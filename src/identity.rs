@@ -71,17 +71,22 @@ impl Identity for IdentityService {
         &self,
         _request: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        use csi::plugin_capability::{service::Type, Service, Type as CapType};
-        let serves_controller = self.serves_controller;
+        use csi::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
+        let service = |t: service::Type| csi::PluginCapability {
+            r#type: Some(Type::Service(Service { r#type: t as i32 })),
+        };
+        let mut capabilities = vec![
+            service(service::Type::VolumeAccessibilityConstraints),
+            csi::PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                })),
+            },
+        ];
+        if self.serves_controller {
+            capabilities.insert(0, service(service::Type::ControllerService));
+        }
         handle(&self.metrics, "GetPluginCapabilities", "", "", async move {
-            let capabilities = serves_controller
-                .then_some(csi::PluginCapability {
-                    r#type: Some(CapType::Service(Service {
-                        r#type: Type::ControllerService as i32,
-                    })),
-                })
-                .into_iter()
-                .collect();
             Ok(csi::GetPluginCapabilitiesResponse { capabilities })
         })
         .await

@@ -103,6 +103,58 @@ impl fmt::Display for VolumeId {
     }
 }
 
+/// A snapshot id issued by this driver: `snap-` followed by 32 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapshotId(String);
+
+const SNAPSHOT_PREFIX: &str = "snap-";
+
+impl SnapshotId {
+    pub fn generate() -> Self {
+        SnapshotId(format!(
+            "{SNAPSHOT_PREFIX}{}",
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        check_token("snapshot_id", raw)?;
+        let hex = raw.strip_prefix(SNAPSHOT_PREFIX).unwrap_or("");
+        if hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(SnapshotId(raw.to_owned()))
+        } else {
+            Err(IdError::Unknown {
+                field: "snapshot_id",
+                value: raw.to_owned(),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SnapshotId {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        SnapshotId::parse(&value)
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(id: SnapshotId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
 /// An opaque node id as returned by NodeGetInfo (a Kubernetes node name in a cluster).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -225,6 +277,24 @@ mod tests {
         let id = VolumeId::generate();
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<VolumeId>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn snapshot_ids_are_distinct_from_volume_ids() {
+        let s = SnapshotId::generate();
+        assert_eq!(SnapshotId::parse(s.as_str()).unwrap(), s);
+        assert!(matches!(
+            VolumeId::parse(s.as_str()),
+            Err(IdError::Unknown { .. })
+        ));
+        assert!(matches!(
+            SnapshotId::parse(VolumeId::generate().as_str()),
+            Err(IdError::Unknown { .. })
+        ));
+        assert!(matches!(
+            SnapshotId::parse("../x"),
+            Err(IdError::Malformed { .. })
+        ));
     }
 
     #[test]

@@ -133,6 +133,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             backend,
             attachments,
             metrics.clone(),
+            config.topology_pool.clone(),
         ))
     } else {
         None
@@ -149,7 +150,12 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
         let volumes = NodeVolumes::new(transport, mounter);
-        Some(NodeService::new(node_id.clone(), volumes, metrics.clone()))
+        Some(NodeService::new(
+            node_id.clone(),
+            volumes,
+            metrics.clone(),
+            config.topology_pool.clone(),
+        ))
     } else {
         None
     };

@@ -27,7 +27,20 @@ async fn identity_reports_name_version_capabilities_and_health() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 1, "{caps:?}");
+    let has_service = |caps: &csi::GetPluginCapabilitiesResponse,
+                       t: csi::plugin_capability::service::Type| {
+        caps.capabilities.iter().any(|c| {
+            matches!(&c.r#type, Some(csi::plugin_capability::Type::Service(s)) if s.r#type == t as i32)
+        })
+    };
+    use csi::plugin_capability::service::Type as Svc;
+    assert!(has_service(&caps, Svc::ControllerService), "{caps:?}");
+    assert!(
+        has_service(&caps, Svc::VolumeAccessibilityConstraints),
+        "{caps:?}"
+    );
+    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::plugin_capability::Type::VolumeExpansion(e)) if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32)));
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
 
@@ -51,7 +64,8 @@ async fn node_only_mode_serves_no_controller() {
         .await
         .unwrap()
         .into_inner();
-    assert!(caps.capabilities.is_empty());
+    assert!(!caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(csi::plugin_capability::Type::Service(s)) if s.r#type == csi::plugin_capability::service::Type::ControllerService as i32)));
     let r = d
         .controller()
         .await
@@ -396,9 +410,15 @@ async fn unimplemented_controller_rpcs_say_so() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 3);
     assert_eq!(
-        code(c.list_volumes(csi::ListVolumesRequest::default()).await),
+        caps.capabilities.len(),
+        handoff_csi::controller::CAPABILITIES.len()
+    );
+    assert_eq!(
+        code(
+            c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default())
+                .await
+        ),
         Code::Unimplemented
     );
 }
@@ -507,7 +527,16 @@ async fn node_validates_arguments_before_touching_the_kernel() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 3);
+    assert_eq!(caps.capabilities.len(), 4);
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["topology.handoff.csi.dev/pool"],
+        "default"
+    );
 }
 
 #[tokio::test]

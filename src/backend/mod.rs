@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capability::{AccessMode, Capability, Sharing};
 use crate::export::ExportInfo;
-use crate::ids::{VolumeId, VolumeName};
+use crate::ids::{SnapshotId, VolumeId, VolumeName};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -34,6 +34,26 @@ pub enum BackendError {
     NoSpace(VolumeId),
     #[error("volume {0} does not exist")]
     NotFound(VolumeId),
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(SnapshotId),
+    #[error("snapshot name {name:?} already exists as {existing} of volume {source_volume}; choose another name")]
+    SnapshotNameConflict {
+        name: String,
+        existing: SnapshotId,
+        source_volume: VolumeId,
+    },
+    #[error(
+        "the requested size {requested} bytes is smaller than the source's {source_size} bytes"
+    )]
+    SmallerThanSource { requested: u64, source_size: u64 },
+    #[error("volume {volume} can only grow: it has {current} bytes, {requested} requested")]
+    Shrink {
+        volume: VolumeId,
+        current: u64,
+        requested: u64,
+    },
+    #[error("volume {0} is in use and the data dir's filesystem cannot make an atomic copy (reflink); detach it first, or use btrfs or xfs with reflink=1 for crash-consistent snapshots of running volumes")]
+    NotAtomic(VolumeId),
     #[error("{op} {path:?}: {source}")]
     Io {
         op: &'static str,
@@ -133,6 +153,13 @@ impl From<&Capability> for StoredCapability {
     }
 }
 
+/// Where a new volume's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
 /// What CreateVolume asks a backend for, already validated.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
@@ -140,6 +167,33 @@ pub struct CreateVolume {
     pub capacity: CapacityRange,
     pub capabilities: Vec<StoredCapability>,
     pub parameters: BTreeMap<String, String>,
+    pub source: Option<ContentSource>,
+    /// The source volume is attached somewhere: its copy must be atomic.
+    pub source_in_use: bool,
+}
+
+/// What CreateSnapshot asks for.
+#[derive(Debug, Clone)]
+pub struct CreateSnapshot {
+    pub name: VolumeName,
+    pub source: VolumeId,
+    pub source_in_use: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub name: String,
+    pub source_volume: VolumeId,
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Health of a volume's data as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
 }
 
 /// A volume as the backend knows it; persisted with the data.
@@ -151,6 +205,8 @@ pub struct VolumeRecord {
     pub capabilities: Vec<StoredCapability>,
     pub parameters: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ContentSource>,
 }
 
 impl VolumeRecord {
@@ -175,6 +231,9 @@ impl VolumeRecord {
         }
         if self.parameters != req.parameters {
             return Some(format!("parameters {:?}", self.parameters));
+        }
+        if self.source != req.source {
+            return Some(format!("content source {:?}", self.source));
         }
         None
     }
@@ -206,8 +265,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes the volume; deleting an absent volume succeeds.
     async fn delete_volume(&self, id: &VolumeId) -> Result<(), BackendError>;
     async fn get_volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError>;
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, BackendError>;
+    /// Grows the volume to `size` bytes (already rounded); equal size is a no-op.
+    async fn expand_volume(&self, id: &VolumeId, size: u64) -> Result<VolumeRecord, BackendError>;
     /// How a node reaches the volume (goes into publish_context).
     async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError>;
+    /// Whether the volume's data is where and what it should be.
+    async fn condition(&self, volume: &VolumeRecord) -> Result<Condition, BackendError>;
+    /// Bytes a new volume could use now.
+    async fn available_capacity(&self) -> Result<u64, BackendError>;
+    /// Creates a snapshot, or returns the existing one of the same name and source.
+    async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotRecord, BackendError>;
+    /// Deletes a snapshot; deleting an absent one succeeds.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError>;
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, BackendError>;
     /// Cheap health check for the Identity Probe.
     async fn probe(&self) -> Result<(), BackendError>;
 }
@@ -282,12 +353,15 @@ mod tests {
             capabilities: vec![cap],
             parameters: BTreeMap::new(),
             created_at: Utc::now(),
+            source: None,
         };
         let mut req = CreateVolume {
             name: VolumeName::parse("n").unwrap(),
             capacity: range(10 * MIB, 0),
             capabilities: vec![cap],
             parameters: BTreeMap::new(),
+            source: None,
+            source_in_use: false,
         };
         assert_eq!(rec.incompatibility(&req), None);
         req.capacity = range(11 * MIB, 0);

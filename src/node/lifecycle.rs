@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::mount::{MountError, MountOptions, Mounter, Signature, VolumeStats};
+use super::mount::{block_device_size, MountError, MountOptions, Mounter, Signature, VolumeStats};
 use super::transport::{Device, Transport, TransportError};
 use crate::capability::{AccessType, Capability, FsType};
 use crate::export::ExportInfo;
@@ -280,6 +280,35 @@ impl NodeVolumes {
         removed.map_err(io("remove publish target", target))?;
         info!(volume_id = %volume, target = %target.display(), "unpublished");
         Ok(())
+    }
+
+    /// NodeExpandVolume: the device re-reads the grown image; a mounted filesystem grows
+    /// online. Returns the new device size.
+    pub async fn expand(&self, volume: &VolumeId, volume_path: &Path) -> Result<u64, NodeError> {
+        let _guard = self.locks.try_lock(format!("volume {volume}"))?;
+        let device = self
+            .transport
+            .find_device(volume)
+            .await?
+            .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
+        self.transport.refresh_capacity(&device).await?;
+        let path = device.path.clone();
+        let size = tokio::task::spawn_blocking(move || block_device_size(&path))
+            .await
+            .expect("size task panicked")
+            .map_err(io("size", &device.path))?;
+        if let Some(m) = self.mounter.mount_at(volume_path).await? {
+            let fs = match m.fs_type.as_str() {
+                "ext4" => Some(FsType::Ext4),
+                "xfs" => Some(FsType::Xfs),
+                _ => None, // a block publish: nothing to grow
+            };
+            if let Some(fs) = fs {
+                self.mounter.grow(&device.path, volume_path, fs).await?;
+                info!(volume_id = %volume, size, "filesystem grown online");
+            }
+        }
+        Ok(size)
     }
 
     pub async fn stats(

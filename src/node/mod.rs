@@ -25,6 +25,7 @@ pub struct NodeService {
     node_id: NodeId,
     volumes: NodeVolumes,
     metrics: Metrics,
+    topology_pool: String,
 }
 
 /// Paths from the CO are absolute, without `..` or NUL: checked before any syscall.
@@ -66,12 +67,33 @@ fn usage(unit: csi::volume_usage::Unit, total: u64, available: u64, used: u64) -
 }
 
 impl NodeService {
-    pub fn new(node_id: NodeId, volumes: NodeVolumes, metrics: Metrics) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        volumes: NodeVolumes,
+        metrics: Metrics,
+        topology_pool: String,
+    ) -> Self {
         NodeService {
             node_id,
             volumes,
             metrics,
+            topology_pool,
         }
+    }
+
+    async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse, Error> {
+        let volume = VolumeId::parse(&req.volume_id)?;
+        let path = host_path("volume_path", &req.volume_path)?;
+        if !path.exists() {
+            return Err(Error::Node(lifecycle::NodeError::PathNotFound { path }));
+        }
+        let size = self.volumes.expand(&volume, &path).await?;
+        Ok(csi::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        })
     }
 
     async fn stage(
@@ -242,15 +264,14 @@ impl Node for NodeService {
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        let id = request.into_inner().volume_id;
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
         handle(
             &self.metrics,
             "NodeExpandVolume",
             &id,
             self.node_id.as_str(),
-            async {
-                Err::<csi::NodeExpandVolumeResponse, _>(Error::Unimplemented("NodeExpandVolume"))
-            },
+            self.expand(req),
         )
         .await
     }
@@ -271,6 +292,7 @@ impl Node for NodeService {
                         Type::StageUnstageVolume,
                         Type::GetVolumeStats,
                         Type::VolumeCondition,
+                        Type::ExpandVolume,
                     ]
                     .into_iter()
                     .map(|t| csi::NodeServiceCapability {
@@ -296,7 +318,13 @@ impl Node for NodeService {
                 Ok(csi::NodeGetInfoResponse {
                     node_id: self.node_id.to_string(),
                     max_volumes_per_node: 0,
-                    accessible_topology: None,
+                    accessible_topology: Some(csi::Topology {
+                        segments: [(
+                            crate::controller::volumes::TOPOLOGY_KEY.to_owned(),
+                            self.topology_pool.clone(),
+                        )]
+                        .into(),
+                    }),
                 })
             },
         )

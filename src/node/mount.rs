@@ -121,6 +121,8 @@ pub trait Mounter: Send + Sync + 'static {
     /// Every mount of the filesystem or device with these numbers.
     async fn mounts_of(&self, major: u32, minor: u32) -> Result<Vec<MountEntry>, MountError>;
     async fn stats(&self, path: &Path) -> Result<VolumeStats, MountError>;
+    /// Grows a mounted filesystem to fill its (already grown) device, online.
+    async fn grow(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<(), MountError>;
 }
 
 /// The real thing: syscalls plus mkfs/blkid.
@@ -305,6 +307,15 @@ impl Mounter for SysMounter {
     async fn mounts_of(&self, major: u32, minor: u32) -> Result<Vec<MountEntry>, MountError> {
         let this = self.clone();
         blocking(move || Ok(mountinfo::mounts_of(&this.read_mountinfo()?, major, minor))).await
+    }
+
+    async fn grow(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<(), MountError> {
+        match fs {
+            FsType::Ext4 => self.runner.run("resize2fs", [device], &[]).await?,
+            // xfs grows through its mount point.
+            FsType::Xfs => self.runner.run("xfs_growfs", [mount_point], &[]).await?,
+        };
+        Ok(())
     }
 
     async fn stats(&self, path: &Path) -> Result<VolumeStats, MountError> {

@@ -18,6 +18,7 @@ use crate::ids::VolumeId;
 
 // linux/loop.h
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
@@ -316,6 +317,17 @@ impl Transport for LoopTransport {
 
     async fn list(&self) -> Result<Vec<Device>, TransportError> {
         self.blocking(|t| t.scan()).await
+    }
+
+    async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError> {
+        let path = device.path.clone();
+        self.blocking(move |_| {
+            let dev = File::open(&path).map_err(sys_err("open", &path))?;
+            // The kernel re-reads the backing file's size and resizes the block device.
+            ioctl(&dev, LOOP_SET_CAPACITY, 0).map_err(sys_err("LOOP_SET_CAPACITY", &path))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn probe(&self) -> Result<(), TransportError> {

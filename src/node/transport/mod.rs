@@ -52,6 +52,8 @@ pub trait Transport: Send + Sync + 'static {
     async fn disconnect(&self, device: &Device) -> Result<(), TransportError>;
     /// Every device this transport holds for this driver (adoption after restart).
     async fn list(&self) -> Result<Vec<Device>, TransportError>;
+    /// Makes the device pick up a grown volume (ControllerExpandVolume grew the image).
+    async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError>;
     /// Whether this node can attach anything at all (for the Identity Probe).
     async fn probe(&self) -> Result<(), TransportError>;
 }

@@ -6,6 +6,10 @@
 //! - `names/<sha256(name)>` the volume id reserved for a CreateVolume name, created
 //!   exclusively, so two controllers (or a retried call after a crash) never create two
 //!   volumes for one name. Names are hashed because they are arbitrary Unicode.
+//! - `snapshots/<id>.img` and `snapshots/<id>.json`, reserved the same way.
+
+mod copy;
+mod snapshots;
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -16,10 +20,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{Backend, BackendError, CreateVolume, VolumeRecord};
+use self::copy::{copy_image, CopyError};
+use super::{
+    Backend, BackendError, Condition, ContentSource, CreateSnapshot, CreateVolume, SnapshotRecord,
+    VolumeRecord, MIB,
+};
 use crate::durable;
 use crate::export::ExportInfo;
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 
 #[derive(Debug, Clone)]
 pub struct FileBackend {
@@ -32,6 +40,7 @@ pub struct Layout {
     root: PathBuf,
     volumes: PathBuf,
     names: PathBuf,
+    snapshots: PathBuf,
 }
 
 impl Layout {
@@ -40,6 +49,7 @@ impl Layout {
             root: root.to_path_buf(),
             volumes: root.join("volumes"),
             names: root.join("names"),
+            snapshots: root.join("snapshots"),
         }
     }
 
@@ -53,6 +63,14 @@ impl Layout {
 
     fn record(&self, id: &VolumeId) -> PathBuf {
         self.volumes.join(format!("{id}.json"))
+    }
+
+    fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshots.join(format!("{id}.img"))
+    }
+
+    fn snapshot_record(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshots.join(format!("{id}.json"))
     }
 
     fn name_key(&self, name: &str) -> PathBuf {
@@ -73,7 +91,10 @@ impl Layout {
     }
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
+pub(super) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> BackendError + 'a {
     move |source| BackendError::Io {
         op,
         path: path.to_path_buf(),
@@ -85,7 +106,7 @@ impl FileBackend {
     /// Opens (creating if needed) the data dir.
     pub fn open(root: &Path) -> Result<Self, BackendError> {
         let layout = Layout::new(root);
-        for dir in [&layout.volumes, &layout.names] {
+        for dir in [&layout.volumes, &layout.names, &layout.snapshots] {
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         }
         Ok(FileBackend {
@@ -114,7 +135,10 @@ impl FileBackend {
     }
 }
 
-fn load_record(layout: &Layout, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError> {
+pub(super) fn load_record(
+    layout: &Layout,
+    id: &VolumeId,
+) -> Result<Option<VolumeRecord>, BackendError> {
     let path = layout.record(id);
     let Some(bytes) = durable::read_optional(&path).map_err(io_err("read", &path))? else {
         return Ok(None);
@@ -124,25 +148,68 @@ fn load_record(layout: &Layout, id: &VolumeId) -> Result<Option<VolumeRecord>, B
         .map_err(|source| BackendError::CorruptRecord { path, source })
 }
 
-fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
-    let key = layout.name_key(req.name.as_str());
-    let id = loop {
-        if let Some(bytes) = durable::read_optional(&key).map_err(io_err("read", &key))? {
+/// Reserves `key` for a new id, or returns the id already reserved there (idempotency
+/// by name across retries, crashes and concurrent controllers).
+pub(super) fn reserve<T>(
+    key: &Path,
+    generate: impl Fn() -> T,
+    parse: impl Fn(&str) -> Option<T>,
+    as_str: impl Fn(&T) -> &str,
+) -> Result<T, BackendError> {
+    loop {
+        if let Some(bytes) = durable::read_optional(key).map_err(io_err("read", key))? {
             let raw = String::from_utf8_lossy(&bytes);
-            break VolumeId::parse(raw.trim()).map_err(|e| BackendError::Unhealthy {
-                path: key.clone(),
-                reason: format!("name reservation holds an invalid id: {e}"),
-            })?;
+            return parse(raw.trim()).ok_or_else(|| BackendError::Unhealthy {
+                path: key.to_path_buf(),
+                reason: "name reservation holds an invalid id".into(),
+            });
         }
-        let id = VolumeId::generate();
-        if durable::create_exclusive(&key, id.as_str().as_bytes())
-            .map_err(io_err("reserve name", &key))?
+        let id = generate();
+        if durable::create_exclusive(key, as_str(&id).as_bytes())
+            .map_err(io_err("reserve name", key))?
         {
-            break id;
+            return Ok(id);
         }
         // Another writer reserved the name between our read and create: use theirs.
-    };
+    }
+}
 
+fn size_error<'a>(
+    id: &'a VolumeId,
+    image: &'a Path,
+    requested: u64,
+) -> impl FnOnce(io::Error) -> BackendError + 'a {
+    move |e| match e.raw_os_error() {
+        Some(libc::EFBIG) | Some(libc::EINVAL) => BackendError::TooLarge { requested },
+        Some(libc::ENOSPC) => BackendError::NoSpace(id.clone()),
+        _ => io_err("size image", image)(e),
+    }
+}
+
+/// The image and size a new volume copies from.
+fn source_of(layout: &Layout, source: &ContentSource) -> Result<(PathBuf, u64), BackendError> {
+    match source {
+        ContentSource::Snapshot(snap) => {
+            let record = snapshots::load(layout, snap)?
+                .ok_or_else(|| BackendError::SnapshotNotFound(snap.clone()))?;
+            Ok((layout.snapshot_image(snap), record.size_bytes))
+        }
+        ContentSource::Volume(vol) => {
+            let record =
+                load_record(layout, vol)?.ok_or_else(|| BackendError::NotFound(vol.clone()))?;
+            Ok((layout.image(vol), record.capacity_bytes))
+        }
+    }
+}
+
+fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
+    let key = layout.name_key(req.name.as_str());
+    let id = reserve(
+        &key,
+        VolumeId::generate,
+        |s| VolumeId::parse(s).ok(),
+        |id| id.as_str(),
+    )?;
     if let Some(existing) = load_record(layout, &id)? {
         return match existing.incompatibility(req) {
             None => Ok(existing),
@@ -155,23 +222,58 @@ fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, 
     }
 
     // Reserved but not yet complete (fresh, or a crash mid-create): finish it.
-    let capacity = req.capacity.resolve()?;
     let image = layout.image(&id);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&image)
-        .map_err(io_err("create image", &image))?;
-    file.set_len(capacity).map_err(|e| match e.raw_os_error() {
-        Some(libc::EFBIG) | Some(libc::EINVAL) => BackendError::TooLarge {
-            requested: capacity,
-        },
-        Some(libc::ENOSPC) => BackendError::NoSpace(id.clone()),
-        _ => io_err("size image", &image)(e),
-    })?;
-    file.sync_all().map_err(io_err("sync image", &image))?;
+    let capacity = match &req.source {
+        None => {
+            let capacity = req.capacity.resolve()?;
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&image)
+                .map_err(io_err("create image", &image))?;
+            file.set_len(capacity)
+                .map_err(size_error(&id, &image, capacity))?;
+            file.sync_all().map_err(io_err("sync image", &image))?;
+            capacity
+        }
+        Some(source) => {
+            let (src, source_size) = source_of(layout, source)?;
+            let wanted = if req.capacity.required == 0 && req.capacity.limit == 0 {
+                source_size
+            } else {
+                req.capacity.resolve()?.max(source_size)
+            };
+            if req.capacity.limit != 0 && wanted > req.capacity.limit {
+                return Err(BackendError::SmallerThanSource {
+                    requested: req.capacity.limit,
+                    source_size,
+                });
+            }
+            let capacity = wanted.next_multiple_of(MIB);
+            // A partial copy from an interrupted attempt is redone from scratch.
+            durable::remove(&image).map_err(io_err("remove partial image", &image))?;
+            let atomic = req.source_in_use && matches!(source, ContentSource::Volume(_));
+            copy_image(&src, &image, atomic).map_err(|e| match e {
+                CopyError::NotAtomic => BackendError::NotAtomic(match source {
+                    ContentSource::Volume(v) => v.clone(),
+                    ContentSource::Snapshot(_) => id.clone(),
+                }),
+                CopyError::Io(e) => io_err("copy image", &image)(e),
+            })?;
+            if capacity > source_size {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .map_err(io_err("open image", &image))?;
+                file.set_len(capacity)
+                    .map_err(size_error(&id, &image, capacity))?;
+                file.sync_all().map_err(io_err("sync image", &image))?;
+            }
+            capacity
+        }
+    };
 
     let record = VolumeRecord {
         id: id.clone(),
@@ -180,11 +282,101 @@ fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, 
         capabilities: req.capabilities.clone(),
         parameters: req.parameters.clone(),
         created_at: chrono::Utc::now(),
+        source: req.source.clone(),
     };
-    let path = layout.record(&id);
-    let json = serde_json::to_vec_pretty(&record).expect("volume records always serialise");
-    durable::write_atomic(&path, &json).map_err(io_err("write record", &path))?;
+    write_record(layout, &record)?;
     Ok(record)
+}
+
+fn write_record(layout: &Layout, record: &VolumeRecord) -> Result<(), BackendError> {
+    let path = layout.record(&record.id);
+    let json = serde_json::to_vec_pretty(record).expect("volume records always serialise");
+    durable::write_atomic(&path, &json).map_err(io_err("write record", &path))
+}
+
+fn list_blocking(layout: &Layout) -> Result<Vec<VolumeRecord>, BackendError> {
+    let dir = &layout.volumes;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| VolumeId::parse(n).ok())
+        else {
+            continue;
+        };
+        if let Some(record) = load_record(layout, &id)? {
+            out.push(record);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+fn expand_blocking(
+    layout: &Layout,
+    id: &VolumeId,
+    size: u64,
+) -> Result<VolumeRecord, BackendError> {
+    let mut record = load_record(layout, id)?.ok_or_else(|| BackendError::NotFound(id.clone()))?;
+    if size < record.capacity_bytes {
+        return Err(BackendError::Shrink {
+            volume: id.clone(),
+            current: record.capacity_bytes,
+            requested: size,
+        });
+    }
+    let image = layout.image(id);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .map_err(io_err("open image", &image))?;
+    // Also on equal size: a retry after a crash between set_len and the record write.
+    if file.metadata().map_err(io_err("stat image", &image))?.len() < size {
+        file.set_len(size).map_err(size_error(id, &image, size))?;
+        file.sync_all().map_err(io_err("sync image", &image))?;
+    }
+    if record.capacity_bytes != size {
+        record.capacity_bytes = size;
+        write_record(layout, &record)?;
+    }
+    Ok(record)
+}
+
+fn condition_blocking(layout: &Layout, record: &VolumeRecord) -> Result<Condition, BackendError> {
+    let image = layout.image(&record.id);
+    Ok(match std::fs::metadata(&image) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Condition {
+            abnormal: true,
+            message: format!("image {} is missing from the data dir", image.display()),
+        },
+        Err(e) => Condition {
+            abnormal: true,
+            message: format!("image {} cannot be read: {e}", image.display()),
+        },
+        Ok(m) if m.len() < record.capacity_bytes => Condition {
+            abnormal: true,
+            message: format!(
+                "image has {} bytes, {} expected",
+                m.len(),
+                record.capacity_bytes
+            ),
+        },
+        Ok(_) => Condition {
+            abnormal: false,
+            message: "image present with its full size".into(),
+        },
+    })
+}
+
+fn capacity_blocking(layout: &Layout) -> Result<u64, BackendError> {
+    let st = nix::sys::statvfs::statvfs(&layout.volumes).map_err(|e| BackendError::Unhealthy {
+        path: layout.volumes.clone(),
+        reason: format!("statvfs failed: {e}"),
+    })?;
+    Ok(st.blocks_available() * st.fragment_size())
 }
 
 fn delete_blocking(layout: &Layout, id: &VolumeId) -> Result<(), BackendError> {
@@ -236,6 +428,38 @@ impl Backend for FileBackend {
         self.blocking(move |l| load_record(l, &id)).await
     }
 
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, BackendError> {
+        self.blocking(list_blocking).await
+    }
+
+    async fn expand_volume(&self, id: &VolumeId, size: u64) -> Result<VolumeRecord, BackendError> {
+        let id = id.clone();
+        self.blocking(move |l| expand_blocking(l, &id, size)).await
+    }
+
+    async fn condition(&self, volume: &VolumeRecord) -> Result<Condition, BackendError> {
+        let volume = volume.clone();
+        self.blocking(move |l| condition_blocking(l, &volume)).await
+    }
+
+    async fn available_capacity(&self) -> Result<u64, BackendError> {
+        self.blocking(capacity_blocking).await
+    }
+
+    async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotRecord, BackendError> {
+        let req = req.clone();
+        self.blocking(move |l| snapshots::create(l, &req)).await
+    }
+
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
+        let id = id.clone();
+        self.blocking(move |l| snapshots::delete(l, &id)).await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, BackendError> {
+        self.blocking(snapshots::list).await
+    }
+
     async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError> {
         Ok(ExportInfo::LocalFile {
             path: self.inner.image(&volume.id),
@@ -266,6 +490,8 @@ mod tests {
                 block: true,
             }],
             parameters: BTreeMap::new(),
+            source: None,
+            source_in_use: false,
         }
     }
 

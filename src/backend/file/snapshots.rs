@@ -1,0 +1,110 @@
+//! Snapshots of the file backend: an image copy (reflink where possible) plus a record,
+//! reserved by name exactly like volumes.
+
+use std::path::Path;
+
+use super::copy::{copy_image, CopyError};
+use super::{io_err, load_record, reserve, Layout};
+use crate::backend::{BackendError, CreateSnapshot, SnapshotRecord};
+use crate::durable;
+use crate::ids::SnapshotId;
+
+fn name_key(layout: &Layout, name: &str) -> std::path::PathBuf {
+    // A separate namespace from volume names: the same string may name both.
+    layout.name_key(&format!("snapshot\\0{name}"))
+}
+
+pub(super) fn load(
+    layout: &Layout,
+    id: &SnapshotId,
+) -> Result<Option<SnapshotRecord>, BackendError> {
+    let path = layout.snapshot_record(id);
+    let Some(bytes) = durable::read_optional(&path).map_err(io_err("read", &path))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| BackendError::CorruptRecord { path, source })
+}
+
+pub(super) fn create(
+    layout: &Layout,
+    req: &CreateSnapshot,
+) -> Result<SnapshotRecord, BackendError> {
+    let source = load_record(layout, &req.source)?
+        .ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
+    let key = name_key(layout, req.name.as_str());
+    let id = reserve(
+        &key,
+        SnapshotId::generate,
+        |s| SnapshotId::parse(s).ok(),
+        |id| id.as_str(),
+    )?;
+    if let Some(existing) = load(layout, &id)? {
+        return if existing.source_volume == req.source {
+            Ok(existing)
+        } else {
+            Err(BackendError::SnapshotNameConflict {
+                name: req.name.to_string(),
+                existing: existing.id,
+                source_volume: existing.source_volume,
+            })
+        };
+    }
+    let image = layout.snapshot_image(&id);
+    durable::remove(&image).map_err(io_err("remove partial snapshot", &image))?;
+    copy_image(&layout.image(&req.source), &image, req.source_in_use).map_err(|e| match e {
+        CopyError::NotAtomic => BackendError::NotAtomic(req.source.clone()),
+        CopyError::Io(e) => io_err("copy image", &image)(e),
+    })?;
+    let record = SnapshotRecord {
+        id: id.clone(),
+        name: req.name.to_string(),
+        source_volume: req.source.clone(),
+        size_bytes: source.capacity_bytes,
+        created_at: chrono::Utc::now(),
+    };
+    let path = layout.snapshot_record(&id);
+    let json = serde_json::to_vec_pretty(&record).expect("snapshot records always serialise");
+    durable::write_atomic(&path, &json).map_err(io_err("write snapshot record", &path))?;
+    Ok(record)
+}
+
+pub(super) fn delete(layout: &Layout, id: &SnapshotId) -> Result<(), BackendError> {
+    if let Some(record) = load(layout, id)? {
+        let key = name_key(layout, &record.name);
+        let reserved = durable::read_optional(&key).map_err(io_err("read", &key))?;
+        if reserved
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+            == Some(id.to_string())
+        {
+            durable::remove(&key).map_err(io_err("remove", &key))?;
+        }
+    }
+    let image = layout.snapshot_image(id);
+    durable::remove(&image).map_err(io_err("remove", &image))?;
+    let record = layout.snapshot_record(id);
+    durable::remove(&record).map_err(io_err("remove", &record))
+}
+
+pub(super) fn list(layout: &Layout) -> Result<Vec<SnapshotRecord>, BackendError> {
+    let dir: &Path = &layout.snapshots;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| SnapshotId::parse(n).ok())
+        else {
+            continue;
+        };
+        if let Some(r) = load(layout, &id)? {
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
