@@ -162,6 +162,7 @@ fn node_code(e: &NodeError) -> Code {
         NodeError::Mount(m) => match m {
             MountError::Sys { .. } => Code::Internal,
             MountError::Tool(t) => tool_code(t),
+            MountError::MissingCapability { .. } => Code::FailedPrecondition,
         },
         NodeError::NotStaged(_) => Code::FailedPrecondition,
         NodeError::PathInUse { .. } => Code::AlreadyExists,

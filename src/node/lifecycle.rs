@@ -123,8 +123,46 @@ impl NodeVolumes {
         self.mounter
             .mount(&device.path, staging, *fs_type, &opts)
             .await?;
+        if !cap.mode.is_read_only() {
+            self.grow_to_device(volume, &device, staging, *fs_type)
+                .await;
+        }
         info!(volume_id = %volume, device = %device.path.display(), "staged");
         Ok(())
+    }
+
+    /// A volume restored or cloned into a larger size, or expanded while detached, has
+    /// a filesystem smaller than its device: grow it at stage so the pod sees what the
+    /// claim asked for. Best effort: the volume is usable either way.
+    async fn grow_to_device(
+        &self,
+        volume: &VolumeId,
+        device: &Device,
+        mount_point: &Path,
+        fs: FsType,
+    ) {
+        let path = device.path.clone();
+        let Ok(Ok(device_size)) =
+            tokio::task::spawn_blocking(move || block_device_size(&path)).await
+        else {
+            return;
+        };
+        let Ok(VolumeStats::Filesystem { total_bytes, .. }) = self.mounter.stats(mount_point).await
+        else {
+            return;
+        };
+        // Filesystem metadata takes a few percent; only a real gap is worth a resize.
+        if total_bytes + device_size / 8 >= device_size {
+            return;
+        }
+        match self.mounter.grow(&device.path, mount_point, fs).await {
+            Ok(()) => {
+                info!(volume_id = %volume, device_size, "filesystem grown to its device at stage")
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %volume, error = %e, "filesystem is smaller than its device and could not grow")
+            }
+        }
     }
 
     async fn ensure_filesystem(

@@ -24,7 +24,30 @@ pub enum MountError {
     },
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error("{what} needs {capability}, which this node plugin does not have; run it privileged")]
+    MissingCapability {
+        what: &'static str,
+        capability: &'static str,
+    },
 }
+
+/// Whether this process holds capability `bit` (see capabilities(7)), from /proc.
+pub fn has_capability(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps >> bit & 1 == 1)
+}
+
+/// CAP_SYS_RESOURCE: ext4 online resize (EXT4_IOC_RESIZE_FS) requires it.
+pub const CAP_SYS_RESOURCE: u32 = 24;
 
 fn sys<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MountError + 'a {
     move |source| MountError::Sys {
@@ -311,7 +334,15 @@ impl Mounter for SysMounter {
 
     async fn grow(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<(), MountError> {
         match fs {
-            FsType::Ext4 => self.runner.run("resize2fs", [device], &[]).await?,
+            FsType::Ext4 => {
+                if !has_capability(CAP_SYS_RESOURCE) {
+                    return Err(MountError::MissingCapability {
+                        what: "growing a mounted ext4 filesystem",
+                        capability: "CAP_SYS_RESOURCE",
+                    });
+                }
+                self.runner.run("resize2fs", [device], &[]).await?
+            }
             // xfs grows through its mount point.
             FsType::Xfs => self.runner.run("xfs_growfs", [mount_point], &[]).await?,
         };
