@@ -119,7 +119,12 @@ impl NodeVolumes {
         }
         self.ensure_filesystem(volume, &device, *fs_type, cap.mode.is_read_only())
             .await?;
-        let opts = MountOptions::parse(flags, cap.mode.is_read_only());
+        let mut opts = MountOptions::parse(flags, cap.mode.is_read_only());
+        // Restores and clones carry their source's xfs UUID; without nouuid the second
+        // of the two would not mount on a node that has both.
+        if *fs_type == FsType::Xfs && !opts.data.iter().any(|o| o == "nouuid") {
+            opts.data.push("nouuid".into());
+        }
         self.mounter
             .mount(&device.path, staging, *fs_type, &opts)
             .await?;
