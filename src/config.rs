@@ -186,6 +186,10 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]
     pub topology_pool: String,
 
+    /// Most NodeStage calls doing mkfs/mount work at once on this node; others wait.
+    #[arg(long, env = "HANDOFF_MAX_CONCURRENT_STAGE", default_value_t = 4)]
+    pub max_concurrent_stage: usize,
+
     /// Timeout for external tools (mkfs, blkid).
     #[arg(long, env = "HANDOFF_TOOL_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub tool_timeout: Duration,

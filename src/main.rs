@@ -149,7 +149,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         ));
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
-        let volumes = NodeVolumes::new(transport, mounter);
+        let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);
         Some(NodeService::new(
             node_id.clone(),
             volumes,

@@ -71,6 +71,9 @@ pub struct NodeVolumes {
     transport: Arc<dyn Transport>,
     mounter: Arc<dyn Mounter>,
     locks: OperationLocks,
+    /// Bounds concurrent mkfs/mount work: a burst of pods must not fork dozens of mkfs
+    /// processes on one node.
+    filesystem_work: tokio::sync::Semaphore,
 }
 
 fn device_numbers(path: &Path) -> Result<(u32, u32), NodeError> {
@@ -80,11 +83,16 @@ fn device_numbers(path: &Path) -> Result<(u32, u32), NodeError> {
 }
 
 impl NodeVolumes {
-    pub fn new(transport: Arc<dyn Transport>, mounter: Arc<dyn Mounter>) -> Self {
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        mounter: Arc<dyn Mounter>,
+        max_filesystem_work: usize,
+    ) -> Self {
         NodeVolumes {
             transport,
             mounter,
             locks: OperationLocks::new(),
+            filesystem_work: tokio::sync::Semaphore::new(max_filesystem_work.max(1)),
         }
     }
 
@@ -117,6 +125,11 @@ impl NodeVolumes {
                 })
             };
         }
+        let _permit = self
+            .filesystem_work
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         self.ensure_filesystem(volume, &device, *fs_type, cap.mode.is_read_only())
             .await?;
         let mut opts = MountOptions::parse(flags, cap.mode.is_read_only());
@@ -383,5 +396,162 @@ impl NodeVolumes {
             },
         };
         Ok((stats, condition))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::capability::AccessMode;
+    use crate::node::mountinfo::MountEntry;
+
+    /// A transport whose "device" is /dev/null (real device numbers, no kernel work).
+    struct FakeTransport;
+
+    #[async_trait]
+    impl Transport for FakeTransport {
+        async fn connect(
+            &self,
+            volume: &VolumeId,
+            _: &ExportInfo,
+            _: bool,
+        ) -> Result<Device, TransportError> {
+            Ok(Device {
+                volume_id: volume.clone(),
+                path: "/dev/null".into(),
+                backing_deleted: false,
+            })
+        }
+        async fn find_device(&self, _: &VolumeId) -> Result<Option<Device>, TransportError> {
+            Ok(None)
+        }
+        async fn disconnect(&self, _: &Device) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn list(&self) -> Result<Vec<Device>, TransportError> {
+            Ok(vec![])
+        }
+        async fn refresh_capacity(&self, _: &Device) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn probe(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    /// A mounter whose mkfs is slow and counts how many run at once.
+    #[derive(Default)]
+    struct SlowMounter {
+        running: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Mounter for SlowMounter {
+        async fn probe(&self, _: &Path) -> Result<Option<Signature>, MountError> {
+            Ok(None)
+        }
+        async fn format(&self, _: &Path, _: FsType) -> Result<(), MountError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn mount(
+            &self,
+            _: &Path,
+            _: &Path,
+            _: FsType,
+            _: &MountOptions,
+        ) -> Result<(), MountError> {
+            Ok(())
+        }
+        async fn bind(&self, _: &Path, _: &Path, _: bool) -> Result<(), MountError> {
+            Ok(())
+        }
+        async fn unmount(&self, _: &Path) -> Result<(), MountError> {
+            Ok(())
+        }
+        async fn mount_at(&self, _: &Path) -> Result<Option<MountEntry>, MountError> {
+            Ok(None)
+        }
+        async fn mounts_of(&self, _: u32, _: u32) -> Result<Vec<MountEntry>, MountError> {
+            Ok(vec![])
+        }
+        async fn stats(&self, _: &Path) -> Result<VolumeStats, MountError> {
+            Ok(VolumeStats::Block { total_bytes: 0 })
+        }
+        async fn grow(&self, _: &Path, _: &Path, _: FsType) -> Result<(), MountError> {
+            Ok(())
+        }
+    }
+
+    fn mount_cap() -> Capability {
+        Capability {
+            access_type: AccessType::Mount {
+                fs_type: FsType::Ext4,
+                flags: vec![],
+            },
+            mode: AccessMode::SingleNodeWriter,
+        }
+    }
+
+    fn export() -> ExportInfo {
+        ExportInfo::LocalFile { path: "/x".into() }
+    }
+
+    #[tokio::test]
+    async fn overlapping_operations_on_one_volume_are_aborted_not_queued() {
+        let mounter = Arc::new(SlowMounter::default());
+        let nv = Arc::new(NodeVolumes::new(Arc::new(FakeTransport), mounter, 4));
+        let dir = tempfile::tempdir().unwrap();
+        let v = VolumeId::generate();
+        let first = {
+            let (nv, v, staging) = (nv.clone(), v.clone(), dir.path().join("s"));
+            tokio::spawn(async move { nv.stage(&v, &export(), &staging, &mount_cap()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = nv
+            .stage(&v, &export(), &dir.path().join("s"), &mount_cap())
+            .await;
+        assert!(matches!(second, Err(NodeError::Busy(_))), "{second:?}");
+        let unpublish = nv.unpublish(&v, &dir.path().join("t")).await;
+        assert!(matches!(unpublish, Err(NodeError::Busy(_))));
+        first.await.unwrap().unwrap();
+        nv.unpublish(&v, &dir.path().join("t")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn filesystem_work_is_bounded_per_node() {
+        let mounter = Arc::new(SlowMounter::default());
+        let nv = Arc::new(NodeVolumes::new(
+            Arc::new(FakeTransport),
+            mounter.clone(),
+            2,
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (nv, staging) = (nv.clone(), dir.path().join(format!("s{i}")));
+                tokio::spawn(async move {
+                    nv.stage(&VolumeId::generate(), &export(), &staging, &mount_cap())
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            mounter.peak.load(Ordering::SeqCst),
+            2,
+            "never more than 2 mkfs at once"
+        );
     }
 }
