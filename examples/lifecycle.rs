@@ -3,7 +3,9 @@
 //! NodeUnpublish → NodeUnstage → ControllerUnpublish → Delete.
 //!
 //! Usage (as root, with the driver running in --mode all):
-//!   cargo run --example lifecycle -- [SOCKET] [block|ext4|xfs]
+//!   cargo run --example lifecycle -- [SOCKET] [block|ext4|xfs] [KUBELET_DIR]
+//! Staging and target paths are made inside KUBELET_DIR (the driver's --kubelet-dir,
+//! default /var/lib/kubelet), as kubelet would.
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let socket = PathBuf::from(args.next().unwrap_or("/run/handoff-csi/csi.sock".into()));
     let kind = args.next().unwrap_or("ext4".into());
+    let kubelet_dir = PathBuf::from(args.next().unwrap_or("/var/lib/kubelet".into()));
     let channel = Endpoint::try_from("http://[::]:50051")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
@@ -55,7 +58,10 @@ async fn main() -> Result<(), BoxError> {
             mode: Mode::SingleNodeWriter as i32,
         }),
     };
-    let work = tempfile::tempdir()?;
+    std::fs::create_dir_all(&kubelet_dir)?;
+    let work = tempfile::Builder::new()
+        .prefix("handoff-example-")
+        .tempdir_in(&kubelet_dir)?;
     let (staging, target) = (work.path().join("staging"), work.path().join("target"));
     std::fs::create_dir_all(&staging)?;
 

@@ -186,6 +186,10 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]
     pub topology_pool: String,
 
+    /// Kubelet's root directory: staging and target paths outside it are refused.
+    #[arg(long, env = "HANDOFF_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
     /// Most NodeStage calls doing mkfs/mount work at once on this node; others wait.
     #[arg(long, env = "HANDOFF_MAX_CONCURRENT_STAGE", default_value_t = 4)]
     pub max_concurrent_stage: usize,

@@ -42,6 +42,8 @@ fn spawn(binary: &Path, root: &Path, name: &'static str, mode: &str) -> Result<P
         .arg(root.join("shared-data"))
         .arg("--state-dir")
         .arg(root.join(format!("{name}-state")))
+        .arg("--kubelet-dir")
+        .arg(root)
         .stdin(Stdio::null())
         .spawn()?;
     Ok(Process {

@@ -155,6 +155,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             volumes,
             metrics.clone(),
             config.topology_pool.clone(),
+            &config.kubelet_dir,
         ))
     } else {
         None

@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use handoff_csi::csi;
 use handoff_csi::csi::volume_capability::access_mode::Mode;
@@ -491,6 +492,26 @@ async fn node_validates_arguments_before_touching_the_kernel() {
         code(n.node_publish_volume(publish).await),
         Code::InvalidArgument
     );
+
+    // Regression (found by tests/hostile_input.rs): a path outside the kubelet dir is
+    // refused before any unmount or removal — NodeUnpublish("/etc") once tried rmdir.
+    for outside in ["/etc", "/", "/tmp"] {
+        let r = n
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: valid_id.clone(),
+                target_path: outside.into(),
+            })
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{outside}");
+        let r = n
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: valid_id.clone(),
+                staging_target_path: outside.into(),
+            })
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{outside}");
+    }
+    assert!(Path::new("/etc/passwd").exists());
 
     // Undoing something that was never done succeeds.
     n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {

@@ -26,10 +26,14 @@ pub struct NodeService {
     volumes: NodeVolumes,
     metrics: Metrics,
     topology_pool: String,
+    /// Canonical kubelet directory: every staging/target path must be inside it.
+    kubelet_dir: PathBuf,
 }
 
-/// Paths from the CO are absolute, without `..` or NUL: checked before any syscall.
-fn host_path(field: &'static str, raw: &str) -> Result<PathBuf, Error> {
+/// Paths from the CO are absolute, without `..` or NUL, and inside the kubelet directory
+/// (also after resolving symlinks): checked before any syscall, so a bad request can never
+/// unmount or remove anything else on the host.
+fn host_path(field: &'static str, raw: &str, root: &Path) -> Result<PathBuf, Error> {
     let invalid = |reason: &str| Error::InvalidField {
         field,
         reason: reason.into(),
@@ -43,6 +47,21 @@ fn host_path(field: &'static str, raw: &str) -> Result<PathBuf, Error> {
     let path = Path::new(raw);
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return Err(invalid("must be an absolute path without '..'"));
+    }
+    // The deepest existing ancestor, resolved, must still be under the root (or above it,
+    // when the root itself does not exist yet): no symlink leads out.
+    let resolved = path
+        .ancestors()
+        .find_map(|a| std::fs::canonicalize(a).ok())
+        .unwrap_or_default();
+    if !path.starts_with(root) || !(resolved.starts_with(root) || root.starts_with(&resolved)) {
+        return Err(Error::InvalidField {
+            field,
+            reason: format!(
+                "must be under the kubelet directory {} (--kubelet-dir)",
+                root.display()
+            ),
+        });
     }
     Ok(path.to_path_buf())
 }
@@ -72,12 +91,15 @@ impl NodeService {
         volumes: NodeVolumes,
         metrics: Metrics,
         topology_pool: String,
+        kubelet_dir: &Path,
     ) -> Self {
         NodeService {
             node_id,
             volumes,
             metrics,
             topology_pool,
+            kubelet_dir: std::fs::canonicalize(kubelet_dir)
+                .unwrap_or_else(|_| kubelet_dir.to_path_buf()),
         }
     }
 
@@ -86,7 +108,7 @@ impl NodeService {
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse, Error> {
         let volume = VolumeId::parse(&req.volume_id)?;
-        let path = host_path("volume_path", &req.volume_path)?;
+        let path = host_path("volume_path", &req.volume_path, &self.kubelet_dir)?;
         if !path.exists() {
             return Err(Error::Node(lifecycle::NodeError::PathNotFound { path }));
         }
@@ -101,7 +123,11 @@ impl NodeService {
         req: csi::NodeStageVolumeRequest,
     ) -> Result<csi::NodeStageVolumeResponse, Error> {
         let volume = VolumeId::parse(&req.volume_id)?;
-        let staging = host_path("staging_target_path", &req.staging_target_path)?;
+        let staging = host_path(
+            "staging_target_path",
+            &req.staging_target_path,
+            &self.kubelet_dir,
+        )?;
         let cap = capability::parse_one(req.volume_capability.as_ref())?;
         let export = ExportInfo::from_publish_context(&req.publish_context)?;
         self.volumes.stage(&volume, &export, &staging, &cap).await?;
@@ -113,7 +139,11 @@ impl NodeService {
         req: csi::NodeUnstageVolumeRequest,
     ) -> Result<csi::NodeUnstageVolumeResponse, Error> {
         let volume = volume_or_nothing(&req.volume_id)?;
-        let staging = host_path("staging_target_path", &req.staging_target_path)?;
+        let staging = host_path(
+            "staging_target_path",
+            &req.staging_target_path,
+            &self.kubelet_dir,
+        )?;
         if let Some(volume) = volume {
             self.volumes.unstage(&volume, &staging).await?;
         }
@@ -125,8 +155,12 @@ impl NodeService {
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse, Error> {
         let volume = VolumeId::parse(&req.volume_id)?;
-        let staging = host_path("staging_target_path", &req.staging_target_path)?;
-        let target = host_path("target_path", &req.target_path)?;
+        let staging = host_path(
+            "staging_target_path",
+            &req.staging_target_path,
+            &self.kubelet_dir,
+        )?;
+        let target = host_path("target_path", &req.target_path, &self.kubelet_dir)?;
         let cap = capability::parse_one(req.volume_capability.as_ref())?;
         self.volumes
             .publish(&volume, &staging, &target, &cap, req.readonly)
@@ -139,7 +173,7 @@ impl NodeService {
         req: csi::NodeUnpublishVolumeRequest,
     ) -> Result<csi::NodeUnpublishVolumeResponse, Error> {
         let volume = volume_or_nothing(&req.volume_id)?;
-        let target = host_path("target_path", &req.target_path)?;
+        let target = host_path("target_path", &req.target_path, &self.kubelet_dir)?;
         if let Some(volume) = volume {
             self.volumes.unpublish(&volume, &target).await?;
         }
@@ -152,7 +186,7 @@ impl NodeService {
     ) -> Result<csi::NodeGetVolumeStatsResponse, Error> {
         use csi::volume_usage::Unit;
         let volume = VolumeId::parse(&req.volume_id)?;
-        let path = host_path("volume_path", &req.volume_path)?;
+        let path = host_path("volume_path", &req.volume_path, &self.kubelet_dir)?;
         let (stats, condition) = self.volumes.stats(&volume, &path).await?;
         let usage = match stats {
             VolumeStats::Block { total_bytes } => vec![usage(Unit::Bytes, total_bytes, 0, 0)],
@@ -338,9 +372,29 @@ mod tests {
 
     #[test]
     fn host_paths_are_checked() {
-        assert!(host_path("target_path", "/var/lib/kubelet/pods/x/vol").is_ok());
-        for bad in ["relative/path", "/a/../etc", "/a\0b", ""] {
-            assert!(host_path("target_path", bad).is_err(), "{bad:?}");
+        let root = Path::new("/var/lib/kubelet");
+        assert!(host_path("target_path", "/var/lib/kubelet/pods/x/vol", root).is_ok());
+        for bad in [
+            "relative/path",
+            "/a/../etc",
+            "/a\0b",
+            "",
+            "/etc",
+            "/",
+            "/var/lib/kubeletx/y",
+        ] {
+            assert!(host_path("target_path", bad, root).is_err(), "{bad:?}");
         }
+        // A symlink inside the root that points outside is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+        assert!(host_path(
+            "target_path",
+            &format!("{}/escape/x", root.display()),
+            &root
+        )
+        .is_err());
+        assert!(host_path("target_path", &format!("{}/fine/x", root.display()), &root).is_ok());
     }
 }

@@ -119,6 +119,8 @@ impl Driver {
             .arg(self.state_dir())
             .arg("--log-level")
             .arg("error")
+            .arg("--kubelet-dir")
+            .arg(self.dir.path())
             .args(&self.options.extra_args)
             .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null());
