@@ -431,3 +431,84 @@ async fn two_controller_replicas_never_decide_on_old_state() {
         ["node-b"]
     );
 }
+
+/// Random API faults (409 storms, 500s, latency, dropped watches) under a stream of
+/// publishes and unpublishes: every OK must be in the PV annotation, every error must be
+/// retryable, and the annotation never shows a second RWO holder.
+#[tokio::test]
+async fn random_api_faults_never_yield_unpersisted_oks_or_two_rwo_holders() {
+    let c = start().await;
+    let id = volume(&c, "pv-faults", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut oks, mut retryable) = (0, 0);
+    for step in 0..60 {
+        let r = next();
+        c.fake.set_faults(Faults {
+            conflicts: (r % 4) as usize,
+            server_errors: ((r >> 8) % 3) as usize,
+            latency: Duration::from_millis((r >> 16) % 15),
+        });
+        if (r >> 24) % 10 == 0 {
+            c.fake.drop_watches();
+        }
+        let node = ["node-a", "node-b"][((r >> 32) % 2) as usize];
+        let result = if (r >> 40) % 2 == 0 {
+            ctl.controller_publish_volume(publish_request(&id, node, rwo_block()))
+                .await
+                .map(drop)
+        } else {
+            ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+        };
+        let stored = annotation(&c.fake, "pv-faults")
+            .map(|s| nodes_in(&s))
+            .unwrap_or_default();
+        assert!(
+            stored.len() <= 1,
+            "step {step}: two RWO holders stored: {stored:?}"
+        );
+        match result {
+            Ok(()) => {
+                oks += 1;
+                if (r >> 40) % 2 == 0 {
+                    assert_eq!(stored, [node], "step {step}: publish OK but not persisted");
+                } else {
+                    assert!(
+                        !stored.contains(&node.to_string()),
+                        "step {step}: unpublish OK but still stored"
+                    );
+                }
+            }
+            Err(s) => {
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::Unavailable
+                            | Code::Aborted
+                            | Code::DeadlineExceeded
+                            | Code::FailedPrecondition
+                    ),
+                    "step {step}: not a retryable/decided code: {s:?}"
+                );
+                retryable += 1;
+            }
+        }
+    }
+    c.fake.set_faults(Faults::default());
+    assert!(
+        oks > 10,
+        "faults should not block everything: {oks} OK, {retryable} errors"
+    );
+}

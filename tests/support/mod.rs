@@ -179,6 +179,21 @@ impl Driver {
         }
     }
 
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Starts the process again if it died (a crash harness killed it).
+    pub async fn ensure_running(&mut self) {
+        if !self.is_running() {
+            self.child = None;
+            self.spawn().await;
+        }
+    }
+
     /// SIGKILL and start again on the same dirs: a crash and a restart.
     pub async fn crash_and_restart(&mut self) {
         if self.child.is_some() {
