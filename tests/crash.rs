@@ -306,11 +306,11 @@ async fn random_crashes_never_break_the_attach_rules() {
     }
 
     // Wind down: detach everything, then nothing may remain.
-    for vi in 0..vols.len() {
-        for node in vols[vi].nodes.clone() {
-            detach(&mut c, &vols[vi], node).await;
+    for v in &mut vols {
+        for node in v.nodes.clone() {
+            detach(&mut c, v, node).await;
         }
-        vols[vi].nodes.clear();
+        v.nodes.clear();
     }
     restart_dead(&mut c).await;
     check_model(&c, &vols, steps, seed);
