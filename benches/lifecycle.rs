@@ -34,7 +34,7 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
-        block: 400,
+        block: 1000,
         mount: 48,
         in_flight: 8,
     };
@@ -56,12 +56,13 @@ fn parse_args() -> Args {
 }
 
 async fn lifecycle(
-    d: &Driver,
+    cluster: &LocalCluster,
     i: usize,
     cap: &csi::VolumeCapability,
     block: bool,
 ) -> [Duration; 8] {
-    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let d = cluster.node("node-a");
+    let (mut c, mut n) = (cluster.controller.controller().await, d.node().await);
     let mut times = [Duration::ZERO; 8];
     let mut step = 0;
     let mut timed = |t: Instant| {
@@ -158,13 +159,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (VmRSS: now, VmHWM: peak).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 async fn run(
@@ -177,7 +183,10 @@ async fn run(
     if count == 0 {
         return;
     }
-    let d = Arc::new(Driver::start().await);
+    let d = Arc::new(LocalCluster::start(&["node-a"], vec![]).await);
+    let node_pid = d.node("node-a").pid();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let node_idle = status_kib(node_pid, "VmRSS:");
     let next = Arc::new(Mutex::new(0usize));
     let samples = Arc::new(Mutex::new(vec![Vec::<Duration>::new(); 8]));
     let started = Instant::now();
@@ -210,12 +219,19 @@ async fn run(
         w.await.unwrap();
     }
     let elapsed = started.elapsed();
-    let rss = peak_rss_kib(d.pid());
+    let ctl_pid = d.controller.pid();
     println!(
-        "\n{label}: {count} lifecycles, {in_flight} in flight, {:.1} s → {:.1} lifecycles/s; driver peak RSS {:.1} MiB",
+        "\n{label}: {count} lifecycles, {in_flight} in flight, {:.2} s → {:.1} lifecycles/s",
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64(),
-        rss as f64 / 1024.0
+    );
+    println!(
+        "RSS: node plugin idle {:.1} MiB, after {count} lifecycles {:.1} MiB (peak {:.1}); controller now {:.1} MiB (peak {:.1})",
+        mib(node_idle),
+        mib(status_kib(node_pid, "VmRSS:")),
+        mib(status_kib(node_pid, "VmHWM:")),
+        mib(status_kib(ctl_pid, "VmRSS:")),
+        mib(status_kib(ctl_pid, "VmHWM:")),
     );
     println!("| step | p50 ms | p99 ms |\n|---|---|---|");
     let mut samples = samples.lock().await;

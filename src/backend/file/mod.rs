@@ -294,22 +294,44 @@ fn write_record(layout: &Layout, record: &VolumeRecord) -> Result<(), BackendErr
     durable::write_atomic(&path, &json).map_err(io_err("write record", &path))
 }
 
-fn list_blocking(layout: &Layout) -> Result<Vec<VolumeRecord>, BackendError> {
-    let dir = &layout.volumes;
-    let mut out = Vec::new();
+/// Ids of the `<id>.json` records in `dir` (temp files and foreign names skipped).
+pub(super) fn record_ids<T>(
+    dir: &Path,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>, BackendError> {
+    let mut ids = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
         let path = entry.map_err(io_err("list", dir))?.path();
-        let Some(id) = path
+        if let Some(id) = path
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| VolumeId::parse(n).ok())
-        else {
-            continue;
-        };
-        if let Some(record) = load_record(layout, &id)? {
-            out.push(record);
+            .and_then(&parse)
+        {
+            ids.push(id);
         }
+    }
+    Ok(ids)
+}
+
+/// Releases a name reservation if it still points at `id`: done first on delete, so a
+/// crash afterwards leaves the record for a retried delete to find.
+pub(super) fn release_name(key: &Path, id: &str) -> Result<(), BackendError> {
+    let reserved = durable::read_optional(key).map_err(io_err("read", key))?;
+    if reserved
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+        == Some(id.to_owned())
+    {
+        durable::remove(key).map_err(io_err("remove", key))?;
+    }
+    Ok(())
+}
+
+fn list_blocking(layout: &Layout) -> Result<Vec<VolumeRecord>, BackendError> {
+    let mut out = Vec::new();
+    for id in record_ids(&layout.volumes, |n| VolumeId::parse(n).ok())? {
+        out.extend(load_record(layout, &id)?);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
@@ -381,17 +403,7 @@ fn capacity_blocking(layout: &Layout) -> Result<u64, BackendError> {
 
 fn delete_blocking(layout: &Layout, id: &VolumeId) -> Result<(), BackendError> {
     if let Some(record) = load_record(layout, id)? {
-        // Release the name first: if we crash after this, the record still lets a
-        // retried DeleteVolume find and finish the job.
-        let key = layout.name_key(&record.name);
-        let reserved = durable::read_optional(&key).map_err(io_err("read", &key))?;
-        if reserved
-            .as_deref()
-            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-            == Some(id.to_string())
-        {
-            durable::remove(&key).map_err(io_err("remove", &key))?;
-        }
+        release_name(&layout.name_key(&record.name), id.as_str())?;
     }
     let image = layout.image(id);
     durable::remove(&image).map_err(io_err("remove", &image))?;

@@ -1,10 +1,8 @@
 //! Snapshots of the file backend: an image copy (reflink where possible) plus a record,
 //! reserved by name exactly like volumes.
 
-use std::path::Path;
-
 use super::copy::{copy_image, CopyError};
-use super::{io_err, load_record, reserve, Layout};
+use super::{io_err, load_record, record_ids, release_name, reserve, Layout};
 use crate::backend::{BackendError, CreateSnapshot, SnapshotRecord};
 use crate::durable;
 use crate::ids::SnapshotId;
@@ -72,15 +70,7 @@ pub(super) fn create(
 
 pub(super) fn delete(layout: &Layout, id: &SnapshotId) -> Result<(), BackendError> {
     if let Some(record) = load(layout, id)? {
-        let key = name_key(layout, &record.name);
-        let reserved = durable::read_optional(&key).map_err(io_err("read", &key))?;
-        if reserved
-            .as_deref()
-            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-            == Some(id.to_string())
-        {
-            durable::remove(&key).map_err(io_err("remove", &key))?;
-        }
+        release_name(&name_key(layout, &record.name), id.as_str())?;
     }
     let image = layout.snapshot_image(id);
     durable::remove(&image).map_err(io_err("remove", &image))?;
@@ -89,21 +79,9 @@ pub(super) fn delete(layout: &Layout, id: &SnapshotId) -> Result<(), BackendErro
 }
 
 pub(super) fn list(layout: &Layout) -> Result<Vec<SnapshotRecord>, BackendError> {
-    let dir: &Path = &layout.snapshots;
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
-        let path = entry.map_err(io_err("list", dir))?.path();
-        let Some(id) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| SnapshotId::parse(n).ok())
-        else {
-            continue;
-        };
-        if let Some(r) = load(layout, &id)? {
-            out.push(r);
-        }
+    for id in record_ids(&layout.snapshots, |n| SnapshotId::parse(n).ok())? {
+        out.extend(load(layout, &id)?);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
