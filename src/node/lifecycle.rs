@@ -390,9 +390,21 @@ impl NodeVolumes {
                     d.path.display()
                 ),
             },
-            Some(d) => Condition {
-                abnormal: false,
-                message: format!("attached as {}", d.path.display()),
+            Some(d) => match self.mounter.mount_at(path).await? {
+                // Written read-write, now read-only underneath: the kernel stopped
+                // writes after an I/O or corruption error.
+                Some(m) if m.fs_read_only && !m.read_only => Condition {
+                    abnormal: true,
+                    message: format!(
+                        "the {} filesystem on {} went read-only after an error; check the node's kernel log and run fsck",
+                        m.fs_type,
+                        d.path.display()
+                    ),
+                },
+                _ => Condition {
+                    abnormal: false,
+                    message: format!("attached as {}", d.path.display()),
+                },
             },
         };
         Ok((stats, condition))

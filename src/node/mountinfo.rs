@@ -11,6 +11,9 @@ pub struct MountEntry {
     pub root: String,
     pub mount_point: PathBuf,
     pub read_only: bool,
+    /// The filesystem itself is read-only (superblock options), e.g. after ext4's
+    /// errors=remount-ro fired, even where the mount was made read-write.
+    pub fs_read_only: bool,
     pub fs_type: String,
     pub source: String,
 }
@@ -50,12 +53,14 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let mut post = post.split(' ');
     let fs_type = post.next()?.to_owned();
     let source = unescape(post.next()?);
+    let super_options = post.next().unwrap_or("");
     Some(MountEntry {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         root,
         mount_point,
         read_only: options.split(',').any(|o| o == "ro"),
+        fs_read_only: super_options.split(',').any(|o| o == "ro"),
         fs_type,
         source,
     })
@@ -113,6 +118,19 @@ mod tests {
     fn mounts_of_lists_every_use_of_a_filesystem() {
         assert_eq!(mounts_of(SAMPLE, 7, 3).len(), 3);
         assert!(mounts_of(SAMPLE, 7, 9).is_empty());
+    }
+
+    #[test]
+    fn a_filesystem_remounted_read_only_after_errors_is_visible() {
+        let line = "50 22 7:5 / /stage rw,relatime shared:9 - ext4 /dev/loop5 ro,errors=remount-ro";
+        let m = find_mount(line, Path::new("/stage")).unwrap();
+        assert!(!m.read_only);
+        assert!(m.fs_read_only);
+        assert!(
+            !find_mount(SAMPLE, Path::new("/var/lib/kubelet/pods/p/mount"))
+                .unwrap()
+                .fs_read_only
+        );
     }
 
     #[test]
