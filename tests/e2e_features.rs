@@ -357,3 +357,51 @@ async fn snapshots_of_attached_volumes_are_crash_consistent_with_reflink() {
     detach(&d, &id, &staging, &target).await;
     drop(d);
 }
+
+#[tokio::test]
+async fn a_filesystem_that_went_read_only_after_an_error_is_reported_abnormal() {
+    if !require_root("a_filesystem_that_went_read_only_after_an_error_is_reported_abnormal") {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut cap = rwo_mount("ext4");
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = vec!["errors=remount-ro".into()];
+    }
+    let id = create(&d, "fs-error", 64 * MIB, &cap).await;
+    let (staging, target) = attach(&d, &id, &cap, "err").await;
+    let mut node = d.node().await;
+    let req = csi::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        ..Default::default()
+    };
+    let condition = node
+        .node_get_volume_stats(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(!condition.abnormal, "{condition:?}");
+    // Make ext4 hit an error, as a failing disk would.
+    let device = loops_under(&std::fs::canonicalize(d.data_dir()).unwrap())
+        .pop()
+        .unwrap();
+    let name = device.file_name().unwrap().to_str().unwrap().to_owned();
+    std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1").unwrap();
+    let condition = node
+        .node_get_volume_stats(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.contains("read-only after an error"),
+        "{}",
+        condition.message
+    );
+    detach(&d, &id, &staging, &target).await;
+}

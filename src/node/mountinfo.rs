@@ -60,7 +60,10 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         root,
         mount_point,
         read_only: options.split(',').any(|o| o == "ro"),
-        fs_read_only: super_options.split(',').any(|o| o == "ro"),
+        // Newer kernels report an error-triggered read-only ext4 as "emergency_ro".
+        fs_read_only: super_options
+            .split(',')
+            .any(|o| o == "ro" || o == "emergency_ro"),
         fs_type,
         source,
     })
