@@ -109,8 +109,11 @@ impl FileBackend {
         for dir in [&layout.volumes, &layout.names, &layout.snapshots] {
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         }
+        // Image paths go to nodes in publish_context and are compared with what sysfs
+        // reports, which is always the resolved path: resolve symlinks once, here.
+        let root = fs::canonicalize(root).map_err(io_err("resolve", root))?;
         Ok(FileBackend {
-            inner: Arc::new(layout),
+            inner: Arc::new(Layout::new(&root)),
         })
     }
 
@@ -576,6 +579,21 @@ mod tests {
         let again = b.create_volume(&request("pvc", 2 * MIB)).await.unwrap();
         assert_eq!(again.id, v.id);
         assert_eq!(again.capacity_bytes, 2 * MIB);
+    }
+
+    #[tokio::test]
+    async fn image_paths_are_resolved_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let b = FileBackend::open(&dir.path().join("link")).unwrap();
+        let v = b.create_volume(&request("sym", MIB)).await.unwrap();
+        let ExportInfo::LocalFile { path } = b.export(&v).await.unwrap();
+        assert!(
+            path.starts_with(fs::canonicalize(&real).unwrap()),
+            "{path:?}"
+        );
     }
 
     #[test]
