@@ -156,7 +156,8 @@ async fn nodes_are_checked_against_node_objects() {
         ),
         Code::FailedPrecondition
     );
-    // node-a is deleted from the cluster: its stale attachment gives way.
+    // node-a is deleted from the cluster (or tainted out-of-service, below): its stale
+    // attachment gives way.
     c.fake.remove("nodes", "node-a");
     tokio::time::sleep(Duration::from_millis(200)).await;
     ctl.controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
@@ -510,5 +511,39 @@ async fn random_api_faults_never_yield_unpersisted_oks_or_two_rwo_holders() {
     assert!(
         oks > 10,
         "faults should not block everything: {oks} OK, {retryable} errors"
+    );
+}
+
+#[tokio::test]
+async fn out_of_service_nodes_count_as_gone() {
+    let c = start().await;
+    let id = volume(&c, "pv-oos", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    let mut tainted = fake_kube::node("node-a");
+    tainted["spec"] = serde_json::json!({"taints": [{"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}]});
+    c.fake.put("nodes", tainted);
+    // The taint reaches the controller through its node watch: retry as the attacher would.
+    let mut published = false;
+    for _ in 0..200 {
+        if ctl
+            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+            .await
+            .is_ok()
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        published,
+        "an out-of-service holder should give way to node-b"
+    );
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-oos").unwrap()),
+        ["node-b"]
     );
 }

@@ -406,8 +406,39 @@ impl AttachmentManager {
                 });
                 report.timed_out += 1;
             }
+            // A migration with one side gone ends the way Kubernetes will take it: the
+            // remaining node is the primary.
+            if let ([source, target], [remaining]) =
+                (before.nodes.as_slice(), state.nodes.as_slice())
+            {
+                let (source, target) = (source.node_id.clone(), target.node_id.clone());
+                let duration = elapsed_since(before.migration_started_at, now);
+                let volume = id.clone();
+                self.events.emit(&if remaining.node_id == target {
+                    AttachEvent::MigrationCompleted {
+                        volume,
+                        source,
+                        target,
+                        duration,
+                    }
+                } else {
+                    AttachEvent::MigrationAborted {
+                        volume,
+                        source,
+                        target,
+                        duration,
+                    }
+                });
+            }
             for node in stale {
                 report.cleared.push((id.clone(), node.clone()));
+                if let Some(to) = state.nodes.first() {
+                    self.events.emit(&AttachEvent::StaleHolderCleared {
+                        volume: id.clone(),
+                        holder: node.clone(),
+                        to: to.node_id.clone(),
+                    });
+                }
                 self.events.emit(&AttachEvent::Detached {
                     volume: id.clone(),
                     node,

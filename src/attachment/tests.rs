@@ -548,3 +548,52 @@ async fn random_sequences_match_the_reference_model() {
         }
     }
 }
+
+#[tokio::test]
+async fn reconciler_closes_a_migration_whose_source_node_is_gone() {
+    let cluster = Arc::new(FakeCluster::default());
+    let (m, sink) = manager_with(
+        Arc::new(MemoryStore::default()),
+        cluster.clone(),
+        Duration::ZERO,
+    )
+    .await;
+    let (v1, v2) = (VolumeId::generate(), VolumeId::generate());
+    for v in [&v1, &v2] {
+        publish(&m, v, Sharing::Rwx, "a").await.unwrap();
+        publish(&m, v, Sharing::Rwx, "b").await.unwrap();
+    }
+    sink.take();
+    // Node a (the source of both) is deleted: both migrations complete towards b.
+    cluster.gone.lock().push(node("a"));
+    m.reconcile(Duration::ZERO).await.unwrap();
+    for v in [&v1, &v2] {
+        assert_eq!(m.attached_nodes(v).await.unwrap(), vec![node("b")]);
+        assert!(m
+            .state(v)
+            .await
+            .unwrap()
+            .unwrap()
+            .migration_started_at
+            .is_none());
+    }
+    let events = sink.take();
+    let completed = events
+        .iter()
+        .filter(|e| matches!(e, AttachEvent::MigrationCompleted { source, target, .. } if *source == node("a") && *target == node("b")))
+        .count();
+    assert_eq!(completed, 2, "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, AttachEvent::StaleHolderCleared { holder, to, .. } if *holder == node("a") && *to == node("b"))));
+
+    // The target's node gone instead: the migration is aborted, the source stays.
+    let v3 = VolumeId::generate();
+    publish(&m, &v3, Sharing::Rwx, "b").await.unwrap();
+    publish(&m, &v3, Sharing::Rwx, "c").await.unwrap();
+    sink.take();
+    cluster.gone.lock().push(node("c"));
+    m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(m.attached_nodes(&v3).await.unwrap(), vec![node("b")]);
+    assert!(sink.take().iter().any(
+        |e| matches!(e, AttachEvent::MigrationAborted { target, .. } if *target == node("c"))
+    ));
+}

@@ -48,10 +48,23 @@ pub struct ClusterCache {
     driver: String,
     pvs: DashMap<String, PvEntry>,
     handles: DashMap<VolumeId, String>,
-    nodes: DashMap<String, ()>,
+    /// Node name → out of service (tainted `node.kubernetes.io/out-of-service`).
+    nodes: DashMap<String, bool>,
     vas: DashMap<String, VaEntry>,
     ready: Ready,
     changed: Notify,
+}
+
+/// A node the administrator declared dead: Kubernetes force-detaches its volumes, and so
+/// do we.
+fn out_of_service(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| {
+            t.iter()
+                .any(|t| t.key == "node.kubernetes.io/out-of-service")
+        })
 }
 
 impl ClusterCache {
@@ -164,15 +177,15 @@ impl ClusterCache {
         self.changed.notify_waiters();
     }
 
-    fn on_node_event(&self, event: Event<Node>, pending: &mut HashMap<String, ()>) {
+    fn on_node_event(&self, event: Event<Node>, pending: &mut HashMap<String, bool>) {
         let synced = Self::watch_event(
             event,
             pending,
-            |_| Some(()),
+            |n| Some(out_of_service(n)),
             |n| n.name_any(),
             |name, v| match v {
-                Some(()) => {
-                    self.nodes.insert(name, ());
+                Some(oos) => {
+                    self.nodes.insert(name, oos);
                 }
                 None => {
                     self.nodes.remove(&name);
@@ -303,7 +316,7 @@ impl ClusterCache {
     }
 
     pub fn node_exists(&self, node: &NodeId) -> bool {
-        self.nodes.contains_key(node.as_str())
+        self.nodes.get(node.as_str()).is_some_and(|oos| !*oos)
     }
 
     pub fn attachments_known(&self) -> bool {
