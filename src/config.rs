@@ -83,6 +83,12 @@ pub enum DemoScenario {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct AttachmentsArgs {
     /// Where to read the state from.
@@ -98,6 +104,9 @@ pub struct AttachmentsArgs {
     /// The CSI driver name whose PersistentVolumes to read (kube store).
     #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
     pub driver_name: String,
+    /// `table` for people, `json` (one document, stable field names) for scripts.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 /// Flags of the CSI server.
@@ -180,6 +189,17 @@ pub struct Config {
     /// records, nodes or VolumeAttachments that disappeared.
     #[arg(long, env = "HANDOFF_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+
+    /// Let pods of different workloads share an RWX block volume across nodes. Off by
+    /// default: a second node is attached only for a live migration of the VM already
+    /// using the disk. Turn on only when the pods run a cluster filesystem on it.
+    #[arg(long, env = "HANDOFF_ALLOW_RWX_BLOCK_SHARING", default_value_t = false)]
+    pub allow_rwx_block_sharing: bool,
+
+    /// KubeVirt's completionTimeoutPerGiB, for migrations whose VMI does not report its
+    /// effective migration configuration; keep it equal to the KubeVirt CR's value.
+    #[arg(long, env = "HANDOFF_KUBEVIRT_COMPLETION_TIMEOUT_PER_GIB", default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub kubevirt_completion_timeout_per_gib: u64,
 
     /// Topology pool this driver serves: nodes that reach the same data dir share a pool
     /// (reported as topology.handoff.csi.dev/pool; CreateVolume honours it).

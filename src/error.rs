@@ -124,7 +124,8 @@ fn attach_code(e: &AttachError) -> Code {
         AttachError::Refused(r) => match r {
             PublishRefusal::HeldElsewhere { .. }
             | PublishRefusal::MigrationLimit { .. }
-            | PublishRefusal::MigrationTimedOut { .. } => Code::FailedPrecondition,
+            | PublishRefusal::MigrationTimedOut { .. }
+            | PublishRefusal::SharedWithOtherWorkloads { .. } => Code::FailedPrecondition,
             PublishRefusal::ReadOnlyRequired { .. } => Code::InvalidArgument,
             // CSI: published to this node already, but incompatibly.
             PublishRefusal::ReadonlyMismatch { .. } => Code::AlreadyExists,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use handoff_csi::attachment::cluster::{ClusterView, Standalone};
 use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
-use handoff_csi::attachment::report::render_table;
+use handoff_csi::attachment::report::{render_json, render_table};
 use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
 use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
@@ -20,7 +20,7 @@ use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
-    LogFormat,
+    LogFormat, OutputFormat,
 };
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
@@ -28,6 +28,7 @@ use handoff_csi::ids::NodeId;
 use handoff_csi::kube::cache::ClusterCache;
 use handoff_csi::kube::cluster::KubeCluster;
 use handoff_csi::kube::events::KubeEvents;
+use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
 use handoff_csi::node::command::CommandRunner;
@@ -101,13 +102,15 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
                 RetryPolicy::default(),
             ));
             sinks.push(Arc::new(KubeEvents::new(
-                client,
+                client.clone(),
                 cache.clone(),
                 "handoff-csi",
             )));
+            let kubevirt = KubevirtCache::new(config.kubevirt_completion_timeout_per_gib);
+            kubevirt.spawn(client.clone());
             Ok((
                 store,
-                Arc::new(KubeCluster::new(cache)),
+                Arc::new(KubeCluster::new(cache, kubevirt, client)),
                 Arc::new(Fanout(sinks)),
             ))
         }
@@ -125,6 +128,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let (store, cluster, events) = attachment_seams(&config, &metrics).await?;
         let policy = Policy {
             grace_period: config.attach_grace_period,
+            allow_rwx_block_sharing: config.allow_rwx_block_sharing,
         };
         let attachments = Arc::new(AttachmentManager::load(store, cluster, events, policy).await?);
         spawn_reconciler(attachments.clone(), config.reconcile_interval);
@@ -226,7 +230,11 @@ async fn print_attachments(args: AttachmentsArgs) -> Result<(), BoxError> {
                 .await?
         }
     };
-    print!("{}", render_table(&states, chrono::Utc::now()));
+    let now = chrono::Utc::now();
+    match args.output {
+        OutputFormat::Table => print!("{}", render_table(&states, now)),
+        OutputFormat::Json => println!("{}", render_json(&states, now)),
+    }
     Ok(())
 }
 

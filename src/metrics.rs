@@ -10,12 +10,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
-use crate::attachment::events::{AttachEvent, EventSink};
+use crate::attachment::events::{migration_name, ActiveMigration, AttachEvent, EventSink};
+use crate::ids::VolumeId;
+
+/// A running migration's deadline series labels, and whether it is counted overdue.
+type Tracked = (Vec<String>, bool);
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -30,6 +37,11 @@ pub struct Metrics {
     state_repairs: IntCounter,
     migrations: IntCounterVec,
     migration_seconds: HistogramVec,
+    migrations_overdue: IntGauge,
+    migration_deadline: GaugeVec,
+    /// Per running migration: its deadline series' labels and whether it is overdue,
+    /// so the series goes when the migration ends.
+    running: Arc<Mutex<HashMap<VolumeId, Tracked>>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -113,8 +125,27 @@ impl Metrics {
         );
         let migrations = counter_vec(
             "migrations_total",
-            "Live migrations by result (started|completed|aborted|timed_out)",
+            "Live migrations by result (started|completed|aborted|failed|overdue)",
             &["result"],
+        );
+        let migrations_overdue = register(
+            r,
+            IntGauge::new(
+                "migrations_overdue",
+                "Running live migrations past their deadline (access is kept)",
+            )
+            .expect("static metric"),
+        );
+        let migration_deadline = register(
+            r,
+            GaugeVec::new(
+                Opts::new(
+                    "migration_deadline_timestamp_seconds",
+                    "Deadline of each running live migration (Unix time), named by volume, KubeVirt migration (namespace/name or unknown) and nodes",
+                ),
+                &["volume", "migration", "source", "target"],
+            )
+            .expect("static metric"),
         );
         let migration_seconds = register(
             r,
@@ -142,6 +173,9 @@ impl Metrics {
             state_repairs,
             migrations,
             migration_seconds,
+            migrations_overdue,
+            migration_deadline,
+            running: Arc::new(Mutex::new(HashMap::new())),
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -174,17 +208,46 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Starts (or relabels) the deadline series of a running migration.
+    fn track(&self, m: &ActiveMigration) {
+        self.untrack(&m.volume);
+        let labels = vec![
+            m.volume.to_string(),
+            migration_name(&m.migration),
+            m.source.to_string(),
+            m.target.to_string(),
+        ];
+        if let Some(d) = m.deadline {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.migration_deadline
+                .with_label_values(&refs)
+                .set(d.timestamp() as f64);
+        }
+        if m.overdue {
+            self.migrations_overdue.inc();
+        }
+        self.migrations_active.inc();
+        self.running
+            .lock()
+            .insert(m.volume.clone(), (labels, m.overdue));
+    }
+
+    fn untrack(&self, volume: &VolumeId) {
+        let Some((labels, overdue)) = self.running.lock().remove(volume) else {
+            return;
+        };
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let _ = self.migration_deadline.remove_label_values(&refs);
+        if overdue {
+            self.migrations_overdue.dec();
+        }
+        self.migrations_active.dec();
+    }
+}
+
 impl EventSink for Metrics {
     fn emit(&self, event: &AttachEvent) {
-        let finished = |result: &str, duration: &Option<Duration>| {
-            self.migrations.with_label_values(&[result]).inc();
-            self.migrations_active.dec();
-            if let Some(d) = duration {
-                self.migration_seconds
-                    .with_label_values(&[result])
-                    .observe(d.as_secs_f64());
-            }
-        };
         match event {
             AttachEvent::Attached { .. } => {
                 self.attach_operations.with_label_values(&["attach"]).inc()
@@ -197,19 +260,45 @@ impl EventSink for Metrics {
             }
             AttachEvent::HandedOff { .. } => self.handoffs.inc(),
             AttachEvent::StaleHolderCleared { .. } => self.stale_holders_cleared.inc(),
-            AttachEvent::MigrationStarted { .. } => {
+            AttachEvent::MigrationStarted(m) => {
                 self.migrations.with_label_values(&["started"]).inc();
-                self.migrations_active.inc();
+                self.track(m);
             }
-            AttachEvent::MigrationCompleted { duration, .. } => finished("completed", duration),
-            AttachEvent::MigrationAborted { duration, .. } => finished("aborted", duration),
-            AttachEvent::MigrationTimedOut { .. } => {
-                self.migrations.with_label_values(&["timed_out"]).inc()
+            AttachEvent::MigrationMatched(m) => self.track(m),
+            AttachEvent::MigrationEnded {
+                volume,
+                outcome,
+                duration,
+                ..
+            } => {
+                let result = outcome.as_str();
+                self.migrations.with_label_values(&[result]).inc();
+                if let Some(d) = duration {
+                    self.migration_seconds
+                        .with_label_values(&[result])
+                        .observe(d.as_secs_f64());
+                }
+                self.untrack(volume);
+            }
+            AttachEvent::MigrationOverdue { volume, .. } => {
+                self.migrations.with_label_values(&["overdue"]).inc();
+                if let Some((_, overdue)) = self.running.lock().get_mut(volume) {
+                    if !*overdue {
+                        *overdue = true;
+                        self.migrations_overdue.inc();
+                    }
+                }
             }
             AttachEvent::StateRepaired { .. } => self.state_repairs.inc(),
-            AttachEvent::Restored {
-                migrations_active, ..
-            } => self.migrations_active.set(*migrations_active as i64),
+            AttachEvent::Restored { migrations, .. } => {
+                let volumes: Vec<VolumeId> = self.running.lock().keys().cloned().collect();
+                for v in volumes {
+                    self.untrack(&v);
+                }
+                for m in migrations {
+                    self.track(m);
+                }
+            }
         }
     }
 }
@@ -259,6 +348,7 @@ mod tests {
 
     #[test]
     fn attach_events_drive_migration_metrics() {
+        use crate::attachment::state::{MigrationOutcome, MigrationRef};
         use crate::ids::{NodeId, VolumeId};
         let m = Metrics::new();
         let (volume, a, b) = (
@@ -266,12 +356,34 @@ mod tests {
             NodeId::parse("a").unwrap(),
             NodeId::parse("b").unwrap(),
         );
-        m.emit(&AttachEvent::MigrationStarted {
+        let deadline = chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+        let mut active = ActiveMigration {
             volume: volume.clone(),
             source: a.clone(),
             target: b.clone(),
+            migration: None,
+            deadline: Some(deadline),
+            overdue: false,
+        };
+        m.emit(&AttachEvent::MigrationStarted(active.clone()));
+        let text = m.render();
+        assert!(text.contains("handoff_csi_migrations_active 1"), "{text}");
+        assert!(
+            text.contains(&format!("handoff_csi_migration_deadline_timestamp_seconds{{migration=\"unknown\",source=\"a\",target=\"b\",volume=\"{volume}\"}} 1900000000")),
+            "{text}"
+        );
+        // Matched late to its KubeVirt migration: the series is relabelled, not doubled.
+        active.migration = Some(MigrationRef {
+            namespace: "vms".into(),
+            name: "mig-1".into(),
+            uid: "u".into(),
+            vmi: "vm1".into(),
         });
-        assert!(m.render().contains("handoff_csi_migrations_active 1"));
+        m.emit(&AttachEvent::MigrationMatched(active.clone()));
+        let text = m.render();
+        assert!(text.contains("migration=\"vms/mig-1\""), "{text}");
+        assert!(!text.contains("migration=\"unknown\""), "{text}");
+        assert!(text.contains("handoff_csi_migrations_active 1"), "{text}");
         m.emit(&AttachEvent::AttachConflict {
             volume: volume.clone(),
             requester: NodeId::parse("c").unwrap(),
@@ -279,16 +391,38 @@ mod tests {
             kind: "migration_limit",
             message: String::new(),
         });
-        m.emit(&AttachEvent::MigrationCompleted {
-            volume,
-            source: a,
-            target: b,
+        m.emit(&AttachEvent::MigrationOverdue {
+            volume: volume.clone(),
+            source: a.clone(),
+            target: b.clone(),
+            migration: active.migration.clone(),
+            timeout_secs: 30,
+        });
+        assert!(m.render().contains("handoff_csi_migrations_overdue 1"));
+        m.emit(&AttachEvent::MigrationEnded {
+            volume: volume.clone(),
+            source: a.clone(),
+            target: b.clone(),
+            remaining: b.clone(),
+            outcome: MigrationOutcome::Completed,
+            basis: "detach order".into(),
+            migration: active.migration.clone(),
             duration: Some(Duration::from_secs(12)),
+            was_overdue: true,
         });
         let text = m.render();
         assert!(text.contains("handoff_csi_migrations_active 0"), "{text}");
+        assert!(text.contains("handoff_csi_migrations_overdue 0"), "{text}");
+        assert!(
+            !text.contains("handoff_csi_migration_deadline_timestamp_seconds{"),
+            "{text}"
+        );
         assert!(
             text.contains("handoff_csi_migrations_total{result=\"completed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_csi_migrations_total{result=\"overdue\"} 1"),
             "{text}"
         );
         assert!(
@@ -299,11 +433,21 @@ mod tests {
             text.contains("handoff_csi_migration_duration_seconds_sum{result=\"completed\"} 12"),
             "{text}"
         );
+        active.overdue = true;
         m.emit(&AttachEvent::Restored {
             volumes: 5,
-            migrations_active: 2,
+            migrations: vec![
+                active.clone(),
+                ActiveMigration {
+                    volume: VolumeId::generate(),
+                    overdue: false,
+                    ..active
+                },
+            ],
         });
-        assert!(m.render().contains("handoff_csi_migrations_active 2"));
+        let text = m.render();
+        assert!(text.contains("handoff_csi_migrations_active 2"), "{text}");
+        assert!(text.contains("handoff_csi_migrations_overdue 1"), "{text}");
     }
 
     #[test]

@@ -178,7 +178,7 @@ async fn migration_timeout_refuses_new_nodes_until_one_side_detaches() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
-        status.message().contains("30s timeout"),
+        status.message().contains("30s deadline"),
         "{}",
         status.message()
     );
@@ -195,10 +195,10 @@ async fn migration_timeout_refuses_new_nodes_until_one_side_detaches() {
     }
     let (_, metrics) = http_get(port, "/metrics");
     assert!(
-        metrics.contains("handoff_csi_migrations_total{result=\"timed_out\"} 1"),
+        metrics.contains("handoff_csi_migrations_total{result=\"overdue\"} 1"),
         "{metrics}"
     );
-    assert_eq!(stored(&d, &id).unwrap()["migration_timed_out"], true);
+    assert_eq!(stored(&d, &id).unwrap()["migration_overdue"], true);
     // Recovery: the failed target detaches; a new migration may start.
     unpublish(&d, &id, "node-b").await;
     c.controller_publish_volume(publish_request(&id, "node-c", rwx()))

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
+use super::state::{MigrationPhase, MigrationRef, Workload};
 use crate::ids::{NodeId, VolumeId};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,25 @@ pub trait ClusterView: Send + Sync + 'static {
     async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError>;
     /// Every VolumeAttachment of this driver, or `None` when the cluster cannot say.
     async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError>;
+    /// Who uses the volume, asked when `target` would become its second node while
+    /// `holder` has it: the VMI and its running migration, and (when `check_pods`) the
+    /// pods using its claim that do not belong to that VM.
+    async fn workload(
+        &self,
+        _volume: &VolumeId,
+        _holder: &NodeId,
+        _target: &NodeId,
+        _check_pods: bool,
+    ) -> Result<Workload, ClusterError> {
+        Ok(Workload::default())
+    }
+    /// The phase of a migration object; `None` when it is gone or nothing is known.
+    async fn migration_phase(
+        &self,
+        _migration: &MigrationRef,
+    ) -> Result<Option<MigrationPhase>, ClusterError> {
+        Ok(None)
+    }
 }
 
 /// The embedded default: no cluster, so no node is ever known to be gone.

@@ -6,7 +6,21 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use chrono::{DateTime, Utc};
+
+use super::state::{MigrationOutcome, MigrationRef};
 use crate::ids::{NodeId, VolumeId};
+
+/// A migration in progress, as observers (metrics) need it after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveMigration {
+    pub volume: VolumeId,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub migration: Option<MigrationRef>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub overdue: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachEvent {
@@ -39,28 +53,30 @@ pub enum AttachEvent {
         holder: NodeId,
         to: NodeId,
     },
-    MigrationStarted {
+    MigrationStarted(ActiveMigration),
+    /// A running dual attach was tied to its KubeVirt migration after it started (the
+    /// migration object arrived late); the deadline may have changed with it.
+    MigrationMatched(ActiveMigration),
+    /// One side left; `remaining` is the sole primary now.
+    MigrationEnded {
         volume: VolumeId,
         source: NodeId,
         target: NodeId,
-    },
-    MigrationCompleted {
-        volume: VolumeId,
-        source: NodeId,
-        target: NodeId,
+        remaining: NodeId,
+        outcome: MigrationOutcome,
+        /// What the outcome rests on: the migration's phase, or detach order.
+        basis: String,
+        migration: Option<MigrationRef>,
         duration: Option<Duration>,
+        was_overdue: bool,
     },
-    MigrationAborted {
+    /// The migration passed its deadline. Reported once; access is not revoked and the
+    /// migration is not failed for it.
+    MigrationOverdue {
         volume: VolumeId,
         source: NodeId,
         target: NodeId,
-        duration: Option<Duration>,
-    },
-    /// The migration passed its deadline. Reported once; access is not revoked.
-    MigrationTimedOut {
-        volume: VolumeId,
-        source: NodeId,
-        target: NodeId,
+        migration: Option<MigrationRef>,
         timeout_secs: u64,
     },
     /// The stored state disagreed with the cluster's VolumeAttachments and was repaired.
@@ -72,11 +88,23 @@ pub enum AttachEvent {
     /// State was rebuilt at start-up.
     Restored {
         volumes: usize,
-        migrations_active: usize,
+        migrations: Vec<ActiveMigration>,
     },
 }
 
 impl AttachEvent {
+    /// The KubeVirt migration the event is about, if known.
+    pub fn migration(&self) -> Option<&MigrationRef> {
+        match self {
+            AttachEvent::MigrationStarted(m) | AttachEvent::MigrationMatched(m) => {
+                m.migration.as_ref()
+            }
+            AttachEvent::MigrationEnded { migration, .. }
+            | AttachEvent::MigrationOverdue { migration, .. } => migration.as_ref(),
+            _ => None,
+        }
+    }
+
     pub fn volume(&self) -> Option<&VolumeId> {
         match self {
             AttachEvent::Attached { volume, .. }
@@ -84,14 +112,19 @@ impl AttachEvent {
             | AttachEvent::AttachConflict { volume, .. }
             | AttachEvent::HandedOff { volume, .. }
             | AttachEvent::StaleHolderCleared { volume, .. }
-            | AttachEvent::MigrationStarted { volume, .. }
-            | AttachEvent::MigrationCompleted { volume, .. }
-            | AttachEvent::MigrationAborted { volume, .. }
-            | AttachEvent::MigrationTimedOut { volume, .. }
+            | AttachEvent::MigrationEnded { volume, .. }
+            | AttachEvent::MigrationOverdue { volume, .. }
             | AttachEvent::StateRepaired { volume, .. } => Some(volume),
+            AttachEvent::MigrationStarted(m) | AttachEvent::MigrationMatched(m) => Some(&m.volume),
             AttachEvent::Restored { .. } => None,
         }
     }
+}
+
+/// "namespace/name" of a migration, or "unknown" when the cluster did not say.
+pub fn migration_name(m: &Option<MigrationRef>) -> String {
+    m.as_ref()
+        .map_or_else(|| "unknown".into(), |m| m.to_string())
 }
 
 pub trait EventSink: Send + Sync + 'static {
@@ -125,36 +158,38 @@ impl EventSink for LogSink {
             AttachEvent::StaleHolderCleared { volume, holder, to } => {
                 warn!(volume_id = %volume, holder = %holder, to = %to, "holder node is gone: attachment cleared")
             }
-            AttachEvent::MigrationStarted {
-                volume,
-                source,
-                target,
-            } => {
-                info!(volume_id = %volume, source = %source, target = %target, "live migration started")
+            AttachEvent::MigrationStarted(m) => {
+                info!(volume_id = %m.volume, source = %m.source, target = %m.target, migration = migration_name(&m.migration), deadline = ?m.deadline, "live migration started")
             }
-            AttachEvent::MigrationCompleted {
+            AttachEvent::MigrationMatched(m) => {
+                info!(volume_id = %m.volume, source = %m.source, target = %m.target, migration = migration_name(&m.migration), deadline = ?m.deadline, "live migration matched to its KubeVirt migration")
+            }
+            AttachEvent::MigrationEnded {
                 volume,
                 source,
                 target,
+                remaining,
+                outcome,
+                basis,
+                migration,
                 duration,
+                ..
             } => {
-                info!(volume_id = %volume, source = %source, target = %target, duration = ?duration, "live migration completed")
+                let outcome = outcome.as_str();
+                if outcome == "completed" {
+                    info!(volume_id = %volume, source = %source, target = %target, remaining = %remaining, outcome, basis, migration = migration_name(migration), duration = ?duration, "live migration ended")
+                } else {
+                    warn!(volume_id = %volume, source = %source, target = %target, remaining = %remaining, outcome, basis, migration = migration_name(migration), duration = ?duration, "live migration ended")
+                }
             }
-            AttachEvent::MigrationAborted {
+            AttachEvent::MigrationOverdue {
                 volume,
                 source,
                 target,
-                duration,
-            } => {
-                warn!(volume_id = %volume, source = %source, target = %target, duration = ?duration, "live migration aborted")
-            }
-            AttachEvent::MigrationTimedOut {
-                volume,
-                source,
-                target,
+                migration,
                 timeout_secs,
             } => {
-                warn!(volume_id = %volume, source = %source, target = %target, timeout_secs, "live migration passed its timeout; both nodes keep access")
+                warn!(volume_id = %volume, source = %source, target = %target, migration = migration_name(migration), timeout_secs, "live migration passed its deadline; both nodes keep access")
             }
             AttachEvent::StateRepaired {
                 volume,
@@ -165,9 +200,13 @@ impl EventSink for LogSink {
             }
             AttachEvent::Restored {
                 volumes,
-                migrations_active,
+                migrations,
             } => {
-                info!(volumes, migrations_active, "attachment state rebuilt")
+                info!(
+                    volumes,
+                    migrations_active = migrations.len(),
+                    "attachment state rebuilt"
+                )
             }
         }
     }

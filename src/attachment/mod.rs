@@ -14,10 +14,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use self::cluster::{ClusterError, ClusterView};
-use self::events::{AttachEvent, EventSink};
+use self::events::{ActiveMigration, AttachEvent, EventSink};
 use self::state::{
-    decide_publish, decide_unpublish, AttachmentState, PublishContext, PublishDecision,
-    PublishRefusal, PublishRequest, UnpublishDecision,
+    decide_publish, decide_unpublish, migration_outcome, AttachmentState, DeadlineBasis,
+    EndedMigration, PublishContext, PublishDecision, PublishRefusal, PublishRequest,
+    UnpublishDecision, Workload,
 };
 use self::store::{AttachmentStore, StoreError};
 use crate::capability::Sharing;
@@ -52,13 +53,32 @@ pub enum PublishOutcome {
 pub struct Policy {
     /// How long a detached RWO holder is remembered (0 disables).
     pub grace_period: Duration,
+    /// Let pods of different workloads share an RWX block volume (their own cluster
+    /// filesystem keeps it consistent); off by default: one VM per disk.
+    pub allow_rwx_block_sharing: bool,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
             grace_period: Duration::from_secs(30),
+            allow_rwx_block_sharing: false,
         }
+    }
+}
+
+/// The migration a two-node RWX state is running, for observers.
+pub fn active_migration(state: &AttachmentState) -> Option<ActiveMigration> {
+    match (state.sharing, state.nodes.as_slice()) {
+        (Sharing::Rwx, [source, target]) => Some(ActiveMigration {
+            volume: state.volume_id.clone(),
+            source: source.node_id.clone(),
+            target: target.node_id.clone(),
+            migration: state.migration.clone(),
+            deadline: state.migration_deadline(),
+            overdue: state.migration_overdue,
+        }),
+        _ => None,
     }
 }
 
@@ -82,6 +102,7 @@ fn conflict_kind(refusal: &PublishRefusal) -> Option<&'static str> {
         PublishRefusal::HeldElsewhere { .. } => Some("rwo_held"),
         PublishRefusal::MigrationLimit { .. } => Some("migration_limit"),
         PublishRefusal::MigrationTimedOut { .. } => Some("migration_timed_out"),
+        PublishRefusal::SharedWithOtherWorkloads { .. } => Some("shared_with_other_workloads"),
         PublishRefusal::ReadOnlyRequired { .. } | PublishRefusal::ReadonlyMismatch { .. } => None,
     }
 }
@@ -98,13 +119,9 @@ impl AttachmentManager {
         let loaded = store.load_all().await?;
         let states =
             rebuild::cross_check(loaded, cluster.as_ref(), store.as_ref(), events.as_ref()).await?;
-        let migrations_active = states
-            .iter()
-            .filter(|s| s.nodes.len() == 2 && s.sharing == Sharing::Rwx)
-            .count();
         events.emit(&AttachEvent::Restored {
             volumes: states.len(),
-            migrations_active,
+            migrations: states.iter().filter_map(active_migration).collect(),
         });
         Ok(AttachmentManager {
             store,
@@ -199,10 +216,26 @@ impl AttachmentManager {
             return Err(AttachError::UnknownNode(req.node_id.clone()));
         }
         gone_nodes.retain(|n| n != &req.node_id);
+        // Only a would-be second node of an RWX volume needs to know who uses it.
+        let workload = match (current.sharing, holders.as_slice()) {
+            (Sharing::Rwx, [holder]) if holder != &req.node_id => {
+                self.cluster
+                    .workload(
+                        volume,
+                        holder,
+                        &req.node_id,
+                        !self.policy.allow_rwx_block_sharing,
+                    )
+                    .await?
+            }
+            _ => Workload::default(),
+        };
         let ctx = PublishContext {
             now: Utc::now(),
             grace: self.policy.grace_period,
             gone_nodes,
+            migration_timeout,
+            workload,
         };
         let decision = match decide_publish(&current, req, &ctx) {
             Ok(d) => d,
@@ -242,16 +275,8 @@ impl AttachmentManager {
                 }),
             ),
             PublishDecision::MigrationStarted(next) => {
-                let source = next.nodes[0].node_id.clone();
-                (
-                    next,
-                    PublishOutcome::MigrationStarted,
-                    Some(AttachEvent::MigrationStarted {
-                        volume: volume.clone(),
-                        source,
-                        target: node.clone(),
-                    }),
-                )
+                let started = active_migration(&next).map(AttachEvent::MigrationStarted);
+                (next, PublishOutcome::MigrationStarted, started)
             }
         };
         self.commit(&next).await?;
@@ -292,32 +317,10 @@ impl AttachmentManager {
         let (next, event) = match decide_unpublish(&current, node, now, self.policy.grace_period) {
             UnpublishDecision::NotAttached => return Ok(()),
             UnpublishDecision::Detached(next) => (next, None),
-            UnpublishDecision::MigrationCompleted {
-                next,
-                started,
-                target,
-            } => (
-                next,
-                Some(AttachEvent::MigrationCompleted {
-                    volume: volume.clone(),
-                    source: node.clone(),
-                    target,
-                    duration: elapsed_since(started, now),
-                }),
-            ),
-            UnpublishDecision::MigrationAborted {
-                next,
-                started,
-                source_node,
-            } => (
-                next,
-                Some(AttachEvent::MigrationAborted {
-                    volume: volume.clone(),
-                    source: source_node,
-                    target: node.clone(),
-                    duration: elapsed_since(started, now),
-                }),
-            ),
+            UnpublishDecision::MigrationEnded { next, ended } => {
+                let event = self.migration_ended(volume, &current, ended, now).await?;
+                (next, Some(event))
+            }
         };
         self.commit(&next).await?;
         self.events.emit(&AttachEvent::Detached {
@@ -328,6 +331,65 @@ impl AttachmentManager {
             self.events.emit(&e);
         }
         Ok(())
+    }
+
+    /// The event for a migration that just ended: the outcome comes from the migration
+    /// object's phase when there is one, from detach order otherwise.
+    async fn migration_ended(
+        &self,
+        volume: &VolumeId,
+        before: &AttachmentState,
+        ended: EndedMigration,
+        now: DateTime<Utc>,
+    ) -> Result<AttachEvent, ClusterError> {
+        let phase = match &ended.migration {
+            Some(m) => self.cluster.migration_phase(m).await?,
+            None => None,
+        };
+        let (outcome, basis) = migration_outcome(&ended, phase.as_ref());
+        let remaining = if ended.source_left {
+            ended.target.clone()
+        } else {
+            ended.source.clone()
+        };
+        Ok(AttachEvent::MigrationEnded {
+            volume: volume.clone(),
+            source: ended.source,
+            target: ended.target,
+            remaining,
+            outcome,
+            basis,
+            migration: ended.migration,
+            duration: elapsed_since(ended.started, now),
+            was_overdue: before.migration_overdue,
+        })
+    }
+
+    /// Ties a running dual attach to its KubeVirt migration when the migration object
+    /// was not known at the second attach; the deadline follows the VMI then, counted
+    /// from the original start.
+    async fn match_late(&self, state: &mut AttachmentState) -> Result<bool, ClusterError> {
+        let [source, target] = state.nodes.as_slice() else {
+            return Ok(false);
+        };
+        if state.sharing != Sharing::Rwx || state.migration.is_some() {
+            return Ok(false);
+        }
+        let w = self
+            .cluster
+            .workload(&state.volume_id, &source.node_id, &target.node_id, false)
+            .await?;
+        let Some(migration) = w.migration else {
+            return Ok(false);
+        };
+        state.migration = Some(migration);
+        if let (Some((timeout, basis)), None | Some(DeadlineBasis::StorageClass)) =
+            (w.vmi, &state.deadline_basis)
+        {
+            state.migration_timeout_secs = timeout.as_secs();
+            state.deadline_basis = Some(basis);
+        }
+        Ok(true)
     }
 
     /// One reconciler pass: report overdue migrations once, drop expired release
@@ -380,55 +442,61 @@ impl AttachmentManager {
             for node in &stale {
                 state.nodes.retain(|a| &a.node_id != node);
             }
+            // A migration with one side gone ends the way Kubernetes will take it: the
+            // remaining node is the primary.
+            let ended = match (before.nodes.as_slice(), state.nodes.as_slice()) {
+                ([source, target], [remaining]) if before.sharing == Sharing::Rwx => {
+                    Some(EndedMigration {
+                        source: source.node_id.clone(),
+                        target: target.node_id.clone(),
+                        started: before.migration_started_at,
+                        migration: before.migration.clone(),
+                        source_left: remaining.node_id == target.node_id,
+                    })
+                }
+                _ => None,
+            };
             if state.nodes.len() < 2 {
                 state.migration_started_at = None;
-                state.migration_timed_out = false;
+                state.migration = None;
+                state.deadline_basis = None;
+                state.migration_overdue = false;
             }
-            let timed_out = state.migration_overdue(now) && !state.migration_timed_out;
-            if timed_out {
-                state.migration_timed_out = true;
+            let matched = self.match_late(&mut state).await?;
+            let overdue = state.past_deadline(now) && !state.migration_overdue;
+            if overdue {
+                state.migration_overdue = true;
             }
             let idle = state.is_idle(now, self.policy.grace_period);
             if state == before && !idle {
                 continue;
             }
+            let ended_event = match ended {
+                Some(ended) => Some(self.migration_ended(&id, &before, ended, now).await?),
+                None => None,
+            };
             match self.commit(&state).await {
                 Ok(()) => {}
                 Err(StoreError::Stale { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
-            if timed_out {
-                self.events.emit(&AttachEvent::MigrationTimedOut {
+            if matched {
+                if let Some(m) = active_migration(&state) {
+                    self.events.emit(&AttachEvent::MigrationMatched(m));
+                }
+            }
+            if overdue {
+                self.events.emit(&AttachEvent::MigrationOverdue {
                     volume: id.clone(),
                     source: state.nodes[0].node_id.clone(),
                     target: state.nodes[1].node_id.clone(),
+                    migration: state.migration.clone(),
                     timeout_secs: state.migration_timeout_secs,
                 });
-                report.timed_out += 1;
+                report.overdue += 1;
             }
-            // A migration with one side gone ends the way Kubernetes will take it: the
-            // remaining node is the primary.
-            if let ([source, target], [remaining]) =
-                (before.nodes.as_slice(), state.nodes.as_slice())
-            {
-                let (source, target) = (source.node_id.clone(), target.node_id.clone());
-                let duration = elapsed_since(before.migration_started_at, now);
-                let volume = id.clone();
-                self.events.emit(&if remaining.node_id == target {
-                    AttachEvent::MigrationCompleted {
-                        volume,
-                        source,
-                        target,
-                        duration,
-                    }
-                } else {
-                    AttachEvent::MigrationAborted {
-                        volume,
-                        source,
-                        target,
-                        duration,
-                    }
-                });
+            if let Some(e) = ended_event {
+                self.events.emit(&e);
             }
             for node in stale {
                 report.cleared.push((id.clone(), node.clone()));
@@ -455,7 +523,7 @@ impl AttachmentManager {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReconcileReport {
     pub cleared: Vec<(VolumeId, NodeId)>,
-    pub timed_out: usize,
+    pub overdue: usize,
     pub reclaimed: usize,
     pub skipped_busy: usize,
 }
@@ -471,10 +539,10 @@ pub fn spawn_reconciler(
         loop {
             tick.tick().await;
             match manager.reconcile(interval * 2).await {
-                Ok(r) if r.cleared.is_empty() && r.timed_out == 0 => {}
+                Ok(r) if r.cleared.is_empty() && r.overdue == 0 => {}
                 Ok(r) => tracing::info!(
                     cleared = r.cleared.len(),
-                    timed_out = r.timed_out,
+                    overdue = r.overdue,
                     reclaimed = r.reclaimed,
                     "reconciled attachments"
                 ),

@@ -57,7 +57,9 @@ pub fn repair(
         }
         (_, n) if n < 2 => {
             next.migration_started_at = None;
-            next.migration_timed_out = false;
+            next.migration = None;
+            next.deadline_basis = None;
+            next.migration_overdue = false;
         }
         _ => {}
     }

@@ -4,7 +4,9 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 
-use super::state::AttachmentState;
+use serde::Serialize;
+
+use super::state::{AttachmentState, DeadlineBasis};
 use crate::capability::Sharing;
 
 fn mode(s: Sharing) -> &'static str {
@@ -15,57 +17,166 @@ fn mode(s: Sharing) -> &'static str {
     }
 }
 
-/// One line per volume: mode, nodes in order (primary first), migration start and the
-/// time left before the migration deadline.
+/// "1h02m", "4m05s", "12s": short enough for a table column.
+fn human(secs: i64) -> String {
+    let secs = secs.max(0);
+    match (secs / 3600, secs % 3600 / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+/// One line per volume: mode, nodes in order (primary first), the KubeVirt migration
+/// it belongs to, how long it has run, and the time left to its deadline or "overdue".
 pub fn render_table(states: &[AttachmentState], now: DateTime<Utc>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<38} {:<4} {:<28} {:<21} TIMEOUT LEFT",
-        "VOLUME", "MODE", "NODES (primary first)", "MIGRATING SINCE"
+        "{:<38} {:<4} {:<28} {:<24} {:<8} DEADLINE",
+        "VOLUME", "MODE", "NODES (primary first)", "MIGRATION", "RUNNING"
     );
     if states.is_empty() {
         let _ = writeln!(out, "(no attachments)");
     }
-    for s in states {
-        let nodes: Vec<&str> = s.node_ids().map(|n| n.as_str()).collect();
-        let nodes = match (nodes.is_empty(), &s.released) {
-            (true, Some(r)) => format!("(released by {})", r.node_id),
+    for r in states.iter().map(|s| VolumeReport::new(s, now)) {
+        let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+        let nodes = match (nodes.is_empty(), &r.released_by) {
+            (true, Some(n)) => format!("(released by {n})"),
             _ => nodes.join(" → "),
         };
-        let (since, left) = match (s.migration_started_at, s.migration_deadline()) {
-            (Some(start), Some(deadline)) => {
-                let left = (deadline - now).num_seconds();
-                let left = if left >= 0 {
-                    format!("{left}s")
+        let (name, running, deadline) = match &r.migration {
+            Some(m) => (
+                m.name.clone().unwrap_or_else(|| "(not matched)".into()),
+                human(m.running_secs),
+                if m.overdue {
+                    format!("OVERDUE by {}", human(-m.seconds_to_deadline))
                 } else {
-                    format!("OVERDUE by {}s", -left)
-                };
-                (start.format("%H:%M:%S%.3f").to_string(), left)
-            }
-            _ => ("-".into(), "-".into()),
+                    format!("in {}", human(m.seconds_to_deadline))
+                },
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
         };
         let _ = writeln!(
             out,
-            "{:<38} {:<4} {:<28} {:<21} {}",
-            s.volume_id,
-            mode(s.sharing),
-            nodes,
-            since,
-            left
+            "{:<38} {:<4} {:<28} {:<24} {:<8} {}",
+            r.volume, r.mode, nodes, name, running, deadline
         );
     }
     out
 }
 
+/// The machine-readable form of the same facts (`attachments --output json`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeReport {
+    pub volume: String,
+    pub mode: &'static str,
+    /// Primary first; a second entry is the migration target.
+    pub nodes: Vec<NodeReport>,
+    pub migration: Option<MigrationReport>,
+    /// The RWO holder remembered within the grace period, when nothing is attached.
+    pub released_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeReport {
+    pub node: String,
+    pub role: &'static str,
+    pub attached_at: DateTime<Utc>,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// namespace/name of the VirtualMachineInstanceMigration, when matched.
+    pub name: Option<String>,
+    pub uid: Option<String>,
+    pub vmi: Option<String>,
+    pub source: String,
+    pub target: String,
+    pub started_at: DateTime<Utc>,
+    pub running_secs: i64,
+    pub deadline: DateTime<Utc>,
+    /// Negative once overdue.
+    pub seconds_to_deadline: i64,
+    pub overdue: bool,
+    pub deadline_basis: String,
+}
+
+impl VolumeReport {
+    pub fn new(s: &AttachmentState, now: DateTime<Utc>) -> Self {
+        let nodes = s
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeReport {
+                node: n.node_id.to_string(),
+                role: match (s.sharing, i) {
+                    (Sharing::Rwx, 1) => "migration-target",
+                    (Sharing::Rox, _) => "reader",
+                    _ => "primary",
+                },
+                attached_at: n.attached_at,
+                readonly: n.readonly,
+            })
+            .collect();
+        let migration = match (
+            s.nodes.as_slice(),
+            s.migration_started_at,
+            s.migration_deadline(),
+        ) {
+            ([source, target], Some(started), Some(deadline)) if s.sharing == Sharing::Rwx => {
+                Some(MigrationReport {
+                    name: s.migration.as_ref().map(|m| m.to_string()),
+                    uid: s.migration.as_ref().map(|m| m.uid.clone()),
+                    vmi: s.migration.as_ref().map(|m| m.vmi.clone()),
+                    source: source.node_id.to_string(),
+                    target: target.node_id.to_string(),
+                    started_at: started,
+                    running_secs: (now - started).num_seconds(),
+                    deadline,
+                    seconds_to_deadline: (deadline - now).num_seconds(),
+                    overdue: s.migration_overdue || now > deadline,
+                    deadline_basis: s
+                        .deadline_basis
+                        .clone()
+                        .unwrap_or(DeadlineBasis::StorageClass)
+                        .to_string(),
+                })
+            }
+            _ => None,
+        };
+        VolumeReport {
+            volume: s.volume_id.to_string(),
+            mode: mode(s.sharing),
+            nodes,
+            migration,
+            released_by: s
+                .released
+                .as_ref()
+                .filter(|_| s.nodes.is_empty())
+                .map(|r| r.node_id.to_string()),
+        }
+    }
+}
+
+/// `{"generated_at": …, "volumes": [...]}`: one JSON document.
+pub fn render_json(states: &[AttachmentState], now: DateTime<Utc>) -> String {
+    let volumes: Vec<VolumeReport> = states.iter().map(|s| VolumeReport::new(s, now)).collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "generated_at": now,
+        "volumes": volumes,
+    }))
+    .expect("reports serialise")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attachment::state::{NodeAttachment, DEFAULT_MIGRATION_TIMEOUT};
+    use crate::attachment::state::{MigrationRef, NodeAttachment, DEFAULT_MIGRATION_TIMEOUT};
     use crate::ids::{NodeId, VolumeId};
 
-    #[test]
-    fn table_shows_order_and_deadline() {
+    fn migrating(now: DateTime<Utc>, started_secs_ago: i64) -> AttachmentState {
         let mut s = AttachmentState::new(
             VolumeId::generate(),
             Sharing::Rwx,
@@ -74,17 +185,52 @@ mod tests {
         for n in ["node-a", "node-b"] {
             s.nodes.push(NodeAttachment {
                 node_id: NodeId::parse(n).unwrap(),
-                attached_at: Utc::now(),
+                attached_at: now,
                 readonly: false,
             });
         }
+        s.migration_started_at = Some(now - chrono::Duration::seconds(started_secs_ago));
+        s
+    }
+
+    #[test]
+    fn table_shows_order_migration_and_deadline() {
         let now = Utc::now();
-        s.migration_started_at = Some(now - chrono::Duration::seconds(100));
+        let mut s = migrating(now, 100);
         let table = render_table(&[s.clone()], now);
         assert!(table.contains("node-a → node-b"), "{table}");
-        assert!(table.contains("200s"), "{table}");
+        assert!(table.contains("(not matched)"), "{table}");
+        assert!(table.contains("1m40s"), "{table}");
+        assert!(table.contains("in 3m20s"), "{table}");
+        s.migration = Some(MigrationRef {
+            namespace: "vms".into(),
+            name: "evacuate-x".into(),
+            uid: "u".into(),
+            vmi: "x".into(),
+        });
         s.migration_started_at = Some(now - chrono::Duration::seconds(400));
-        assert!(render_table(&[s], now).contains("OVERDUE by 100s"));
+        let table = render_table(&[s], now);
+        assert!(table.contains("vms/evacuate-x"), "{table}");
+        assert!(table.contains("OVERDUE by 1m40s"), "{table}");
         assert!(render_table(&[], now).contains("no attachments"));
+    }
+
+    #[test]
+    fn json_carries_the_same_facts() {
+        let now = Utc::now();
+        let mut s = migrating(now, 400);
+        s.migration_overdue = true;
+        let v: serde_json::Value = serde_json::from_str(&render_json(&[s.clone()], now)).unwrap();
+        let vol = &v["volumes"][0];
+        assert_eq!(vol["volume"], s.volume_id.to_string());
+        assert_eq!(vol["nodes"][1]["role"], "migration-target");
+        assert_eq!(vol["migration"]["overdue"], true);
+        assert_eq!(vol["migration"]["seconds_to_deadline"], -100);
+        assert_eq!(vol["migration"]["running_secs"], 400);
+        assert_eq!(
+            vol["migration"]["deadline_basis"],
+            "StorageClass migrationTimeoutSeconds"
+        );
+        assert!(vol["migration"]["name"].is_null());
     }
 }

@@ -26,6 +26,56 @@ pub struct Released {
     pub detached_at: DateTime<Utc>,
 }
 
+/// The KubeVirt migration (VirtualMachineInstanceMigration) a dual attach belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The VirtualMachineInstance being migrated.
+    pub vmi: String,
+}
+
+impl std::fmt::Display for MigrationRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a migration's deadline is what it is, kept so operators can check it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum DeadlineBasis {
+    /// KubeVirt's own completion timeout for this VMI (per-GiB timeout × migration data
+    /// size in GB, rounded up as KubeVirt does) plus the time KubeVirt lets a target pod
+    /// stay pending.
+    Kubevirt {
+        vmi: String,
+        data_gb: u64,
+        per_gib_secs: u64,
+        startup_secs: u64,
+    },
+    /// The StorageClass's migrationTimeoutSeconds: no VMI uses the volume.
+    StorageClass,
+}
+
+impl std::fmt::Display for DeadlineBasis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeadlineBasis::Kubevirt {
+                vmi,
+                data_gb,
+                per_gib_secs,
+                startup_secs,
+            } => write!(
+                f,
+                "KubeVirt completion timeout of VMI {vmi}: {per_gib_secs}s/GiB × {data_gb} GB + {startup_secs}s target start-up"
+            ),
+            DeadlineBasis::StorageClass => write!(f, "StorageClass migrationTimeoutSeconds"),
+        }
+    }
+}
+
 fn default_timeout_secs() -> u64 {
     DEFAULT_MIGRATION_TIMEOUT.as_secs()
 }
@@ -41,9 +91,18 @@ pub struct AttachmentState {
     pub migration_started_at: Option<DateTime<Utc>>,
     #[serde(default = "default_timeout_secs")]
     pub migration_timeout_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_basis: Option<DeadlineBasis>,
+    /// The KubeVirt migration this dual attach belongs to, when the cluster said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRef>,
     /// Set once the running migration passed its deadline and that was reported.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub migration_timed_out: bool,
+    #[serde(
+        default,
+        alias = "migration_timed_out",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub migration_overdue: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
     /// Which stored version this state was read at, opaque to everything but the store
@@ -60,7 +119,9 @@ impl AttachmentState {
             nodes: Vec::new(),
             migration_started_at: None,
             migration_timeout_secs: migration_timeout.as_secs(),
-            migration_timed_out: false,
+            deadline_basis: None,
+            migration: None,
+            migration_overdue: false,
             released: None,
             stored_version: None,
         }
@@ -79,7 +140,15 @@ impl AttachmentState {
         self.migration_started_at.map(|t| t + timeout)
     }
 
-    pub fn migration_overdue(&self, now: DateTime<Utc>) -> bool {
+    /// Ends the migration bookkeeping (one node left).
+    fn clear_migration(&mut self) {
+        self.migration_started_at = None;
+        self.migration = None;
+        self.deadline_basis = None;
+        self.migration_overdue = false;
+    }
+
+    pub fn past_deadline(&self, now: DateTime<Utc>) -> bool {
         self.nodes.len() == 2 && self.migration_deadline().is_some_and(|d| now > d)
     }
 
@@ -111,6 +180,22 @@ pub struct PublishContext {
     pub grace: Duration,
     /// Holders whose Node object no longer exists (only known with Kubernetes).
     pub gone_nodes: Vec<NodeId>,
+    /// The StorageClass's migration timeout, used when no VMI says better.
+    pub migration_timeout: Duration,
+    /// Who uses the volume, asked only for a second RWX attach.
+    pub workload: Workload,
+}
+
+/// What the cluster knows about the workload using a volume (empty without Kubernetes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Pods using the volume's claim that are not part of the VM holding it, as
+    /// "namespace/pod (why)"; empty when sharing is allowed.
+    pub foreign_pods: Vec<String>,
+    /// The VMI using the claim, with its KubeVirt-derived deadline.
+    pub vmi: Option<(Duration, DeadlineBasis)>,
+    /// The running migration of that VMI towards the requesting node.
+    pub migration: Option<MigrationRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,13 +225,19 @@ pub enum PublishRefusal {
         source_node: NodeId,
         target: NodeId,
     },
-    #[error("migration of volume {volume} from {source_node} to {target} started at {started} and passed its {timeout_secs}s timeout; both nodes keep access, but no new node is attached until one side is detached (complete or cancel the VirtualMachineInstanceMigration, or delete the stuck target pod); raise migrationTimeoutSeconds for VMs with large memory")]
+    #[error("migration of volume {volume} from {source_node} to {target} started at {started} and passed its {timeout_secs}s deadline; both nodes keep access, but no new node is attached until one side is detached (complete or cancel the VirtualMachineInstanceMigration, or delete the stuck target pod); raise migrationTimeoutSeconds for VMs with large memory")]
     MigrationTimedOut {
         volume: VolumeId,
         source_node: NodeId,
         target: NodeId,
         started: DateTime<Utc>,
         timeout_secs: u64,
+    },
+    #[error("volume {volume} is attached to {holder} and may only be shared with a live-migration target of the same VM, but pods of other workloads use its claim: {}; a raw block device written from two VMs is corrupted — stop those pods, or start the controller with --allow-rwx-block-sharing if they run a cluster filesystem", pods.join(", "))]
+    SharedWithOtherWorkloads {
+        volume: VolumeId,
+        holder: NodeId,
+        pods: Vec<String>,
     },
     #[error("volume {volume} is multi-node read-only: publish it with readonly=true")]
     ReadOnlyRequired { volume: VolumeId },
@@ -213,10 +304,25 @@ pub fn decide_publish(
             volume: state.volume_id.clone(),
             holder: holder.node_id.clone(),
         }),
+        (Sharing::Rwx, [holder]) if !ctx.workload.foreign_pods.is_empty() => {
+            Err(PublishRefusal::SharedWithOtherWorkloads {
+                volume: state.volume_id.clone(),
+                holder: holder.node_id.clone(),
+                pods: ctx.workload.foreign_pods.clone(),
+            })
+        }
         (Sharing::Rwx, [_]) => {
             let mut next = attach(state);
+            next.clear_migration();
             next.migration_started_at = Some(ctx.now);
-            next.migration_timed_out = false;
+            next.migration = ctx.workload.migration.clone();
+            let (timeout, basis) = ctx
+                .workload
+                .vmi
+                .clone()
+                .unwrap_or((ctx.migration_timeout, DeadlineBasis::StorageClass));
+            next.migration_timeout_secs = timeout.as_secs();
+            next.deadline_basis = Some(basis);
             Ok(PublishDecision::MigrationStarted(next))
         }
         (Sharing::Rwx, [source, target, ..]) => {
@@ -226,7 +332,7 @@ pub fn decide_publish(
                 target.node_id.clone(),
             );
             match state.migration_started_at {
-                Some(started) if state.migration_overdue(ctx.now) => {
+                Some(started) if state.past_deadline(ctx.now) => {
                     Err(PublishRefusal::MigrationTimedOut {
                         volume,
                         source_node,
@@ -251,18 +357,88 @@ pub enum UnpublishDecision {
     NotAttached,
     /// The node was removed; no migration was involved.
     Detached(AttachmentState),
-    /// The migration source left: the target is now the sole primary.
-    MigrationCompleted {
+    /// One side of a live migration left; the other is now the sole primary.
+    MigrationEnded {
         next: AttachmentState,
-        started: Option<DateTime<Utc>>,
-        target: NodeId,
+        ended: EndedMigration,
     },
-    /// The migration target left before the source: the source stays primary.
-    MigrationAborted {
-        next: AttachmentState,
-        started: Option<DateTime<Utc>>,
-        source_node: NodeId,
+}
+
+/// A migration that just ended, as far as the attachments tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedMigration {
+    pub source: NodeId,
+    pub target: NodeId,
+    pub started: Option<DateTime<Utc>>,
+    pub migration: Option<MigrationRef>,
+    /// The source left (the target carries on): what detach order says.
+    pub source_left: bool,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    Completed,
+    Aborted,
+    Failed,
+}
+
+impl MigrationOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationOutcome::Completed => "completed",
+            MigrationOutcome::Aborted => "aborted",
+            MigrationOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// A VirtualMachineInstanceMigration's phase, reduced to what decides an outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationPhase {
+    /// Not finished (Pending … Running), whatever the exact phase.
+    Running(String),
+    Succeeded,
+    /// Failed; `aborted` when KubeVirt ended it on request (cancel, VMIM deleted).
+    Failed {
+        aborted: bool,
     },
+}
+
+/// The outcome and what it rests on: the migration object's phase when it has one that
+/// is final, the order of detaches otherwise.
+pub fn migration_outcome(
+    ended: &EndedMigration,
+    phase: Option<&MigrationPhase>,
+) -> (MigrationOutcome, String) {
+    match phase {
+        Some(MigrationPhase::Succeeded) => (
+            MigrationOutcome::Completed,
+            "VirtualMachineInstanceMigration phase Succeeded".into(),
+        ),
+        Some(MigrationPhase::Failed { aborted: true }) => (
+            MigrationOutcome::Aborted,
+            "VirtualMachineInstanceMigration aborted on request".into(),
+        ),
+        Some(MigrationPhase::Failed { aborted: false }) => (
+            MigrationOutcome::Failed,
+            "VirtualMachineInstanceMigration phase Failed".into(),
+        ),
+        Some(MigrationPhase::Running(_)) | None => {
+            let outcome = if ended.source_left {
+                MigrationOutcome::Completed
+            } else {
+                MigrationOutcome::Aborted
+            };
+            let basis = match phase {
+                Some(MigrationPhase::Running(p)) => {
+                    format!("detach order (VirtualMachineInstanceMigration still {p})")
+                }
+                _ => "detach order".into(),
+            };
+            (outcome, basis)
+        }
+    }
 }
 
 pub fn decide_unpublish(
@@ -278,22 +454,15 @@ pub fn decide_unpublish(
     next.nodes.remove(i);
     let migrating = state.sharing == Sharing::Rwx && state.nodes.len() == 2;
     if migrating {
-        let started = next.migration_started_at.take();
-        next.migration_timed_out = false;
-        let remaining = next.nodes[0].node_id.clone();
-        return if i == 0 {
-            UnpublishDecision::MigrationCompleted {
-                next,
-                started,
-                target: remaining,
-            }
-        } else {
-            UnpublishDecision::MigrationAborted {
-                next,
-                started,
-                source_node: remaining,
-            }
+        let ended = EndedMigration {
+            source: state.nodes[0].node_id.clone(),
+            target: state.nodes[1].node_id.clone(),
+            started: state.migration_started_at,
+            migration: state.migration.clone(),
+            source_left: i == 0,
         };
+        next.clear_migration();
+        return UnpublishDecision::MigrationEnded { next, ended };
     }
     if state.sharing == Sharing::Rwo && next.nodes.is_empty() && !grace.is_zero() {
         next.released = Some(Released {
@@ -333,7 +502,17 @@ mod tests {
         PublishContext {
             now: Utc::now(),
             grace: GRACE,
-            gone_nodes: vec![],
+            migration_timeout: DEFAULT_MIGRATION_TIMEOUT,
+            ..PublishContext::default()
+        }
+    }
+
+    fn vmim(name: &str) -> MigrationRef {
+        MigrationRef {
+            namespace: "vms".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            vmi: "vm1".into(),
         }
     }
 
@@ -505,7 +684,7 @@ mod tests {
         let mut s = state(Sharing::Rwx, &["a", "b"]);
         s.migration_timeout_secs = 30;
         s.migration_started_at = Some(Utc::now() - chrono::Duration::seconds(31));
-        assert!(s.migration_overdue(Utc::now()));
+        assert!(s.past_deadline(Utc::now()));
         let err = publish(&s, "c", false).unwrap_err();
         assert!(
             matches!(err, PublishRefusal::MigrationTimedOut { .. }),
@@ -522,12 +701,13 @@ mod tests {
             PublishDecision::AlreadyAttached
         );
         // Recovery: detaching one side resets the migration.
-        let UnpublishDecision::MigrationAborted { next, .. } =
+        let UnpublishDecision::MigrationEnded { next, ended } =
             decide_unpublish(&s, &node("b"), Utc::now(), GRACE)
         else {
-            panic!("expected abort");
+            panic!("expected the migration to end");
         };
-        assert!(!next.migration_overdue(Utc::now()));
+        assert!(!ended.source_left);
+        assert!(!next.past_deadline(Utc::now()));
         assert!(matches!(
             publish(&next, "c", false).unwrap(),
             PublishDecision::MigrationStarted(_)
@@ -559,28 +739,137 @@ mod tests {
 
     #[test]
     fn unpublish_source_completes_migration_target_aborts_it() {
-        let s = state(Sharing::Rwx, &["a", "b"]);
-        let UnpublishDecision::MigrationCompleted {
-            next,
-            started,
-            target,
-        } = decide_unpublish(&s, &node("a"), Utc::now(), GRACE)
+        let mut s = state(Sharing::Rwx, &["a", "b"]);
+        s.migration = Some(vmim("mig-1"));
+        let UnpublishDecision::MigrationEnded { next, ended } =
+            decide_unpublish(&s, &node("a"), Utc::now(), GRACE)
         else {
-            panic!("expected completion");
+            panic!("expected the migration to end");
         };
-        assert_eq!(target, node("b"));
-        assert_eq!(started, s.migration_started_at);
+        assert!(ended.source_left);
+        assert_eq!((ended.source.as_str(), ended.target.as_str()), ("a", "b"));
+        assert_eq!(ended.started, s.migration_started_at);
+        assert_eq!(ended.migration, Some(vmim("mig-1")));
         assert_eq!(next.node_ids().collect::<Vec<_>>(), [&node("b")]);
-        assert!(next.migration_started_at.is_none());
-        let UnpublishDecision::MigrationAborted {
-            next, source_node, ..
-        } = decide_unpublish(&s, &node("b"), Utc::now(), GRACE)
+        assert!(next.migration_started_at.is_none() && next.migration.is_none());
+        assert_eq!(
+            migration_outcome(&ended, None).0,
+            MigrationOutcome::Completed
+        );
+        let UnpublishDecision::MigrationEnded { next, ended } =
+            decide_unpublish(&s, &node("b"), Utc::now(), GRACE)
         else {
-            panic!("expected abort");
+            panic!("expected the migration to end");
         };
-        assert_eq!(source_node, node("a"));
+        assert!(!ended.source_left);
         assert_eq!(next.node_ids().collect::<Vec<_>>(), [&node("a")]);
         assert!(next.migration_started_at.is_none());
+        assert_eq!(migration_outcome(&ended, None).0, MigrationOutcome::Aborted);
+    }
+
+    #[test]
+    fn the_migration_phase_decides_the_outcome_when_final() {
+        let ended = |source_left| EndedMigration {
+            source: node("a"),
+            target: node("b"),
+            started: None,
+            migration: Some(vmim("m")),
+            source_left,
+        };
+        let failed = MigrationPhase::Failed { aborted: false };
+        let aborted = MigrationPhase::Failed { aborted: true };
+        let running = MigrationPhase::Running("TargetReady".into());
+        for (source_left, phase, want) in [
+            (
+                true,
+                Some(&MigrationPhase::Succeeded),
+                MigrationOutcome::Completed,
+            ),
+            (false, Some(&failed), MigrationOutcome::Failed),
+            // Failed after the hand-off: the phase says failed although the source left.
+            (true, Some(&failed), MigrationOutcome::Failed),
+            (false, Some(&aborted), MigrationOutcome::Aborted),
+            (true, Some(&running), MigrationOutcome::Completed),
+            (false, Some(&running), MigrationOutcome::Aborted),
+            (false, None, MigrationOutcome::Aborted),
+        ] {
+            let (outcome, basis) = migration_outcome(&ended(source_left), phase);
+            assert_eq!(
+                outcome, want,
+                "{phase:?} source_left={source_left}: {basis}"
+            );
+        }
+        assert!(migration_outcome(&ended(true), Some(&running))
+            .1
+            .contains("still TargetReady"));
+    }
+
+    #[test]
+    fn second_attach_uses_the_vmi_deadline_and_records_the_migration() {
+        let basis = DeadlineBasis::Kubevirt {
+            vmi: "vm1".into(),
+            data_gb: 3,
+            per_gib_secs: 150,
+            startup_secs: 900,
+        };
+        let c = PublishContext {
+            migration_timeout: Duration::from_secs(300),
+            workload: Workload {
+                foreign_pods: vec![],
+                vmi: Some((Duration::from_secs(1350), basis.clone())),
+                migration: Some(vmim("mig-7")),
+            },
+            ..ctx()
+        };
+        let PublishDecision::MigrationStarted(next) =
+            publish_with(&state(Sharing::Rwx, &["a"]), "b", false, &c).unwrap()
+        else {
+            panic!("expected MigrationStarted");
+        };
+        assert_eq!(next.migration_timeout_secs, 1350);
+        assert_eq!(next.deadline_basis, Some(basis));
+        assert_eq!(next.migration, Some(vmim("mig-7")));
+        // Without a VMI the StorageClass timeout applies, whatever an earlier migration used.
+        let mut earlier = state(Sharing::Rwx, &["a"]);
+        earlier.migration_timeout_secs = 1350;
+        let c = PublishContext {
+            migration_timeout: Duration::from_secs(600),
+            ..ctx()
+        };
+        let PublishDecision::MigrationStarted(next) =
+            publish_with(&earlier, "b", false, &c).unwrap()
+        else {
+            panic!("expected MigrationStarted");
+        };
+        assert_eq!(next.migration_timeout_secs, 600);
+        assert_eq!(next.deadline_basis, Some(DeadlineBasis::StorageClass));
+        assert!(next.migration.is_none());
+    }
+
+    #[test]
+    fn second_attach_is_refused_while_other_workloads_use_the_claim() {
+        let c = PublishContext {
+            workload: Workload {
+                foreign_pods: vec!["vms/other-pod (VM other)".into()],
+                ..Workload::default()
+            },
+            ..ctx()
+        };
+        let s = state(Sharing::Rwx, &["a"]);
+        let err = publish_with(&s, "b", false, &c).unwrap_err();
+        assert!(
+            matches!(&err, PublishRefusal::SharedWithOtherWorkloads { pods, .. } if pods.len() == 1)
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("vms/other-pod") && text.contains("--allow-rwx-block-sharing"),
+            "{text}"
+        );
+        // The holder's own retries are never refused.
+        assert_eq!(
+            publish_with(&s, "a", false, &c).unwrap(),
+            PublishDecision::AlreadyAttached
+        );
     }
 
     #[test]
@@ -611,5 +900,12 @@ mod tests {
         );
         let loaded: AttachmentState = serde_json::from_str(&old).unwrap();
         assert_eq!(loaded.migration_timeout_secs, 300);
+        // The overdue flag's earlier name still loads.
+        let old = format!(
+            r#"{{"volume_id":"{}","sharing":"Rwx","nodes":[],"migration_timed_out":true}}"#,
+            s.volume_id
+        );
+        let loaded: AttachmentState = serde_json::from_str(&old).unwrap();
+        assert!(loaded.migration_overdue);
     }
 }

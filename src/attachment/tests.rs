@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::cluster::{AttachmentObject, Standalone};
 use super::events::RecordingSink;
-use super::state::DEFAULT_MIGRATION_TIMEOUT;
+use super::state::{MigrationOutcome, DEFAULT_MIGRATION_TIMEOUT};
 use super::store::{FileStore, MemoryStore};
 use super::*;
 
@@ -34,6 +34,7 @@ async fn manager_with(
         sink.clone(),
         Policy {
             grace_period: grace,
+            allow_rwx_block_sharing: false,
         },
     )
     .await
@@ -170,19 +171,19 @@ async fn events_name_source_and_target() {
         })
         .collect();
     assert!(
-        matches!(&interesting[0], AttachEvent::MigrationStarted { source, target, .. } if *source == node("a") && *target == node("b"))
+        matches!(&interesting[0], AttachEvent::MigrationStarted(m) if m.source == node("a") && m.target == node("b"))
     );
     assert!(
         matches!(&interesting[1], AttachEvent::AttachConflict { kind: "migration_limit", requester, .. } if *requester == node("c"))
     );
     assert!(
-        matches!(&interesting[2], AttachEvent::MigrationCompleted { source, target, duration: Some(_), .. } if *source == node("a") && *target == node("b"))
+        matches!(&interesting[2], AttachEvent::MigrationEnded { source, target, outcome: MigrationOutcome::Completed, duration: Some(_), .. } if *source == node("a") && *target == node("b"))
     );
     assert!(
-        matches!(&interesting[3], AttachEvent::MigrationStarted { source, target, .. } if *source == node("b") && *target == node("c"))
+        matches!(&interesting[3], AttachEvent::MigrationStarted(m) if m.source == node("b") && m.target == node("c"))
     );
     assert!(
-        matches!(&interesting[4], AttachEvent::MigrationAborted { source, target, .. } if *source == node("b") && *target == node("c"))
+        matches!(&interesting[4], AttachEvent::MigrationEnded { source, target, outcome: MigrationOutcome::Aborted, remaining, .. } if *source == node("b") && *target == node("c") && *remaining == node("b"))
     );
     assert_eq!(interesting.len(), 5);
 }
@@ -357,22 +358,23 @@ async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
     store.save(&s).await.unwrap();
     sink.take();
     let r = m.reconcile(Duration::ZERO).await.unwrap();
-    assert_eq!(r.timed_out, 1);
+    assert_eq!(r.overdue, 1);
     let r = m.reconcile(Duration::ZERO).await.unwrap();
-    assert_eq!(r.timed_out, 0, "reported once");
-    let timed_out: Vec<_> = sink
+    assert_eq!(r.overdue, 0, "reported once");
+    let overdue: Vec<_> = sink
         .take()
         .into_iter()
-        .filter(|e| matches!(e, AttachEvent::MigrationTimedOut { .. }))
+        .filter(|e| matches!(e, AttachEvent::MigrationOverdue { .. }))
         .collect();
-    assert_eq!(timed_out.len(), 1);
+    assert_eq!(overdue.len(), 1);
+    assert!(m.state(&v).await.unwrap().unwrap().migration_overdue);
     assert_eq!(
         m.attached_nodes(&v).await.unwrap(),
         vec![node("a"), node("b")],
         "access never revoked"
     );
     let err = publish(&m, &v, Sharing::Rwx, "c").await.unwrap_err();
-    assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(err.to_string().contains("deadline"), "{err}");
 }
 
 #[tokio::test]
@@ -580,7 +582,7 @@ async fn reconciler_closes_a_migration_whose_source_node_is_gone() {
     let events = sink.take();
     let completed = events
         .iter()
-        .filter(|e| matches!(e, AttachEvent::MigrationCompleted { source, target, .. } if *source == node("a") && *target == node("b")))
+        .filter(|e| matches!(e, AttachEvent::MigrationEnded { source, target, outcome: MigrationOutcome::Completed, .. } if *source == node("a") && *target == node("b")))
         .count();
     assert_eq!(completed, 2, "{events:?}");
     assert!(events.iter().any(|e| matches!(e, AttachEvent::StaleHolderCleared { holder, to, .. } if *holder == node("a") && *to == node("b"))));
@@ -594,6 +596,6 @@ async fn reconciler_closes_a_migration_whose_source_node_is_gone() {
     m.reconcile(Duration::ZERO).await.unwrap();
     assert_eq!(m.attached_nodes(&v3).await.unwrap(), vec![node("b")]);
     assert!(sink.take().iter().any(
-        |e| matches!(e, AttachEvent::MigrationAborted { target, .. } if *target == node("c"))
+        |e| matches!(e, AttachEvent::MigrationEnded { target, outcome: MigrationOutcome::Aborted, .. } if *target == node("c"))
     ));
 }

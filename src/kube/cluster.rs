@@ -1,20 +1,32 @@
-//! ClusterView backed by the watch caches of Nodes and VolumeAttachments.
+//! ClusterView backed by the watch caches of Nodes, VolumeAttachments and (when
+//! installed) KubeVirt's VMIs and migrations; pods are listed when a second node asks.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client};
 
 use super::cache::ClusterCache;
+use super::kubevirt::{foreign_pods, pods_using, KubevirtCache};
 use crate::attachment::cluster::{AttachmentObject, ClusterError, ClusterView};
-use crate::ids::NodeId;
+use crate::attachment::state::{MigrationPhase, MigrationRef, Workload};
+use crate::ids::{NodeId, VolumeId};
 
 pub struct KubeCluster {
     cache: Arc<ClusterCache>,
+    kubevirt: Arc<KubevirtCache>,
+    client: Client,
 }
 
 impl KubeCluster {
-    pub fn new(cache: Arc<ClusterCache>) -> Self {
-        KubeCluster { cache }
+    pub fn new(cache: Arc<ClusterCache>, kubevirt: Arc<KubevirtCache>, client: Client) -> Self {
+        KubeCluster {
+            cache,
+            kubevirt,
+            client,
+        }
     }
 }
 
@@ -47,5 +59,54 @@ impl ClusterView for KubeCluster {
                 })
                 .collect(),
         ))
+    }
+
+    async fn workload(
+        &self,
+        volume: &VolumeId,
+        holder: &NodeId,
+        target: &NodeId,
+        check_pods: bool,
+    ) -> Result<Workload, ClusterError> {
+        let Some((namespace, claim)) = self.cache.pv_for(volume).and_then(|pv| pv.claim) else {
+            // No bound claim known: nothing to match or check (not a pod's volume).
+            return Ok(Workload::default());
+        };
+        let vmi = self
+            .kubevirt
+            .present()
+            .then(|| self.kubevirt.vmi_using(&namespace, &claim, holder))
+            .flatten();
+        let mut workload = Workload::default();
+        if let Some(vmi) = &vmi {
+            workload.vmi = self.kubevirt.deadline(vmi);
+            workload.migration = self.kubevirt.running_migration(vmi, target);
+        }
+        if check_pods {
+            // A fresh list, not a cache: the target pod was created moments ago.
+            let pods = Api::<Pod>::namespaced(self.client.clone(), &namespace)
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| {
+                    ClusterError(format!(
+                        "cannot list pods in namespace {namespace} to check who uses claim {claim}: {e}"
+                    ))
+                })?;
+            let using = pods_using(&pods.items, &claim);
+            workload.foreign_pods = foreign_pods(
+                &namespace,
+                &using,
+                vmi.as_ref().map(|v| v.uid.as_str()),
+                holder,
+            );
+        }
+        Ok(workload)
+    }
+
+    async fn migration_phase(
+        &self,
+        migration: &MigrationRef,
+    ) -> Result<Option<MigrationPhase>, ClusterError> {
+        Ok(self.kubevirt.phase(migration))
     }
 }

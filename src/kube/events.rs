@@ -9,7 +9,8 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use super::cache::ClusterCache;
-use crate::attachment::events::{AttachEvent, EventSink};
+use crate::attachment::events::{migration_name, AttachEvent, EventSink};
+use crate::attachment::state::MigrationOutcome;
 
 pub struct KubeEvents {
     client: Client,
@@ -30,25 +31,46 @@ impl KubeEvents {
 /// (type, reason, message) for the events worth an object Event.
 fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)> {
     Some(match event {
-        AttachEvent::MigrationStarted { source, target, .. } => (
+        AttachEvent::MigrationStarted(m) => (
             "Normal",
             "MigrationStarted",
-            format!("attached to {target} as live-migration target; {source} remains primary"),
+            format!(
+                "attached to {} as live-migration target of {}; {} remains primary; deadline {}",
+                m.target,
+                migration_name(&m.migration),
+                m.source,
+                m.deadline.map_or_else(|| "none".into(), |d| d.to_rfc3339()),
+            ),
         ),
-        AttachEvent::MigrationCompleted { source, target, duration, .. } => (
+        AttachEvent::MigrationMatched(m) => (
             "Normal",
-            "MigrationCompleted",
-            format!("detached from {source}; {target} is now the only node (migration took {duration:?})"),
+            "MigrationMatched",
+            format!(
+                "dual attach {} → {} belongs to migration {}; deadline {}",
+                m.source,
+                m.target,
+                migration_name(&m.migration),
+                m.deadline.map_or_else(|| "none".into(), |d| d.to_rfc3339()),
+            ),
         ),
-        AttachEvent::MigrationAborted { source, target, .. } => (
-            "Warning",
-            "MigrationAborted",
-            format!("migration target {target} detached first; {source} stays primary"),
+        AttachEvent::MigrationEnded { source, target, remaining, outcome, basis, migration, duration, .. } => (
+            if *outcome == MigrationOutcome::Completed { "Normal" } else { "Warning" },
+            match outcome {
+                MigrationOutcome::Completed => "MigrationCompleted",
+                MigrationOutcome::Aborted => "MigrationAborted",
+                MigrationOutcome::Failed => "MigrationFailed",
+            },
+            format!(
+                "migration {} from {source} to {target} {} (by {basis}); {remaining} is now the only node{}",
+                migration_name(migration),
+                outcome.as_str(),
+                duration.map_or_else(String::new, |d| format!("; dual attach lasted {}s", d.as_secs())),
+            ),
         ),
-        AttachEvent::MigrationTimedOut { source, target, timeout_secs, .. } => (
+        AttachEvent::MigrationOverdue { source, target, migration, timeout_secs, .. } => (
             "Warning",
-            "MigrationTimedOut",
-            format!("attached to {source} and {target} for longer than {timeout_secs}s; both keep access, new attachments are refused until one side detaches"),
+            "MigrationOverdue",
+            format!("migration {} has kept {source} and {target} attached for longer than its {timeout_secs}s deadline; both keep access and nothing is detached — check the VirtualMachineInstanceMigration", migration_name(migration)),
         ),
         AttachEvent::AttachConflict { message, .. } => ("Warning", "AttachConflict", message.clone()),
         AttachEvent::HandedOff { from, to, .. } => (
@@ -88,6 +110,19 @@ impl EventSink for KubeEvents {
                 ..Default::default()
             },
         )];
+        // `kubectl describe vmi` shows what the storage saw of its migration.
+        if let Some(m) = event.migration() {
+            targets.push((
+                m.namespace.clone(),
+                ObjectReference {
+                    api_version: Some("kubevirt.io/v1".into()),
+                    kind: Some("VirtualMachineInstance".into()),
+                    name: Some(m.vmi.clone()),
+                    namespace: Some(m.namespace.clone()),
+                    ..Default::default()
+                },
+            ));
+        }
         if let Some((ns, name)) = pv.claim {
             targets.push((
                 ns.clone(),
