@@ -21,6 +21,7 @@ use handoff_csi::capability::Sharing;
 use handoff_csi::ids::{NodeId, VolumeId};
 use handoff_csi::kube::cache::ClusterCache;
 use handoff_csi::kube::cluster::KubeCluster;
+use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::kube::{ANNOTATION_NODES, ANNOTATION_STATE};
 
@@ -48,6 +49,7 @@ async fn throughput(
             Arc::new(LogSink),
             Policy {
                 grace_period: Duration::ZERO,
+                ..Policy::default()
             },
         )
         .await
@@ -150,13 +152,13 @@ async fn rebuild(volumes: usize) {
     );
     let synced = started.elapsed();
     let store = Arc::new(PvStore::new(
-        kube::Api::all(client),
+        kube::Api::all(client.clone()),
         cache.clone(),
         RetryPolicy::default(),
     ));
     let m = AttachmentManager::load(
         store,
-        Arc::new(KubeCluster::new(cache)),
+        Arc::new(KubeCluster::new(cache, KubevirtCache::new(150), client)),
         Arc::new(LogSink),
         Policy::default(),
     )

@@ -1,5 +1,6 @@
 //! An in-process fake Kubernetes API server for the objects the driver uses
-//! (PersistentVolumes, Nodes, VolumeAttachments, Events). It honours resourceVersion
+//! (PersistentVolumes, Nodes, VolumeAttachments, Events, Pods, and KubeVirt's VMIs and
+//! migrations once `install_kubevirt` registers them for discovery). It honours resourceVersion
 //! (409 on a stale guarded write), JSON merge patch, list + watch (replayed from its
 //! history), 404, and injectable faults: 409 storms, 500s, latency, dropped watches.
 #![allow(dead_code)]
@@ -45,6 +46,8 @@ struct Inner {
     watch_epoch: tokio::sync::watch::Sender<u64>,
     /// Every request as (method, path, query), to check RBAC against real calls.
     requests: Mutex<Vec<(String, String, String)>>,
+    /// Whether kubevirt.io/v1 answers discovery.
+    kubevirt: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -60,6 +63,9 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "nodes" => ("v1", "Node"),
         "volumeattachments" => ("storage.k8s.io/v1", "VolumeAttachment"),
         "events" => ("v1", "Event"),
+        "pods" => ("v1", "Pod"),
+        "virtualmachineinstances" => ("kubevirt.io/v1", "VirtualMachineInstance"),
+        "virtualmachineinstancemigrations" => ("kubevirt.io/v1", "VirtualMachineInstanceMigration"),
         _ => ("v1", "Unknown"),
     }
 }
@@ -376,6 +382,27 @@ async fn delete(
     }
 }
 
+/// GET /apis/kubevirt.io/v1: an APIResourceList when KubeVirt is "installed".
+async fn kubevirt_discovery(State(inner): Shared) -> Response {
+    if !inner.kubevirt.load(Ordering::SeqCst) {
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+        );
+    }
+    let resource = |name: &str, singular: &str, kind: &str| {
+        json!({"name": name, "singularName": singular, "namespaced": true, "kind": kind,
+            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]})
+    };
+    axum::Json(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubevirt.io/v1",
+        "resources": [
+            resource("virtualmachineinstances", "virtualmachineinstance", "VirtualMachineInstance"),
+            resource("virtualmachineinstancemigrations", "virtualmachineinstancemigration", "VirtualMachineInstanceMigration"),
+        ]}))
+    .into_response()
+}
+
 async fn log_request(
     State(inner): Shared,
     req: axum::extract::Request,
@@ -402,6 +429,7 @@ impl FakeKube {
             patches: AtomicU64::new(0),
             watch_epoch: tokio::sync::watch::channel(0).0,
             requests: Mutex::new(Vec::new()),
+            kubevirt: std::sync::atomic::AtomicBool::new(false),
         });
         let cluster = Router::new()
             .route("/{resource}", get(list_or_watch).post(create))
@@ -415,6 +443,12 @@ impl FakeKube {
             .route(
                 "/api/v1/namespaces/{ns}/{resource}",
                 get(list_or_watch_in).post(create_in),
+            )
+            .route("/apis/kubevirt.io/v1", get(kubevirt_discovery))
+            .route("/apis/kubevirt.io/v1/{resource}", get(list_or_watch))
+            .route(
+                "/apis/kubevirt.io/v1/namespaces/{ns}/{resource}",
+                get(list_or_watch_in),
             )
             .layer(axum::middleware::from_fn_with_state(
                 inner.clone(),
@@ -454,6 +488,28 @@ impl FakeKube {
 
     pub fn put(&self, resource: &str, obj: Value) -> Value {
         self.inner.put(resource, "", obj)
+    }
+
+    /// Creates or replaces a namespaced object (a watch sees ADDED or MODIFIED).
+    pub fn put_in(&self, resource: &str, ns: &str, obj: Value) -> Value {
+        self.inner.put(resource, ns, obj)
+    }
+
+    pub fn remove_in(&self, resource: &str, ns: &str, name: &str) {
+        let removed = self.inner.objects.lock().remove(&(
+            resource.to_owned(),
+            ns.to_owned(),
+            name.to_owned(),
+        ));
+        if let Some(obj) = removed {
+            let rv = self.inner.next_rv();
+            self.inner.record(resource, "DELETED", &obj, rv);
+        }
+    }
+
+    /// Makes kubevirt.io/v1 VMIs and migrations discoverable.
+    pub fn install_kubevirt(&self) {
+        self.inner.kubevirt.store(true, Ordering::SeqCst);
     }
 
     pub fn get(&self, resource: &str, name: &str) -> Option<Value> {
@@ -520,4 +576,32 @@ pub fn volume_attachment(driver: &str, pv_name: &str, node: &str, attached: bool
     json!({"metadata": {"name": format!("csi-{pv_name}-{node}")}, "spec": {
         "attacher": driver, "nodeName": node, "source": {"persistentVolumeName": pv_name}},
         "status": {"attached": attached}})
+}
+
+/// A running VMI in namespace `vms` with its disk on `claim`.
+pub fn vmi(name: &str, claim: &str, node: &str, memory: &str) -> Value {
+    json!({"metadata": {"name": name, "uid": format!("vmi-uid-{name}")},
+        "spec": {"domain": {"resources": {"requests": {"memory": memory}}},
+            "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": claim}}]},
+        "status": {"nodeName": node, "phase": "Running"}})
+}
+
+/// A virt-launcher pod of VMI `vm` using `claim` on `node`.
+pub fn launcher_pod(name: &str, vm: &str, claim: &str, node: &str) -> Value {
+    json!({"metadata": {"name": name, "labels": {
+            "kubevirt.io/created-by": format!("vmi-uid-{vm}"), "vm.kubevirt.io/name": vm}},
+        "spec": {"nodeName": node, "containers": [{"name": "compute"}],
+            "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": claim}}]},
+        "status": {"phase": "Running"}})
+}
+
+/// A VirtualMachineInstanceMigration of `vm` in `phase` towards `target`.
+pub fn vmim(name: &str, vm: &str, phase: &str, target: Option<&str>) -> Value {
+    let mut state = json!({});
+    if let Some(t) = target {
+        state["targetNode"] = json!(t);
+    }
+    json!({"metadata": {"name": name, "uid": format!("vmim-uid-{name}")},
+        "spec": {"vmiName": vm},
+        "status": {"phase": phase, "migrationState": state}})
 }
