@@ -125,7 +125,10 @@ async fn controller_killed_mid_migration_restores_order_and_start_time() {
         "{table}"
     );
     assert!(table.contains("node-b → node-a"), "{table}");
-    assert!(table.contains("299s") || table.contains("300s"), "{table}");
+    assert!(
+        table.contains("in 4m59s") || table.contains("in 5m00s"),
+        "{table}"
+    );
     d.crash_and_restart().await;
     let mut c = d.controller().await;
     for n in ["node-b", "node-a"] {

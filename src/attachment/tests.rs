@@ -599,3 +599,69 @@ async fn reconciler_closes_a_migration_whose_source_node_is_gone() {
         |e| matches!(e, AttachEvent::MigrationEnded { target, outcome: MigrationOutcome::Aborted, .. } if *target == node("c"))
     ));
 }
+
+/// A cluster where another workload's pod uses every claim (only when asked to check).
+#[derive(Default)]
+struct SharedClaimCluster {
+    asked_to_check: AtomicBool,
+}
+
+#[async_trait]
+impl ClusterView for SharedClaimCluster {
+    async fn gone_nodes(&self, _nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError> {
+        Ok(vec![])
+    }
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        Ok(None)
+    }
+    async fn workload(
+        &self,
+        _volume: &VolumeId,
+        _holder: &NodeId,
+        _target: &NodeId,
+        check_pods: bool,
+    ) -> Result<Workload, ClusterError> {
+        self.asked_to_check.store(check_pods, Ordering::SeqCst);
+        Ok(Workload {
+            foreign_pods: if check_pods {
+                vec!["ns/other on b (not a KubeVirt VM)".into()]
+            } else {
+                vec![]
+            },
+            ..Workload::default()
+        })
+    }
+}
+
+#[tokio::test]
+async fn rwx_block_sharing_is_refused_unless_the_policy_allows_it() {
+    for allow in [false, true] {
+        let cluster = Arc::new(SharedClaimCluster::default());
+        let m = AttachmentManager::load(
+            Arc::new(MemoryStore::default()),
+            cluster.clone(),
+            Arc::new(RecordingSink::default()),
+            Policy {
+                grace_period: Duration::from_secs(30),
+                allow_rwx_block_sharing: allow,
+            },
+        )
+        .await
+        .unwrap();
+        let v = VolumeId::generate();
+        publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+        let second = publish(&m, &v, Sharing::Rwx, "b").await;
+        assert_eq!(cluster.asked_to_check.load(Ordering::SeqCst), !allow);
+        if allow {
+            assert_eq!(second.unwrap(), PublishOutcome::MigrationStarted);
+        } else {
+            assert!(matches!(
+                second,
+                Err(AttachError::Refused(
+                    PublishRefusal::SharedWithOtherWorkloads { .. }
+                ))
+            ));
+            assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("a")]);
+        }
+    }
+}
