@@ -201,6 +201,21 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_KUBEVIRT_COMPLETION_TIMEOUT_PER_GIB", default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub kubevirt_completion_timeout_per_gib: u64,
 
+    /// Serve published volumes over NBD on this address (controller), and fence a node
+    /// at this target when it loses an attachment. Off by default.
+    #[arg(long, env = "HANDOFF_NBD_LISTEN")]
+    pub nbd_listen: Option<SocketAddr>,
+
+    /// host:port nodes dial for NBD (default: --nbd-listen; required when that is a
+    /// wildcard address).
+    #[arg(long, env = "HANDOFF_NBD_ADVERTISE")]
+    pub nbd_advertise: Option<String>,
+
+    /// The key that signs per-attachment NBD export names (32 bytes; created 0600 when
+    /// missing). Controller replicas serving the same exports must share it.
+    #[arg(long, env = "HANDOFF_NBD_KEY_FILE")]
+    pub nbd_key_file: Option<PathBuf>,
+
     /// Topology pool this driver serves: nodes that reach the same data dir share a pool
     /// (reported as topology.handoff.csi.dev/pool; CreateVolume honours it).
     #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]
@@ -244,6 +259,11 @@ impl Config {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return Err(format!("--topology-pool {pool:?} must be a Kubernetes label value (1-63 of [A-Za-z0-9._-])"));
+        }
+        if let (Some(listen), None) = (self.nbd_listen, &self.nbd_advertise) {
+            if listen.ip().is_unspecified() {
+                return Err(format!("--nbd-listen {listen} is a wildcard address: set --nbd-advertise to the host:port nodes should dial"));
+            }
         }
         if self.reconcile_interval.is_zero() {
             return Err("--reconcile-interval must be greater than 0".into());

@@ -11,6 +11,7 @@ use crate::controller::params::ParamError;
 use crate::export::ExportError;
 use crate::ids::{IdError, NodeId, VolumeId};
 use crate::locks::Busy;
+use crate::nbd::server::FenceError;
 use crate::node::command::ToolError;
 use crate::node::lifecycle::NodeError;
 use crate::node::mount::MountError;
@@ -56,6 +57,8 @@ pub enum Error {
     BadToken(String),
     #[error("the volume cannot be placed in the requested topology: this controller serves pool {pool:?}")]
     TopologyUnavailable { pool: String },
+    #[error("detached in the attachment state, but the node is not yet cut off from the NBD export; retry: {0}")]
+    Fence(#[from] FenceError),
 }
 
 fn join(nodes: &[NodeId]) -> String {
@@ -194,6 +197,8 @@ impl Error {
             // CSI: an invalid starting_token is ABORTED.
             Error::BadToken(_) => Code::Aborted,
             Error::TopologyUnavailable { .. } => Code::ResourceExhausted,
+            // Retryable: ControllerUnpublish is not OK until the node is fenced.
+            Error::Fence(_) => Code::Unavailable,
         }
     }
 }

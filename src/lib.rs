@@ -22,6 +22,7 @@ pub mod ids;
 pub mod kube;
 pub mod locks;
 pub mod metrics;
+pub mod nbd;
 pub mod node;
 pub mod rpc;
 pub mod server;

@@ -31,6 +31,9 @@ use handoff_csi::kube::events::KubeEvents;
 use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
+use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
+use handoff_csi::nbd::server::NbdTarget;
+use handoff_csi::nbd::NbdPlane;
 use handoff_csi::node::command::CommandRunner;
 use handoff_csi::node::lifecycle::NodeVolumes;
 use handoff_csi::node::mount::SysMounter;
@@ -117,6 +120,41 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
     }
 }
 
+/// Starts the NBD target for published volumes; it runs for the life of the process.
+async fn start_nbd(
+    config: &Config,
+    listen: std::net::SocketAddr,
+    attachments: Arc<AttachmentManager>,
+    backend: Arc<dyn Backend>,
+) -> Result<Arc<NbdPlane>, BoxError> {
+    let key_file = config
+        .nbd_key_file
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("nbd-export.key"));
+    if let Some(dir) = key_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key = Arc::new(
+        ExportKey::load_or_create(&key_file)
+            .map_err(|e| format!("NBD key {}: {e}", key_file.display()))?,
+    );
+    let authority = AttachmentAuthority::new(attachments, backend, key.clone());
+    let target = NbdTarget::new(Arc::new(authority));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("--nbd-listen {listen}: {e}"))?;
+    info!(%listen, "NBD target listening");
+    tokio::spawn(target.clone().serve(listener, std::future::pending()));
+    Ok(Arc::new(NbdPlane {
+        target,
+        key,
+        advertise: config
+            .nbd_advertise
+            .clone()
+            .unwrap_or_else(|| listen.to_string()),
+    }))
+}
+
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let metrics = Metrics::new();
     let mut checks = Vec::new();
@@ -133,12 +171,18 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let attachments = Arc::new(AttachmentManager::load(store, cluster, events, policy).await?);
         spawn_reconciler(attachments.clone(), config.reconcile_interval);
         checks.push(HealthCheck::Backend(backend.clone()));
-        Some(ControllerService::new(
-            backend,
-            attachments,
+        let service = ControllerService::new(
+            backend.clone(),
+            attachments.clone(),
             metrics.clone(),
             config.topology_pool.clone(),
-        ))
+        );
+        Some(match config.nbd_listen {
+            Some(listen) => {
+                service.with_nbd(start_nbd(&config, listen, attachments, backend).await?)
+            }
+            None => service,
+        })
     } else {
         None
     };

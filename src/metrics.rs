@@ -39,6 +39,7 @@ pub struct Metrics {
     migration_seconds: HistogramVec,
     migrations_overdue: IntGauge,
     migration_deadline: GaugeVec,
+    fences: IntCounterVec,
     /// Per running migration: its deadline series' labels and whether it is overdue,
     /// so the series goes when the migration ends.
     running: Arc<Mutex<HashMap<VolumeId, Tracked>>>,
@@ -128,6 +129,11 @@ impl Metrics {
             "Live migrations by result (started|completed|aborted|failed|overdue)",
             &["result"],
         );
+        let fences = counter_vec(
+            "fences_total",
+            "Nodes cut off at the NBD target after losing an attachment, by result (ok|failed)",
+            &["result"],
+        );
         let migrations_overdue = register(
             r,
             IntGauge::new(
@@ -175,6 +181,7 @@ impl Metrics {
             migration_seconds,
             migrations_overdue,
             migration_deadline,
+            fences,
             running: Arc::new(Mutex::new(HashMap::new())),
             ready: Arc::new(AtomicBool::new(false)),
         }
@@ -290,6 +297,10 @@ impl EventSink for Metrics {
                 }
             }
             AttachEvent::StateRepaired { .. } => self.state_repairs.inc(),
+            AttachEvent::Fenced { ok, .. } => self
+                .fences
+                .with_label_values(&[if *ok { "ok" } else { "failed" }])
+                .inc(),
             AttachEvent::Restored { migrations, .. } => {
                 let volumes: Vec<VolumeId> = self.running.lock().keys().cloned().collect();
                 for v in volumes {

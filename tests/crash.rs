@@ -15,16 +15,6 @@ use handoff_csi::csi::volume_capability::access_mode::Mode;
 use support::*;
 use tonic::Code;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
 /// Retries `call` through crashes: a transport failure restarts whatever died and tries
@@ -224,7 +214,7 @@ async fn random_crashes_never_break_the_attach_rules() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0xc0ffee);
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     // Zero grace: a detached RWO holder is forgotten at once, so the model stays plain.
     let mut c = LocalCluster::start(&NODES, vec!["--attach-grace-period".into(), "0".into()]).await;
     let mut vols = Vec::new();

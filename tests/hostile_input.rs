@@ -14,20 +14,6 @@ use handoff_csi::csi::volume_capability::access_mode::Mode;
 use support::*;
 use tonic::Code;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
-    }
-}
-
 fn hostile_string(r: &mut Rng, valid: &[String]) -> String {
     let pieces: Vec<String> = vec![
         String::new(),
@@ -194,7 +180,7 @@ async fn hostile_requests_get_deliberate_codes_and_touch_nothing_outside() {
         Code::Aborted,
         Code::ResourceExhausted,
     ];
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let mut counts: HashMap<Code, usize> = HashMap::new();
     for i in 0..iterations {
         let r = &mut rng;

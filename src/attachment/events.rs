@@ -85,6 +85,14 @@ pub enum AttachEvent {
         added: Vec<NodeId>,
         removed: Vec<NodeId>,
     },
+    /// A node that lost its attachment was cut off at the NBD target (`connections`
+    /// dropped); `ok` is false when the fence did not complete (the unpublish fails).
+    Fenced {
+        volume: VolumeId,
+        node: NodeId,
+        connections: usize,
+        ok: bool,
+    },
     /// State was rebuilt at start-up.
     Restored {
         volumes: usize,
@@ -114,7 +122,8 @@ impl AttachEvent {
             | AttachEvent::StaleHolderCleared { volume, .. }
             | AttachEvent::MigrationEnded { volume, .. }
             | AttachEvent::MigrationOverdue { volume, .. }
-            | AttachEvent::StateRepaired { volume, .. } => Some(volume),
+            | AttachEvent::StateRepaired { volume, .. }
+            | AttachEvent::Fenced { volume, .. } => Some(volume),
             AttachEvent::MigrationStarted(m) | AttachEvent::MigrationMatched(m) => Some(&m.volume),
             AttachEvent::Restored { .. } => None,
         }
@@ -197,6 +206,18 @@ impl EventSink for LogSink {
                 removed,
             } => {
                 warn!(volume_id = %volume, added = ?added, removed = ?removed, "attachment state repaired from VolumeAttachments")
+            }
+            AttachEvent::Fenced {
+                volume,
+                node,
+                connections,
+                ok,
+            } => {
+                if *ok {
+                    info!(volume_id = %volume, node_id = %node, connections, "node fenced at the NBD target")
+                } else {
+                    warn!(volume_id = %volume, node_id = %node, connections, "fencing the node at the NBD target did not complete")
+                }
             }
             AttachEvent::Restored {
                 volumes,

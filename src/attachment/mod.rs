@@ -132,6 +132,11 @@ impl AttachmentManager {
         })
     }
 
+    /// Reports an effect decided outside the manager (a fence at the data plane).
+    pub fn report(&self, event: &AttachEvent) {
+        self.events.emit(event);
+    }
+
     /// Serialises any operation on the volume (publish, unpublish, delete).
     pub fn lock_volume(&self, id: &VolumeId) -> Result<OperationGuard, Busy> {
         self.locks.try_lock(format!("volume {id}"))

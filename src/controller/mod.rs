@@ -17,6 +17,7 @@ use crate::csi::controller_server::Controller;
 use crate::error::Error;
 use crate::locks::OperationLocks;
 use crate::metrics::Metrics;
+use crate::nbd::NbdPlane;
 use crate::rpc::handle;
 
 pub struct ControllerService {
@@ -26,6 +27,8 @@ pub struct ControllerService {
     names: OperationLocks,
     metrics: Metrics,
     topology_pool: String,
+    /// The NBD target, when this controller serves one (`--nbd-listen`).
+    nbd: Option<Arc<NbdPlane>>,
 }
 
 impl ControllerService {
@@ -41,7 +44,14 @@ impl ControllerService {
             names: OperationLocks::new(),
             metrics,
             topology_pool,
+            nbd: None,
         }
+    }
+
+    /// Serves published volumes over NBD too, and fences nodes that lose an attachment.
+    pub fn with_nbd(mut self, plane: Arc<NbdPlane>) -> Self {
+        self.nbd = Some(plane);
+        self
     }
 
     async fn unimplemented<T>(&self, method: &'static str) -> Result<Response<T>, Status> {

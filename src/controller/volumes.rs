@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use super::pagination::page;
 use super::params::VolumeParams;
 use super::ControllerService;
+use crate::attachment::events::AttachEvent;
 use crate::attachment::state::PublishRequest;
 use crate::backend::{CapacityRange, ContentSource, CreateVolume, StoredCapability, VolumeRecord};
 use crate::capability::{self, Capability};
@@ -175,15 +176,31 @@ impl ControllerService {
                 cap.mode.sharing(),
                 params.migration_timeout,
                 PublishRequest {
-                    node_id,
+                    node_id: node_id.clone(),
                     readonly: req.readonly,
                 },
             )
             .await?;
         let export = self.backend.export(&volume).await?;
-        Ok(csi::ControllerPublishVolumeResponse {
-            publish_context: export.to_publish_context(),
-        })
+        let mut publish_context = export.to_publish_context();
+        if let Some(nbd) = &self.nbd {
+            // The export name is derived from this attachment, so a repeated publish
+            // returns the same context and a new attachment a new secret.
+            let attachment = self
+                .attachments
+                .state(&volume.id)
+                .await?
+                .and_then(|s| s.nodes.into_iter().find(|a| a.node_id == node_id));
+            if let Some(a) = attachment {
+                nbd.add_to_publish_context(
+                    &mut publish_context,
+                    &volume.id,
+                    &node_id,
+                    a.attached_at,
+                );
+            }
+        }
+        Ok(csi::ControllerPublishVolumeResponse { publish_context })
     }
 
     pub(super) async fn unpublish(
@@ -203,8 +220,30 @@ impl ControllerService {
         };
         for node in nodes {
             self.attachments.unpublish(&id, &node).await?;
+            self.fence(&id, &node).await?;
         }
         Ok(csi::ControllerUnpublishVolumeResponse {})
+    }
+
+    /// Cuts `node` off at the NBD target once its attachment is gone: not OK before.
+    async fn fence(&self, id: &VolumeId, node: &NodeId) -> Result<(), Error> {
+        let Some(nbd) = &self.nbd else {
+            return Ok(());
+        };
+        let result = nbd.target.fence(id, node).await;
+        let (connections, ok) = match &result {
+            Ok(n) => (*n, true),
+            Err(_) => (0, false),
+        };
+        if connections > 0 || !ok {
+            self.attachments.report(&AttachEvent::Fenced {
+                volume: id.clone(),
+                node: node.clone(),
+                connections,
+                ok,
+            });
+        }
+        result.map(drop).map_err(Error::from)
     }
 
     pub(super) async fn validate(

@@ -88,6 +88,16 @@ fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)>
             "AttachmentStateRepaired",
             format!("stored attachments disagreed with VolumeAttachments: added {added:?}, removed {removed:?}"),
         ),
+        AttachEvent::Fenced { node, connections, ok: true, .. } => (
+            "Normal",
+            "NodeFenced",
+            format!("node {node} cut off from the NBD export ({connections} connection(s) dropped); it can no longer read or write the volume"),
+        ),
+        AttachEvent::Fenced { node, ok: false, .. } => (
+            "Warning",
+            "FenceFailed",
+            format!("node {node} could not be cut off from the NBD export yet; ControllerUnpublish fails until it is"),
+        ),
         AttachEvent::Attached { .. } | AttachEvent::Detached { .. } | AttachEvent::Restored { .. } => return None,
     })
 }

@@ -1,0 +1,415 @@
+//! The NBD target over real TCP: interop with QEMU's independent NBD implementation in
+//! both directions, per-attachment access control, fencing of a node that loses its
+//! attachment, and a handshake fuzz.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use handoff_csi::csi;
+use handoff_csi::csi::volume_capability::access_mode::Mode;
+use handoff_csi::ids::{NodeId, VolumeId};
+use handoff_csi::nbd::client::{ClientError, NbdClient};
+use handoff_csi::nbd::server::{ExportAuthority, Grant, NbdTarget, Refusal};
+use handoff_csi::nbd::{CTX_NBD_ADDRESS, CTX_NBD_EXPORT};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{tool} is required (Debian package qemu-utils; .ci/run installs it)"
+    );
+}
+
+async fn nbd_driver() -> (Driver, u16) {
+    let port = free_port();
+    let d = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec!["--nbd-listen".into(), format!("127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await;
+    (d, port)
+}
+
+async fn rwx_volume(d: &Driver, name: &str, size: i64) -> String {
+    d.controller()
+        .await
+        .create_volume(create_request(
+            name,
+            size,
+            block_cap(Mode::MultiNodeMultiWriter),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+async fn publish(d: &Driver, id: &str, node: &str) -> HashMap<String, String> {
+    d.controller()
+        .await
+        .controller_publish_volume(publish_request(
+            id,
+            node,
+            block_cap(Mode::MultiNodeMultiWriter),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context
+}
+
+async fn unpublish(d: &Driver, id: &str, node: &str) {
+    d.controller()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: node.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn connect(ctx: &HashMap<String, String>) -> Result<NbdClient, ClientError> {
+    NbdClient::connect(&ctx[CTX_NBD_ADDRESS], &ctx[CTX_NBD_EXPORT]).await
+}
+
+#[tokio::test]
+async fn qemu_reads_and_writes_through_our_target() {
+    require_tool("qemu-io");
+    let (d, port) = nbd_driver().await;
+    let id = rwx_volume(&d, "nbd-qemu", 4 * MIB).await;
+    let ctx = publish(&d, &id, "node-a").await;
+    assert_eq!(ctx[CTX_NBD_ADDRESS], format!("127.0.0.1:{port}"));
+    let uri = format!("nbd://127.0.0.1:{port}/{}", ctx[CTX_NBD_EXPORT]);
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", &uri])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 4 * MIB);
+    let out = tokio::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 65536 131072",
+            "-c",
+            "read -P 0xab 65536 131072",
+            "-c",
+            "flush",
+            "-c",
+            "discard 0 65536",
+            "-c",
+            "read -P 0 0 65536",
+            &uri,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What QEMU wrote, our client reads back, and the image on disk holds.
+    let mut c = connect(&ctx).await.unwrap();
+    assert_eq!(c.size(), 4 * MIB as u64);
+    assert!(c
+        .read(65536, 131072)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0xab));
+    let image = std::fs::read(d.data_dir().join("volumes").join(format!("{id}.img"))).unwrap();
+    assert!(image[65536..196608].iter().all(|&b| b == 0xab));
+    // Out-of-range requests are errors, not a crash or a short read.
+    assert!(matches!(
+        c.read(4 * MIB as u64 - 512, 4096).await,
+        Err(ClientError::Errno(22))
+    ));
+    c.write(0, &[1u8; 512], true).await.unwrap();
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn our_client_works_against_qemu_nbd() {
+    require_tool("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 * MIB as u64)
+        .unwrap();
+    let port = free_port();
+    let mut server = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "--discard=unmap",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg(&image)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut client = None;
+    for _ in 0..100 {
+        match NbdClient::connect(&addr, "disk").await {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut c = client.expect("qemu-nbd accepted our handshake");
+    assert_eq!(c.size(), 8 * MIB as u64);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    c.write(MIB as u64, &data, false).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.read(MIB as u64, 65536).await.unwrap(), data);
+    c.trim(MIB as u64, 65536).await.unwrap();
+    c.disconnect().await.unwrap();
+    // An export qemu-nbd does not have is refused with an error reply, not a hang.
+    assert!(matches!(
+        NbdClient::connect(&addr, "nope").await,
+        Err(ClientError::Refused { .. }) | Err(ClientError::Io(_))
+    ));
+    let _ = server.kill();
+    let _ = server.wait();
+    let on_disk = std::fs::read(&image).unwrap();
+    assert!(on_disk[MIB as usize..MIB as usize + 65536]
+        .iter()
+        .all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn only_the_current_attachments_secret_opens_an_export() {
+    let (d, _) = nbd_driver().await;
+    let id = rwx_volume(&d, "nbd-acl", MIB).await;
+    let ctx = publish(&d, &id, "node-a").await;
+    // The same publish returns the same context (CSI idempotency).
+    assert_eq!(publish(&d, &id, "node-a").await, ctx);
+    let addr = &ctx[CTX_NBD_ADDRESS];
+    let name = &ctx[CTX_NBD_EXPORT];
+    assert!(connect(&ctx).await.is_ok());
+    let mut forged = name.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    for (bad, why) in [
+        (forged.as_str(), "one hex digit changed"),
+        (&name[..name.len() - 2], "truncated"),
+        (id.as_str(), "volume id without secret"),
+        ("../../etc/passwd", "a path"),
+    ] {
+        match NbdClient::connect(addr, bad).await {
+            Err(ClientError::Refused { .. }) => {}
+            Err(e) => panic!("{why}: expected an error reply, got {e}"),
+            Ok(_) => panic!("{why}: the export opened"),
+        }
+    }
+    // The secret of an ended attachment no longer opens it, even for the same node.
+    unpublish(&d, &id, "node-a").await;
+    assert!(matches!(
+        connect(&ctx).await,
+        Err(ClientError::Refused { .. })
+    ));
+    let again = publish(&d, &id, "node-a").await;
+    assert_ne!(again[CTX_NBD_EXPORT], ctx[CTX_NBD_EXPORT], "a new secret");
+    assert!(connect(&again).await.is_ok());
+}
+
+#[tokio::test]
+async fn controller_unpublish_fences_the_migration_source() {
+    let (port, metrics_port) = (free_port(), free_port());
+    let d = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let id = rwx_volume(&d, "nbd-fence", 4 * MIB).await;
+    let ctx_a = publish(&d, &id, "node-a").await;
+    let mut a = connect(&ctx_a).await.unwrap();
+    let block = |v: u8| vec![v; 4096];
+    for i in 0..64u64 {
+        a.write(i * 4096, &block(i as u8), false).await.unwrap();
+    }
+    // Dual attach: the target connects while the source still writes.
+    let ctx_b = publish(&d, &id, "node-b").await;
+    let mut b = connect(&ctx_b).await.unwrap();
+    a.write(64 * 4096, &block(0xaa), true).await.unwrap();
+
+    // Hand-off done; the source is detached. From the moment the call returns OK, the
+    // source can write nothing more.
+    let started = std::time::Instant::now();
+    unpublish(&d, &id, "node-a").await;
+    let fence_time = started.elapsed();
+    let late = a.write(0, &block(0xee), true).await;
+    assert!(
+        late.is_err(),
+        "the fenced source could still write after ControllerUnpublish returned"
+    );
+    assert!(matches!(
+        connect(&ctx_a).await,
+        Err(ClientError::Refused { .. })
+    ));
+    // The target reads every block the source wrote, and carries on writing.
+    for i in 0..64u64 {
+        assert_eq!(
+            b.read(i * 4096, 4096).await.unwrap(),
+            block(i as u8),
+            "block {i}"
+        );
+    }
+    assert_eq!(b.read(64 * 4096, 4096).await.unwrap(), block(0xaa));
+    b.write(0, &block(0xbb), true).await.unwrap();
+    assert_eq!(b.read(0, 4096).await.unwrap(), block(0xbb));
+    let text = http_get(metrics_port, "/metrics").1;
+    assert!(
+        text.contains("handoff_csi_fences_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+    eprintln!("fence: ControllerUnpublish(source) took {fence_time:?}");
+}
+
+/// Grants one fixed export, for the fuzz.
+struct OneExport(std::path::PathBuf);
+
+#[async_trait]
+impl ExportAuthority for OneExport {
+    async fn authorize(&self, name: &str) -> Result<Grant, Refusal> {
+        if name != "fuzz" {
+            return Err(Refusal::Unknown);
+        }
+        Ok(Grant {
+            volume: VolumeId::parse("vol-00000000000000000000000000000000").unwrap(),
+            node: NodeId::parse("node-a").unwrap(),
+            attached_at: chrono::DateTime::from_timestamp(0, 0).unwrap(),
+            path: self.0.clone(),
+            readonly: false,
+        })
+    }
+    async fn still_valid(&self, _grant: &Grant) -> bool {
+        true
+    }
+}
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_handshakes_and_commands_never_panic_the_target() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("fuzz.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let target = NbdTarget::new(Arc::new(OneExport(image)));
+    tokio::spawn(target.serve(listener, std::future::pending()));
+
+    let seed: u64 = std::env::var("HANDOFF_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let mut rng = Rng::new(seed);
+    // A valid client's bytes up to the transmission phase, then requests.
+    let mut valid = Vec::new();
+    valid.extend_from_slice(&3u32.to_be_bytes());
+    let info = handoff_csi::nbd::proto::info_request("fuzz");
+    valid.extend_from_slice(&handoff_csi::nbd::proto::IHAVEOPT.to_be_bytes());
+    valid.extend_from_slice(&handoff_csi::nbd::proto::OPT_GO.to_be_bytes());
+    valid.extend_from_slice(&(info.len() as u32).to_be_bytes());
+    valid.extend_from_slice(&info);
+    for kind in [0u16, 1, 3, 4, 6, 9] {
+        let req = handoff_csi::nbd::proto::Request {
+            flags: 0,
+            kind,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
+        valid.extend_from_slice(&handoff_csi::nbd::proto::encode_request(&req));
+        if kind == 1 {
+            valid.extend_from_slice(&[0x5a; 512]);
+        }
+    }
+    let cases = 300;
+    for case in 0..cases {
+        let mut bytes = valid.clone();
+        match case % 3 {
+            // Flip random bytes.
+            0 => {
+                for _ in 0..1 + rng.below(8) {
+                    let i = rng.below(bytes.len());
+                    bytes[i] = rng.next() as u8;
+                }
+            }
+            // Truncate anywhere.
+            1 => bytes.truncate(rng.below(bytes.len())),
+            // Pure noise, sometimes huge lengths.
+            _ => {
+                let n = rng.below(256);
+                bytes = (0..n).map(|_| rng.next() as u8).collect();
+            }
+        }
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            panic!("case {case}: the target stopped accepting");
+        };
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut sink)).await;
+    }
+    // Still serving a well-behaved client afterwards.
+    let mut c = NbdClient::connect(&addr, "fuzz").await.unwrap();
+    c.write(0, &[9u8; 512], true).await.unwrap();
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![9u8; 512]);
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "the target panicked (seed {seed:#x})"
+    );
+}
