@@ -71,6 +71,23 @@ pub enum Command {
     },
     /// Print the attachment table: volume, mode, nodes in order, migration start, time left.
     Attachments(AttachmentsArgs),
+    /// Serve one NBD export as the file `disk` in a FUSE mount (started by the node
+    /// plugin; the export name, which carries a secret, is read from standard input).
+    NbdClient(NbdClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NbdClientArgs {
+    /// host:port of the NBD target.
+    #[arg(long)]
+    pub address: String,
+    /// Empty directory to mount the FUSE filesystem on.
+    #[arg(long)]
+    pub mountpoint: PathBuf,
+    /// A request that cannot be completed (reconnecting as needed) within this time
+    /// fails with EIO instead of hanging.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Subcommand)]

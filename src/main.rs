@@ -20,7 +20,7 @@ use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
-    LogFormat, OutputFormat,
+    LogFormat, NbdClientArgs, OutputFormat,
 };
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
@@ -32,6 +32,7 @@ use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
 use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
+use handoff_csi::nbd::fuse_disk::{self, FuseDisk, Remote};
 use handoff_csi::nbd::server::NbdTarget;
 use handoff_csi::nbd::NbdPlane;
 use handoff_csi::node::command::CommandRunner;
@@ -282,6 +283,25 @@ async fn print_attachments(args: AttachmentsArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// `handoff-csi nbd-client`: mounts the export and serves it until unmounted.
+fn nbd_client(args: NbdClientArgs) -> Result<(), BoxError> {
+    let mut export = String::new();
+    std::io::stdin().read_line(&mut export)?;
+    let export = export.trim().to_owned();
+    if export.is_empty() {
+        return Err("nbd-client reads the export name from standard input; got nothing".into());
+    }
+    let remote = Remote {
+        address: args.address,
+        export,
+        io_timeout: args.io_timeout,
+    };
+    let disk = FuseDisk::connect(remote)?;
+    info!(mountpoint = %args.mountpoint.display(), "NBD export connected; serving it through FUSE");
+    fuse_disk::serve(disk, &args.mountpoint)?;
+    Ok(())
+}
+
 fn run_command(command: Command) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -298,6 +318,9 @@ fn run_command(command: Command) -> ExitCode {
                     .map(drop)
             }
             Command::Attachments(args) => print_attachments(args).await,
+            Command::NbdClient(args) => {
+                tokio::task::spawn_blocking(move || nbd_client(args)).await?
+            }
         }
     });
     match result {
@@ -312,6 +335,10 @@ fn run_command(command: Command) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(command) = cli.command {
+        if matches!(command, Command::NbdClient(_)) {
+            // A long-running helper: its reconnects and fencing are worth a log line.
+            let _ = init_tracing(&cli.server);
+        }
         return run_command(command);
     }
     let config = cli.server;

@@ -413,3 +413,95 @@ async fn malformed_handshakes_and_commands_never_panic_the_target() {
         "the target panicked (seed {seed:#x})"
     );
 }
+
+/// `handoff-csi nbd-client` serving `ctx`'s export at `mnt`; returns the child.
+async fn start_nbd_client(
+    ctx: &HashMap<String, String>,
+    mnt: &std::path::Path,
+) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["nbd-client", "--address"])
+        .env("HANDOFF_LOG_LEVEL", "warn")
+        .arg(&ctx[CTX_NBD_ADDRESS])
+        .arg("--mountpoint")
+        .arg(mnt)
+        .args(["--io-timeout", "3s"])
+        .stdin(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{}\n", ctx[CTX_NBD_EXPORT]).as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    for _ in 0..200 {
+        if std::fs::metadata(mnt.join("disk")).is_ok() {
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("nbd-client exited with {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the FUSE disk never appeared");
+}
+
+fn losetup(args: &[&str]) -> String {
+    let out = Command::new("losetup").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "losetup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_loop_device_over_the_nbd_fuse_disk_is_a_network_block_device() {
+    if !require_root("a_loop_device_over_the_nbd_fuse_disk_is_a_network_block_device") {
+        return;
+    }
+    use handoff_csi::datacheck::{open_direct, verify_blocks, write_blocks};
+    let (d, _) = nbd_driver().await;
+    let id = rwx_volume(&d, "nbd-fuse", 8 * MIB).await;
+    let ctx = publish(&d, &id, "node-a").await;
+    let mnt = tempfile::Builder::new()
+        .prefix("handoff-test-nbd")
+        .tempdir()
+        .unwrap();
+    let mut client = start_nbd_client(&ctx, mnt.path()).await;
+    let disk = mnt.path().join("disk");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 8 * MIB as u64);
+    let dev = losetup(&["--direct-io=on", "--show", "-f", disk.to_str().unwrap()]);
+    let name = dev.trim_start_matches("/dev/");
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap();
+    let result = async {
+        assert_eq!(dio.trim(), "1", "direct I/O on the loop device");
+        let f = open_direct(std::path::Path::new(&dev), true).unwrap();
+        write_blocks(&f, 0, 256, 1).unwrap();
+        // Another node reads what went through the loop device, FUSE and NBD.
+        let ctx_b = publish(&d, &id, "node-b").await;
+        let mut b = connect(&ctx_b).await.unwrap();
+        let mut expected = vec![1u64; 256];
+        let bytes = b.read(0, 256 * 4096).await.unwrap();
+        let image = d.data_dir().join("volumes").join(format!("{id}.img"));
+        assert_eq!(&std::fs::read(&image).unwrap()[..256 * 4096], &bytes[..]);
+        // And node A reads B's writes, not a cached copy.
+        let mut block = vec![0u8; 4096];
+        handoff_csi::datacheck::fill_block(&mut block, 7, 2);
+        b.write(7 * 4096, &block, true).await.unwrap();
+        expected[7] = 2;
+        verify_blocks(&f, &expected).unwrap();
+    }
+    .await;
+    losetup(&["-d", &dev]);
+    let _ = nix::mount::umount2(mnt.path(), nix::mount::MntFlags::MNT_DETACH);
+    let status = tokio::time::timeout(Duration::from_secs(10), client.wait())
+        .await
+        .expect("nbd-client exits once unmounted")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    result
+}

@@ -31,6 +31,31 @@ pub struct NbdClient {
 impl NbdClient {
     /// Connects to `addr` and opens `export` with NBD_OPT_GO.
     pub async fn connect(addr: &str, export: &str) -> Result<Self, ClientError> {
+        let (mut rd, mut wr) = Self::greet(addr).await?;
+        let (size, flags) = Self::haggle(&mut rd, &mut wr, OPT_GO, export).await?;
+        Ok(NbdClient {
+            rd,
+            wr,
+            size,
+            flags,
+            cookie: 0,
+        })
+    }
+
+    /// The export's current size (NBD_OPT_INFO on a short connection of its own).
+    pub async fn export_size(addr: &str, export: &str) -> Result<u64, ClientError> {
+        let (mut rd, mut wr) = Self::greet(addr).await?;
+        let (size, _) = Self::haggle(&mut rd, &mut wr, OPT_INFO, export).await?;
+        wr.write_u64(IHAVEOPT).await?;
+        wr.write_u32(OPT_ABORT).await?;
+        wr.write_u32(0).await?;
+        wr.flush().await?;
+        Ok(size)
+    }
+
+    async fn greet(
+        addr: &str,
+    ) -> Result<(BufReader<OwnedReadHalf>, BufWriter<OwnedWriteHalf>), ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
@@ -49,9 +74,19 @@ impl NbdClient {
             client_flags |= CLIENT_FLAG_NO_ZEROES;
         }
         wr.write_u32(client_flags).await?;
+        Ok((rd, wr))
+    }
+
+    /// Sends NBD_OPT_GO or NBD_OPT_INFO for `export`; returns its size and flags.
+    async fn haggle(
+        rd: &mut BufReader<OwnedReadHalf>,
+        wr: &mut BufWriter<OwnedWriteHalf>,
+        option: u32,
+        export: &str,
+    ) -> Result<(u64, u16), ClientError> {
         let data = info_request(export);
         wr.write_u64(IHAVEOPT).await?;
-        wr.write_u32(OPT_GO).await?;
+        wr.write_u32(option).await?;
         wr.write_u32(data.len() as u32).await?;
         wr.write_all(&data).await?;
         wr.flush().await?;
@@ -90,13 +125,7 @@ impl NbdClient {
             }
         }
         let size = size.ok_or_else(|| ClientError::Protocol("no export size".into()))?;
-        Ok(NbdClient {
-            rd,
-            wr,
-            size,
-            flags,
-            cookie: 0,
-        })
+        Ok((size, flags))
     }
 
     pub fn size(&self) -> u64 {

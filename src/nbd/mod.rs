@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod client;
+pub mod fuse_disk;
 pub mod proto;
 pub mod server;
 
