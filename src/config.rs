@@ -233,6 +233,20 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_NBD_KEY_FILE")]
     pub nbd_key_file: Option<PathBuf>,
 
+    /// Node: where the NBD plane mounts each volume's FUSE disk (`<dir>/<volume>/disk`);
+    /// local to the node, e.g. under /run.
+    #[arg(
+        long,
+        env = "HANDOFF_NBD_RUN_DIR",
+        default_value = "/run/handoff-csi/nbd"
+    )]
+    pub nbd_run_dir: PathBuf,
+
+    /// Node: an NBD request that cannot complete within this time (reconnecting as
+    /// needed) fails with EIO instead of hanging the VM's I/O forever.
+    #[arg(long, env = "HANDOFF_NBD_IO_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub nbd_io_timeout: Duration,
+
     /// Topology pool this driver serves: nodes that reach the same data dir share a pool
     /// (reported as topology.handoff.csi.dev/pool; CreateVolume honours it).
     #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]

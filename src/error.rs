@@ -57,6 +57,8 @@ pub enum Error {
     BadToken(String),
     #[error("the volume cannot be placed in the requested topology: this controller serves pool {pool:?}")]
     TopologyUnavailable { pool: String },
+    #[error("volume {0} uses dataPlane nbd, but this controller serves no NBD target; start it with --nbd-listen")]
+    NbdNotServed(VolumeId),
     #[error("detached in the attachment state, but the node is not yet cut off from the NBD export; retry: {0}")]
     Fence(#[from] FenceError),
 }
@@ -155,6 +157,9 @@ fn transport_code(e: &TransportError) -> Code {
         TransportError::ImageMissing(_) => Code::NotFound,
         TransportError::DirectIoUnavailable { .. } => Code::FailedPrecondition,
         TransportError::NoFreeDevice { .. } => Code::ResourceExhausted,
+        TransportError::Unsupported(_) => Code::FailedPrecondition,
+        // The target refused or cannot be reached: retryable.
+        TransportError::NbdClient { .. } => Code::Unavailable,
         TransportError::Sys { .. } => Code::Internal,
     }
 }
@@ -199,6 +204,7 @@ impl Error {
             Error::TopologyUnavailable { .. } => Code::ResourceExhausted,
             // Retryable: ControllerUnpublish is not OK until the node is fenced.
             Error::Fence(_) => Code::Unavailable,
+            Error::NbdNotServed(_) => Code::FailedPrecondition,
         }
     }
 }

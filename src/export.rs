@@ -6,11 +6,15 @@ use std::path::PathBuf;
 
 const KEY_TRANSPORT: &str = "transport";
 const KEY_PATH: &str = "imagePath";
+const KEY_NBD_ADDRESS: &str = "nbdAddress";
+const KEY_NBD_EXPORT: &str = "nbdExport";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportInfo {
     /// An image file visible on the node at this path (node-local or shared filesystem).
     LocalFile { path: PathBuf },
+    /// An NBD export; `export` names this attachment and carries its secret.
+    Nbd { address: String, export: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +29,7 @@ impl ExportInfo {
     pub fn transport_name(&self) -> &'static str {
         match self {
             ExportInfo::LocalFile { .. } => "loop",
+            ExportInfo::Nbd { .. } => "nbd",
         }
     }
 
@@ -34,6 +39,10 @@ impl ExportInfo {
         match self {
             ExportInfo::LocalFile { path } => {
                 ctx.insert(KEY_PATH.to_owned(), path.to_string_lossy().into_owned());
+            }
+            ExportInfo::Nbd { address, export } => {
+                ctx.insert(KEY_NBD_ADDRESS.to_owned(), address.clone());
+                ctx.insert(KEY_NBD_EXPORT.to_owned(), export.clone());
             }
         }
         ctx
@@ -49,6 +58,16 @@ impl ExportInfo {
                     .get(KEY_PATH)
                     .ok_or(ExportError::MissingKey(KEY_PATH))?
                     .into(),
+            }),
+            "nbd" => Ok(ExportInfo::Nbd {
+                address: ctx
+                    .get(KEY_NBD_ADDRESS)
+                    .ok_or(ExportError::MissingKey(KEY_NBD_ADDRESS))?
+                    .clone(),
+                export: ctx
+                    .get(KEY_NBD_EXPORT)
+                    .ok_or(ExportError::MissingKey(KEY_NBD_EXPORT))?
+                    .clone(),
             }),
             other => Err(ExportError::UnknownTransport(
                 other.chars().take(32).collect(),
@@ -73,6 +92,14 @@ mod tests {
         assert_eq!(
             ExportInfo::from_publish_context(&HashMap::new()),
             Err(ExportError::MissingKey("transport"))
+        );
+        let nbd = ExportInfo::Nbd {
+            address: "10.0.0.1:10809".into(),
+            export: "vol-x.00".into(),
+        };
+        assert_eq!(
+            ExportInfo::from_publish_context(&nbd.to_publish_context()).unwrap(),
+            nbd
         );
         let mut ctx = e.to_publish_context();
         ctx.insert("transport".into(), "nvme".into());

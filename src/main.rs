@@ -38,7 +38,9 @@ use handoff_csi::nbd::NbdPlane;
 use handoff_csi::node::command::CommandRunner;
 use handoff_csi::node::lifecycle::NodeVolumes;
 use handoff_csi::node::mount::SysMounter;
+use handoff_csi::node::transport::dispatch::DataPlanes;
 use handoff_csi::node::transport::loopdev::{LoopPaths, LoopTransport};
+use handoff_csi::node::transport::nbd::NbdTransport;
 use handoff_csi::node::transport::Transport;
 use handoff_csi::node::NodeService;
 use handoff_csi::server::{self, Services};
@@ -191,11 +193,24 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let node = if config.mode.serves_node() {
         // The node does not create the data dir: on a cluster it is a shared filesystem,
         // and creating it locally would hide a missing mount (Probe reports it instead).
-        let transport: Arc<dyn Transport> = Arc::new(LoopTransport::new(
+        let file: Arc<dyn Transport> = Arc::new(LoopTransport::new(
             &canonical(&config.data_dir),
             LoopPaths::default(),
             node_id.as_str(),
         ));
+        let nbd = NbdTransport::new(
+            &config.nbd_run_dir,
+            LoopPaths::default(),
+            node_id.as_str(),
+            std::env::current_exe()?,
+            config.nbd_io_timeout,
+        )
+        .map(|t| Arc::new(t) as Arc<dyn Transport>)
+        .map_err(|e| {
+            tracing::warn!(run_dir = %config.nbd_run_dir.display(), error = %e, "NBD data plane disabled on this node")
+        })
+        .ok();
+        let transport: Arc<dyn Transport> = Arc::new(DataPlanes::new(file, nbd));
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
         let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);

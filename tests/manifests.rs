@@ -313,6 +313,7 @@ fn configuration_docs_cover_every_flag_and_parameter() {
         );
     }
     assert!(doc.contains("`migrationTimeoutSeconds`"));
+    assert!(doc.contains("`dataPlane`"));
     assert!(doc.contains("csi.storage.k8s.io/"));
 }
 

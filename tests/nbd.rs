@@ -13,10 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use handoff_csi::csi;
 use handoff_csi::csi::volume_capability::access_mode::Mode;
+use handoff_csi::export::ExportInfo;
 use handoff_csi::ids::{NodeId, VolumeId};
 use handoff_csi::nbd::client::{ClientError, NbdClient};
 use handoff_csi::nbd::server::{ExportAuthority, Grant, NbdTarget, Refusal};
-use handoff_csi::nbd::{CTX_NBD_ADDRESS, CTX_NBD_EXPORT};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,14 +44,17 @@ async fn nbd_driver() -> (Driver, u16) {
     (d, port)
 }
 
+/// An RWX block volume on the NBD data plane.
+fn nbd_volume_request(name: &str, size: i64) -> csi::CreateVolumeRequest {
+    let mut req = create_request(name, size, block_cap(Mode::MultiNodeMultiWriter));
+    req.parameters.insert("dataPlane".into(), "nbd".into());
+    req
+}
+
 async fn rwx_volume(d: &Driver, name: &str, size: i64) -> String {
     d.controller()
         .await
-        .create_volume(create_request(
-            name,
-            size,
-            block_cap(Mode::MultiNodeMultiWriter),
-        ))
+        .create_volume(nbd_volume_request(name, size))
         .await
         .unwrap()
         .into_inner()
@@ -86,8 +89,17 @@ async fn unpublish(d: &Driver, id: &str, node: &str) {
         .unwrap();
 }
 
+/// (address, export name) of an NBD publish_context.
+fn nbd_of(ctx: &HashMap<String, String>) -> (String, String) {
+    match ExportInfo::from_publish_context(ctx).unwrap() {
+        ExportInfo::Nbd { address, export } => (address, export),
+        other => panic!("expected an NBD export, got {other:?}"),
+    }
+}
+
 async fn connect(ctx: &HashMap<String, String>) -> Result<NbdClient, ClientError> {
-    NbdClient::connect(&ctx[CTX_NBD_ADDRESS], &ctx[CTX_NBD_EXPORT]).await
+    let (address, export) = nbd_of(ctx);
+    NbdClient::connect(&address, &export).await
 }
 
 #[tokio::test]
@@ -96,8 +108,9 @@ async fn qemu_reads_and_writes_through_our_target() {
     let (d, port) = nbd_driver().await;
     let id = rwx_volume(&d, "nbd-qemu", 4 * MIB).await;
     let ctx = publish(&d, &id, "node-a").await;
-    assert_eq!(ctx[CTX_NBD_ADDRESS], format!("127.0.0.1:{port}"));
-    let uri = format!("nbd://127.0.0.1:{port}/{}", ctx[CTX_NBD_EXPORT]);
+    let (address, export) = nbd_of(&ctx);
+    assert_eq!(address, format!("127.0.0.1:{port}"));
+    let uri = format!("nbd://127.0.0.1:{port}/{export}");
     let out = tokio::process::Command::new("qemu-img")
         .args(["info", "--output=json", &uri])
         .output()
@@ -220,8 +233,8 @@ async fn only_the_current_attachments_secret_opens_an_export() {
     let ctx = publish(&d, &id, "node-a").await;
     // The same publish returns the same context (CSI idempotency).
     assert_eq!(publish(&d, &id, "node-a").await, ctx);
-    let addr = &ctx[CTX_NBD_ADDRESS];
-    let name = &ctx[CTX_NBD_EXPORT];
+    let (addr, name) = nbd_of(&ctx);
+    let (addr, name) = (&addr, &name);
     assert!(connect(&ctx).await.is_ok());
     let mut forged = name.clone();
     let last = forged.pop().unwrap();
@@ -245,7 +258,7 @@ async fn only_the_current_attachments_secret_opens_an_export() {
         Err(ClientError::Refused { .. })
     ));
     let again = publish(&d, &id, "node-a").await;
-    assert_ne!(again[CTX_NBD_EXPORT], ctx[CTX_NBD_EXPORT], "a new secret");
+    assert_ne!(nbd_of(&again).1, nbd_of(&ctx).1, "a new secret");
     assert!(connect(&again).await.is_ok());
 }
 
@@ -419,10 +432,11 @@ async fn start_nbd_client(
     ctx: &HashMap<String, String>,
     mnt: &std::path::Path,
 ) -> tokio::process::Child {
+    let (address, export) = nbd_of(ctx);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
         .args(["nbd-client", "--address"])
         .env("HANDOFF_LOG_LEVEL", "warn")
-        .arg(&ctx[CTX_NBD_ADDRESS])
+        .arg(&address)
         .arg("--mountpoint")
         .arg(mnt)
         .args(["--io-timeout", "3s"])
@@ -432,7 +446,7 @@ async fn start_nbd_client(
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin
-        .write_all(format!("{}\n", ctx[CTX_NBD_EXPORT]).as_bytes())
+        .write_all(format!("{export}\n").as_bytes())
         .await
         .unwrap();
     drop(stdin);

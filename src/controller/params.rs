@@ -9,10 +9,21 @@ const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
 const MIGRATION_TIMEOUT_DEFAULT: u64 = 300;
 const MIGRATION_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=3600;
+pub const DATA_PLANE_KEY: &str = "dataPlane";
+
+/// How nodes reach the volume's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPlane {
+    /// The image file itself (node-local or on a shared filesystem), via a loop device.
+    #[default]
+    File,
+    /// The controller's NBD target, with per-attachment secrets and fencing.
+    Nbd,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
-    #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
+    #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}, {DATA_PLANE_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
     Unknown { key: String },
     #[error("parameter {key}={value:?} is invalid: {reason}")]
     Invalid {
@@ -27,6 +38,7 @@ pub struct VolumeParams {
     /// How long a live migration may keep two nodes attached before it is reported as
     /// overdue. Access is never revoked when it passes.
     pub migration_timeout: Duration,
+    pub data_plane: DataPlane,
     /// The driver's own parameters, as given: the volume's identity for idempotency.
     pub raw: BTreeMap<String, String>,
 }
@@ -37,6 +49,7 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
     fn try_from(params: &HashMap<String, String>) -> Result<Self, Self::Error> {
         let mut raw = BTreeMap::new();
         let mut migration_timeout = Duration::from_secs(MIGRATION_TIMEOUT_DEFAULT);
+        let mut data_plane = DataPlane::default();
         for (key, value) in params {
             if key.starts_with(KUBERNETES_PREFIX) {
                 continue;
@@ -44,6 +57,19 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
             match key.as_str() {
                 MIGRATION_TIMEOUT_KEY => {
                     migration_timeout = parse_migration_timeout(value)?;
+                }
+                DATA_PLANE_KEY => {
+                    data_plane = match value.as_str() {
+                        "file" => DataPlane::File,
+                        "nbd" => DataPlane::Nbd,
+                        other => {
+                            return Err(ParamError::Invalid {
+                                key: DATA_PLANE_KEY,
+                                value: other.chars().take(32).collect(),
+                                reason: "expected \"file\" or \"nbd\"".into(),
+                            })
+                        }
+                    };
                 }
                 _ => {
                     return Err(ParamError::Unknown {
@@ -55,6 +81,7 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
         }
         Ok(VolumeParams {
             migration_timeout,
+            data_plane,
             raw,
         })
     }
@@ -109,6 +136,22 @@ mod tests {
         .unwrap();
         assert_eq!(p.migration_timeout, Duration::from_secs(300));
         assert!(p.raw.is_empty());
+    }
+
+    #[test]
+    fn data_plane_is_file_or_nbd() {
+        assert_eq!(
+            VolumeParams::try_from(&params(&[])).unwrap().data_plane,
+            DataPlane::File
+        );
+        assert_eq!(
+            VolumeParams::try_from(&params(&[("dataPlane", "nbd")]))
+                .unwrap()
+                .data_plane,
+            DataPlane::Nbd
+        );
+        let err = VolumeParams::try_from(&params(&[("dataPlane", "iscsi")])).unwrap_err();
+        assert!(err.to_string().contains("dataPlane"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::pagination::page;
-use super::params::VolumeParams;
+use super::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
 use super::ControllerService;
 use crate::attachment::events::AttachEvent;
 use crate::attachment::state::PublishRequest;
@@ -104,6 +104,14 @@ impl ControllerService {
         let caps = capability::parse_all(&req.volume_capabilities)?;
         let capacity = CapacityRange::from_csi(req.capacity_range.as_ref())?;
         let params = VolumeParams::try_from(&req.parameters)?;
+        if params.data_plane == DataPlane::Nbd && self.nbd.is_none() {
+            return Err(ParamError::Invalid {
+                key: DATA_PLANE_KEY,
+                value: "nbd".into(),
+                reason: "this controller serves no NBD target; start it with --nbd-listen".into(),
+            }
+            .into());
+        }
         let source = content_source(&req.volume_content_source)?;
         self.check_topology(req.accessibility_requirements.as_ref())?;
         let _guard = self.names.try_lock(format!("name {name}"))?;
@@ -170,6 +178,11 @@ impl ControllerService {
             });
         }
         let params = stored_params(&volume)?;
+        let nbd = match (params.data_plane, &self.nbd) {
+            (DataPlane::File, _) => None,
+            (DataPlane::Nbd, Some(nbd)) => Some(nbd),
+            (DataPlane::Nbd, None) => return Err(Error::NbdNotServed(volume.id)),
+        };
         self.attachments
             .publish(
                 &volume.id,
@@ -181,25 +194,22 @@ impl ControllerService {
                 },
             )
             .await?;
-        let export = self.backend.export(&volume).await?;
-        let mut publish_context = export.to_publish_context();
-        if let Some(nbd) = &self.nbd {
-            // The export name is derived from this attachment, so a repeated publish
-            // returns the same context and a new attachment a new secret.
-            let attachment = self
-                .attachments
-                .state(&volume.id)
-                .await?
-                .and_then(|s| s.nodes.into_iter().find(|a| a.node_id == node_id));
-            if let Some(a) = attachment {
-                nbd.add_to_publish_context(
-                    &mut publish_context,
-                    &volume.id,
-                    &node_id,
-                    a.attached_at,
-                );
+        let export = match nbd {
+            None => self.backend.export(&volume).await?,
+            Some(nbd) => {
+                // The export name is derived from this attachment, so a repeated publish
+                // returns the same context and a new attachment a new secret.
+                let attached_at = self
+                    .attachments
+                    .state(&volume.id)
+                    .await?
+                    .and_then(|s| s.nodes.into_iter().find(|a| a.node_id == node_id))
+                    .map(|a| a.attached_at)
+                    .ok_or_else(|| Error::VolumeNotFound(volume.id.clone()))?;
+                nbd.export(&volume.id, &node_id, attached_at)
             }
-        }
+        };
+        let publish_context = export.to_publish_context();
         Ok(csi::ControllerPublishVolumeResponse { publish_context })
     }
 

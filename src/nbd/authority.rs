@@ -164,6 +164,11 @@ impl ExportAuthority for AttachmentAuthority {
             .map_err(|e| Refusal::Unavailable(e.to_string()))?
         {
             ExportInfo::LocalFile { path } => path,
+            ExportInfo::Nbd { .. } => {
+                return Err(Refusal::Unavailable(
+                    "the backend does not keep this volume as a local image".into(),
+                ))
+            }
         };
         Ok(Grant {
             volume,

@@ -7,18 +7,14 @@ pub mod fuse_disk;
 pub mod proto;
 pub mod server;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use self::authority::ExportKey;
 use self::server::NbdTarget;
+use crate::export::ExportInfo;
 use crate::ids::{NodeId, VolumeId};
-
-/// publish_context keys a node uses to reach the NBD export of its attachment.
-pub const CTX_NBD_ADDRESS: &str = "nbdAddress";
-pub const CTX_NBD_EXPORT: &str = "nbdExport";
 
 /// What the controller needs of the NBD plane: where nodes dial, how export names are
 /// signed, and the target to fence.
@@ -30,18 +26,16 @@ pub struct NbdPlane {
 }
 
 impl NbdPlane {
-    /// Adds the address and this attachment's export name (which carries its secret).
-    pub fn add_to_publish_context(
+    /// What the node dials for this attachment; the export name carries its secret.
+    pub fn export(
         &self,
-        ctx: &mut HashMap<String, String>,
         volume: &VolumeId,
         node: &NodeId,
         attached_at: DateTime<Utc>,
-    ) {
-        ctx.insert(CTX_NBD_ADDRESS.into(), self.advertise.clone());
-        ctx.insert(
-            CTX_NBD_EXPORT.into(),
-            self.key.export_name(volume, node, attached_at),
-        );
+    ) -> ExportInfo {
+        ExportInfo::Nbd {
+            address: self.advertise.clone(),
+            export: self.key.export_name(volume, node, attached_at),
+        }
     }
 }

@@ -32,6 +32,7 @@ pub fn require_root(test: &str) -> bool {
 }
 
 pub mod fake_kube;
+pub mod steps;
 
 pub struct DriverOptions {
     pub mode: &'static str,
@@ -121,6 +122,8 @@ impl Driver {
             .arg("error")
             .arg("--kubelet-dir")
             .arg(self.dir.path())
+            .arg("--nbd-run-dir")
+            .arg(self.dir.path().join("nbd"))
             .args(&self.options.extra_args)
             .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null());

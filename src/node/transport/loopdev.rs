@@ -107,9 +107,27 @@ pub fn owner_tag(node_id: &str) -> String {
     }
 }
 
+/// Which backing files are volumes' images: the loop transport attaches, finds and
+/// adopts only those.
+pub trait ImageNames: std::fmt::Debug + Send + Sync + 'static {
+    /// The volume whose image `path` is, if it is exactly one.
+    fn volume_of(&self, path: &Path) -> Option<VolumeId>;
+    /// The directory the images live in (the Probe checks it is reachable).
+    fn home(&self) -> &Path;
+}
+
+impl ImageNames for Layout {
+    fn volume_of(&self, path: &Path) -> Option<VolumeId> {
+        self.volume_of_image(path)
+    }
+    fn home(&self) -> &Path {
+        self.volumes_dir()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoopTransport {
-    layout: std::sync::Arc<Layout>,
+    images: std::sync::Arc<dyn ImageNames>,
     paths: LoopPaths,
     tag: String,
 }
@@ -139,14 +157,23 @@ fn ioctl(fd: &File, request: libc::c_ulong, arg: libc::c_ulong) -> std::io::Resu
 impl LoopTransport {
     /// `data_dir` must be canonical (sysfs reports resolved paths); `owner` is the node id.
     pub fn new(data_dir: &Path, paths: LoopPaths, owner: &str) -> Self {
+        Self::for_images(std::sync::Arc::new(Layout::new(data_dir)), paths, owner)
+    }
+
+    /// A loop transport over other backing files (the NBD plane's FUSE disks).
+    pub fn for_images(
+        images: std::sync::Arc<dyn ImageNames>,
+        paths: LoopPaths,
+        owner: &str,
+    ) -> Self {
         LoopTransport {
-            layout: std::sync::Arc::new(Layout::new(data_dir)),
+            images,
             paths,
             tag: owner_tag(owner),
         }
     }
 
-    fn scan(&self) -> Result<Vec<Device>, TransportError> {
+    pub(crate) fn scan(&self) -> Result<Vec<Device>, TransportError> {
         let dir = &self.paths.sys_block;
         let mut devices = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(sys_err("list", dir))? {
@@ -164,7 +191,7 @@ impl LoopTransport {
                 Some(p) => (p, true),
                 None => (raw, false),
             };
-            let Some(volume_id) = self.layout.volume_of_image(Path::new(path)) else {
+            let Some(volume_id) = self.images.volume_of(Path::new(path)) else {
                 continue;
             };
             let device = self.paths.dev.join(name);
@@ -185,7 +212,7 @@ impl LoopTransport {
             .is_ok_and(|s| s.trim() == "1")
     }
 
-    fn attach(&self, image: &Path, read_only: bool) -> Result<PathBuf, TransportError> {
+    pub(crate) fn attach(&self, image: &Path, read_only: bool) -> Result<PathBuf, TransportError> {
         let backing = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -248,7 +275,7 @@ impl LoopTransport {
         Err(TransportError::NoFreeDevice { attempts: ATTEMPTS })
     }
 
-    fn detach(&self, device: &Path) -> Result<(), TransportError> {
+    pub(crate) fn detach(&self, device: &Path) -> Result<(), TransportError> {
         let dev = match OpenOptions::new().read(true).open(device) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -281,9 +308,11 @@ impl Transport for LoopTransport {
         export: &ExportInfo,
         read_only: bool,
     ) -> Result<Device, TransportError> {
-        let ExportInfo::LocalFile { path } = export;
+        let ExportInfo::LocalFile { path } = export else {
+            return Err(TransportError::Unsupported(export.transport_name()));
+        };
         // publish_context is input: attach nothing but this volume's own image.
-        if self.layout.volume_of_image(path).as_ref() != Some(volume) {
+        if self.images.volume_of(path).as_ref() != Some(volume) {
             return Err(TransportError::ForeignImage {
                 volume: volume.clone(),
                 path: path.clone(),
@@ -338,10 +367,10 @@ impl Transport for LoopTransport {
                 .write(true)
                 .open(&ctl)
                 .map_err(sys_err("open", &ctl))?;
-            let volumes = t.layout.volumes_dir();
-            std::fs::read_dir(volumes)
+            let home = t.images.home();
+            std::fs::read_dir(home)
                 .map(drop)
-                .map_err(sys_err("list data dir", volumes))
+                .map_err(sys_err("list image directory", home))
         })
         .await
     }

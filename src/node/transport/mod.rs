@@ -1,7 +1,9 @@
 //! Node transports: turn an export into a block device on this node, find it again after
 //! a restart, and release it. `loop` today; NVMe/TCP and NBD implement the same trait.
 
+pub mod dispatch;
 pub mod loopdev;
+pub mod nbd;
 
 use std::path::PathBuf;
 
@@ -18,6 +20,10 @@ pub enum TransportError {
     ImageMissing(PathBuf),
     #[error("direct I/O could not be enabled on {device:?} for {image:?}; the data dir's filesystem must support O_DIRECT so that nodes sharing it stay coherent")]
     DirectIoUnavailable { device: PathBuf, image: PathBuf },
+    #[error("publish_context asks for the {0} transport, which this node plugin does not run; check its --nbd-run-dir/flags or the StorageClass's dataPlane")]
+    Unsupported(&'static str),
+    #[error("NBD client for volume {volume} did not come up: {reason}")]
+    NbdClient { volume: VolumeId, reason: String },
     #[error("no free loop device after {attempts} attempts (other processes keep taking them)")]
     NoFreeDevice { attempts: u32 },
     #[error("{op} {path:?}: {source}")]

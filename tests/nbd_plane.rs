@@ -1,0 +1,137 @@
+//! The NBD data plane through the CSI socket: a controller serving the NBD target and
+//! two node plugins attaching over it (nbd-client + FUSE + loop device), a live
+//! migration, and the fence: once ControllerUnpublish(source) returns, the source's
+//! block device fails every write with EIO while the target reads every block. Needs root.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+
+use handoff_csi::csi;
+use handoff_csi::csi::volume_capability::access_mode::Mode;
+use handoff_csi::datacheck::{self, AlignedBuf, BLOCK};
+use support::steps::{attach, detach};
+use support::*;
+
+const BLOCKS: u64 = 1024; // 4 MiB
+
+async fn nbd_cluster() -> LocalCluster {
+    let port = free_port();
+    LocalCluster::start(
+        &["node-a", "node-b"],
+        vec!["--nbd-listen".into(), format!("127.0.0.1:{port}")],
+    )
+    .await
+}
+
+async fn nbd_disk(cluster: &LocalCluster, name: &str) -> String {
+    let mut req = create_request(
+        name,
+        BLOCKS as i64 * BLOCK as i64,
+        block_cap(Mode::MultiNodeMultiWriter),
+    );
+    req.parameters.insert("dataPlane".into(), "nbd".into());
+    cluster
+        .controller
+        .controller()
+        .await
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+#[tokio::test]
+async fn migration_over_nbd_fences_the_source_at_the_target() {
+    if !require_root("migration_over_nbd_fences_the_source_at_the_target") {
+        return;
+    }
+    let cluster = nbd_cluster().await;
+    let id = nbd_disk(&cluster, "nbd-vm").await;
+    let a = attach(&cluster, &id, "node-a").await;
+    let dev_a = datacheck::open_direct(&a.target, true).unwrap();
+    datacheck::write_blocks(&dev_a, 0, BLOCKS, 1).unwrap();
+    // Its block device is a loop device over the FUSE disk, not over the image file.
+    let backing = loops_under(&cluster.node("node-a").dir.path().join("nbd"));
+    assert_eq!(backing.len(), 1, "one loop device over node-a's NBD disk");
+
+    // Migration: B attaches while A still writes; B sees every block.
+    let b = attach(&cluster, &id, "node-b").await;
+    let dev_b = datacheck::open_direct(&b.target, true).unwrap();
+    datacheck::verify_blocks(&dev_b, &vec![1; BLOCKS as usize]).unwrap();
+
+    // Hand-off done: A is detached at the controller (as after a force-detach, before
+    // any NodeUnstage on A). A leftover writer on A must not reach the disk any more.
+    let started = std::time::Instant::now();
+    cluster
+        .controller
+        .controller()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fence = started.elapsed();
+    let mut buf = AlignedBuf::new(BLOCK);
+    datacheck::fill_block(buf.as_mut_slice(), 0, 99);
+    let late = dev_a.write_at(buf.as_slice(), 0);
+    let err = late.expect_err("the fenced source wrote through its block device");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        dev_a.read_at(buf.as_mut_slice(), 0).is_err(),
+        "reads fail too"
+    );
+
+    // The target has every block, and keeps writing.
+    datacheck::verify_blocks(&dev_b, &vec![1; BLOCKS as usize]).unwrap();
+    datacheck::write_blocks(&dev_b, 0, 16, 2).unwrap();
+    let mut expected = vec![1; BLOCKS as usize];
+    expected[..16].fill(2);
+    datacheck::verify_blocks(&dev_b, &expected).unwrap();
+    eprintln!("fence: ControllerUnpublish(node-a) returned after {fence:?}");
+
+    // Kubernetes cleans up A later: NodeUnpublish/NodeUnstage still succeed on a fenced
+    // node, and nothing is left behind on either node.
+    drop(dev_a);
+    drop(dev_b);
+    detach(&cluster, &id, &a).await;
+    detach(&cluster, &id, &b).await;
+    for node in ["node-a", "node-b"] {
+        let dir = cluster.node(node).dir.path().join("nbd");
+        assert!(loops_under(&dir).is_empty(), "{node}: loop device left");
+        assert!(mounts_under(&dir).is_empty(), "{node}: FUSE mount left");
+    }
+}
+
+#[tokio::test]
+async fn node_plugin_restart_keeps_nbd_io_running_and_adopts_the_device() {
+    if !require_root("node_plugin_restart_keeps_nbd_io_running_and_adopts_the_device") {
+        return;
+    }
+    let mut cluster = nbd_cluster().await;
+    let id = nbd_disk(&cluster, "nbd-restart").await;
+    let a = attach(&cluster, &id, "node-a").await;
+    let dev = datacheck::open_direct(&a.target, true).unwrap();
+    datacheck::write_blocks(&dev, 0, 256, 1).unwrap();
+    // SIGKILL the plugin: its nbd-client keeps serving the disk.
+    cluster.node_mut("node-a").crash_and_restart().await;
+    datacheck::write_blocks(&dev, 256, 256, 1).unwrap();
+    let mut expected = vec![0; BLOCKS as usize];
+    expected[..512].fill(1);
+    datacheck::verify_blocks(&dev, &expected[..512]).unwrap();
+    // The restarted plugin finds the device: a repeated NodeStage is idempotent and
+    // unpublish/unstage release it.
+    let again = attach(&cluster, &id, "node-a").await;
+    assert_eq!(again.target, a.target);
+    drop(dev);
+    detach(&cluster, &id, &a).await;
+    let dir = cluster.node("node-a").dir.path().join("nbd");
+    assert!(loops_under(&dir).is_empty());
+    assert!(mounts_under(&dir).is_empty());
+}
