@@ -135,3 +135,156 @@ async fn node_plugin_restart_keeps_nbd_io_running_and_adopts_the_device() {
     assert!(loops_under(&dir).is_empty());
     assert!(mounts_under(&dir).is_empty());
 }
+
+/// A controller on a "storage host" and node plugins on "node hosts": network namespaces
+/// joined by veth pairs, so every NBD byte crosses a (virtual) network link.
+async fn netns_cluster(lab: &netns::NetLab, nodes: &[&str]) -> LocalCluster {
+    let shared = tempfile::Builder::new()
+        .prefix("handoff-test-shared-")
+        .tempdir()
+        .unwrap();
+    let data = std::fs::canonicalize(shared.path()).unwrap().join("data");
+    let controller = Driver::start_with(DriverOptions {
+        mode: "controller",
+        node_id: "controller".into(),
+        extra_args: vec![
+            "--nbd-listen".into(),
+            "0.0.0.0:10809".into(),
+            "--nbd-advertise".into(),
+            format!("{}:10809", netns::TARGET_IP),
+        ],
+        data_dir: Some(data.clone()),
+        netns: Some(lab.target_ns()),
+        ..Default::default()
+    })
+    .await;
+    let mut drivers = Vec::new();
+    for name in nodes {
+        drivers.push(
+            Driver::start_with(DriverOptions {
+                mode: "node",
+                node_id: name.to_string(),
+                extra_args: vec!["--nbd-io-timeout".into(), "20s".into()],
+                data_dir: Some(data.clone()),
+                netns: Some(lab.node_ns(name)),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    LocalCluster {
+        controller,
+        nodes: drivers,
+        shared,
+    }
+}
+
+#[tokio::test]
+async fn across_network_namespaces_io_survives_a_link_flap_grows_and_fences_the_source() {
+    if !require_root(
+        "across_network_namespaces_io_survives_a_link_flap_grows_and_fences_the_source",
+    ) {
+        return;
+    }
+    let lab = netns::NetLab::new(&["node-a", "node-b"]);
+    let cluster = netns_cluster(&lab, &["node-a", "node-b"]).await;
+    let id = nbd_disk(&cluster, "nbd-netns").await;
+    let a = attach(&cluster, &id, "node-a").await;
+    let dev_a = datacheck::open_direct(&a.target, true).unwrap();
+    datacheck::write_blocks(&dev_a, 0, BLOCKS / 2, 1).unwrap();
+
+    // The node's link goes down for 3 s while the VM writes: its writes wait, then
+    // complete once the link is back; nothing is lost.
+    lab.set_link("node-a", false);
+    let writer = {
+        let dev = dev_a.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            datacheck::write_blocks(&dev, BLOCKS / 2, BLOCKS / 2, 1).map(|_| started.elapsed())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    lab.set_link("node-a", true);
+    let waited = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap()
+        .expect("writes complete after the link comes back");
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "the writes should have waited for the link ({waited:?})"
+    );
+    datacheck::verify_blocks(&dev_a, &vec![1; BLOCKS as usize]).unwrap();
+
+    // Expansion reaches the node: the loop device over the NBD disk grows online.
+    let new_size = 2 * BLOCKS as i64 * BLOCK as i64;
+    cluster
+        .controller
+        .controller()
+        .await
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: new_size,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(block_cap(Mode::MultiNodeMultiWriter)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let grown = cluster
+        .node("node-a")
+        .node()
+        .await
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: a.target.display().to_string(),
+            staging_target_path: a.staging.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity_bytes;
+    assert_eq!(grown, new_size);
+    assert_eq!(
+        handoff_csi::node::mount::block_device_size(&a.target).unwrap(),
+        new_size as u64
+    );
+
+    // Migration to node-b, then the source is fenced at the target.
+    let b = attach(&cluster, &id, "node-b").await;
+    let dev_b = datacheck::open_direct(&b.target, true).unwrap();
+    datacheck::verify_blocks(&dev_b, &vec![1; BLOCKS as usize]).unwrap();
+    cluster
+        .controller
+        .controller()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut buf = AlignedBuf::new(BLOCK);
+    datacheck::fill_block(buf.as_mut_slice(), 3, 9);
+    let err = dev_a
+        .write_at(buf.as_slice(), 3 * BLOCK as u64)
+        .expect_err("the fenced source wrote across the network");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    datacheck::write_blocks(&dev_b, BLOCKS, 16, 2).unwrap();
+    let mut expected = vec![1; BLOCKS as usize];
+    expected.extend(std::iter::repeat_n(2, 16));
+    datacheck::verify_blocks(&dev_b, &expected).unwrap();
+
+    drop(dev_a);
+    drop(dev_b);
+    detach(&cluster, &id, &a).await;
+    detach(&cluster, &id, &b).await;
+    for node in ["node-a", "node-b"] {
+        let dir = cluster.node(node).dir.path().join("nbd");
+        assert!(loops_under(&dir).is_empty(), "{node}: loop device left");
+        assert!(mounts_under(&dir).is_empty(), "{node}: FUSE mount left");
+    }
+}

@@ -32,6 +32,7 @@ pub fn require_root(test: &str) -> bool {
 }
 
 pub mod fake_kube;
+pub mod netns;
 pub mod steps;
 
 pub struct DriverOptions {
@@ -41,6 +42,8 @@ pub struct DriverOptions {
     pub env: Vec<(String, String)>,
     /// A data dir shared with other drivers (multi-node tests); default: private.
     pub data_dir: Option<PathBuf>,
+    /// Network namespace to run in (a test host of a NetLab).
+    pub netns: Option<String>,
 }
 
 impl Default for DriverOptions {
@@ -51,6 +54,7 @@ impl Default for DriverOptions {
             extra_args: vec![],
             env: vec![],
             data_dir: None,
+            netns: None,
         }
     }
 }
@@ -127,6 +131,9 @@ impl Driver {
             .args(&self.options.extra_args)
             .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null());
+        if let Some(ns) = &self.options.netns {
+            netns::enter(&mut cmd, ns);
+        }
         let child = cmd.spawn().expect("spawn handoff-csi");
         self.child = Some(child);
         self.wait_ready().await;
