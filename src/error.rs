@@ -172,6 +172,8 @@ fn node_code(e: &NodeError) -> Code {
             MountError::Sys { .. } => Code::Internal,
             MountError::Tool(t) => tool_code(t),
             MountError::MissingCapability { .. } => Code::FailedPrecondition,
+            // The device may become readable again (a network path): retry.
+            MountError::Unreadable { .. } => Code::Unavailable,
         },
         NodeError::NotStaged(_) => Code::FailedPrecondition,
         NodeError::PathInUse { .. } => Code::AlreadyExists,

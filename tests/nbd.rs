@@ -318,6 +318,17 @@ async fn controller_unpublish_fences_the_migration_source() {
         text.contains("handoff_csi_fences_total{result=\"ok\"} 1"),
         "{text}"
     );
+    // `handoff-csi attachments` shows who was cut off.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["attachments", "--output", "json", "--state-dir"])
+        .arg(d.state_dir())
+        .output()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vol = &report["volumes"][0];
+    assert_eq!(vol["nodes"][0]["node"], "node-b");
+    assert_eq!(vol["fenced"][0]["node"], "node-a", "{report}");
     eprintln!("fence: ControllerUnpublish(source) took {fence_time:?}");
 }
 
@@ -518,4 +529,37 @@ async fn a_loop_device_over_the_nbd_fuse_disk_is_a_network_block_device() {
         .unwrap();
     assert!(status.success(), "{status}");
     result
+}
+
+#[tokio::test]
+async fn a_device_that_cannot_be_read_is_never_formatted() {
+    if !require_root("a_device_that_cannot_be_read_is_never_formatted") {
+        return;
+    }
+    use handoff_csi::node::command::CommandRunner;
+    use handoff_csi::node::mount::{MountError, Mounter, SysMounter};
+    let (d, _) = nbd_driver().await;
+    let id = rwx_volume(&d, "nbd-unreadable", 8 * MIB).await;
+    let ctx = publish(&d, &id, "node-a").await;
+    let mnt = tempfile::Builder::new()
+        .prefix("handoff-test-nbd")
+        .tempdir()
+        .unwrap();
+    let mut client = start_nbd_client(&ctx, mnt.path()).await;
+    let disk = mnt.path().join("disk");
+    let dev = losetup(&["--direct-io=on", "--show", "-f", disk.to_str().unwrap()]);
+    // The node loses the volume (fenced): every read of its device now fails.
+    unpublish(&d, &id, "node-a").await;
+    let blkid = Command::new("blkid").args(["-p", &dev]).status().unwrap();
+    let probed = SysMounter::new(CommandRunner::new(Duration::from_secs(30)))
+        .probe(std::path::Path::new(&dev))
+        .await;
+    losetup(&["-d", &dev]);
+    let _ = nix::mount::umount2(mnt.path(), nix::mount::MntFlags::MNT_DETACH);
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.wait()).await;
+    eprintln!("blkid -p on the unreadable device exited with {blkid}");
+    assert!(
+        matches!(probed, Err(MountError::Unreadable { .. })),
+        "an unreadable device must not look empty: {probed:?}"
+    );
 }

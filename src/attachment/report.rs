@@ -41,10 +41,14 @@ pub fn render_table(states: &[AttachmentState], now: DateTime<Utc>) -> String {
     }
     for r in states.iter().map(|s| VolumeReport::new(s, now)) {
         let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
-        let nodes = match (nodes.is_empty(), &r.released_by) {
+        let mut nodes = match (nodes.is_empty(), &r.released_by) {
             (true, Some(n)) => format!("(released by {n})"),
             _ => nodes.join(" → "),
         };
+        if !r.fenced.is_empty() {
+            let fenced: Vec<&str> = r.fenced.iter().map(|f| f.node.as_str()).collect();
+            nodes.push_str(&format!(" [fenced: {}]", fenced.join(", ")));
+        }
         let (name, running, deadline) = match &r.migration {
             Some(m) => (
                 m.name.clone().unwrap_or_else(|| "(not matched)".into()),
@@ -76,6 +80,14 @@ pub struct VolumeReport {
     pub migration: Option<MigrationReport>,
     /// The RWO holder remembered within the grace period, when nothing is attached.
     pub released_by: Option<String>,
+    /// Nodes cut off at the NBD target after losing their attachment.
+    pub fenced: Vec<FencedReport>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FencedReport {
+    pub node: String,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -156,6 +168,14 @@ impl VolumeReport {
                 .as_ref()
                 .filter(|_| s.nodes.is_empty())
                 .map(|r| r.node_id.to_string()),
+            fenced: s
+                .fenced
+                .iter()
+                .map(|f| FencedReport {
+                    node: f.node_id.to_string(),
+                    at: f.at,
+                })
+                .collect(),
         }
     }
 }
@@ -232,5 +252,11 @@ mod tests {
             "StorageClass migrationTimeoutSeconds"
         );
         assert!(vol["migration"]["name"].is_null());
+        s.nodes.pop();
+        s.record_fence(&NodeId::parse("node-x").unwrap(), now);
+        let table = render_table(&[s.clone()], now);
+        assert!(table.contains("node-a [fenced: node-x]"), "{table}");
+        let v: serde_json::Value = serde_json::from_str(&render_json(&[s], now)).unwrap();
+        assert_eq!(v["volumes"][0]["fenced"][0]["node"], "node-x");
     }
 }

@@ -26,6 +26,16 @@ pub struct Released {
     pub detached_at: DateTime<Utc>,
 }
 
+/// A node cut off at the data plane's target after it lost its attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fenced {
+    pub node_id: NodeId,
+    pub at: DateTime<Utc>,
+}
+
+/// How many fenced nodes a volume remembers (newest kept).
+pub const FENCED_KEPT: usize = 4;
+
 /// The KubeVirt migration (VirtualMachineInstanceMigration) a dual attach belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRef {
@@ -105,6 +115,9 @@ pub struct AttachmentState {
     pub migration_overdue: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
+    /// Nodes fenced at the target while the volume stayed attached elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<Fenced>,
     /// Which stored version this state was read at, opaque to everything but the store
     /// (a PV's resourceVersion): a write based on an older read is refused as stale.
     #[serde(skip)]
@@ -123,6 +136,7 @@ impl AttachmentState {
             migration: None,
             migration_overdue: false,
             released: None,
+            fenced: Vec::new(),
             stored_version: None,
         }
     }
@@ -158,6 +172,17 @@ impl AttachmentState {
         self.released
             .as_ref()
             .filter(|r| now <= r.detached_at + grace)
+    }
+
+    /// Records that `node` was cut off at the target (newest last, bounded).
+    pub fn record_fence(&mut self, node: &NodeId, at: DateTime<Utc>) {
+        self.fenced.retain(|f| &f.node_id != node);
+        self.fenced.push(Fenced {
+            node_id: node.clone(),
+            at,
+        });
+        let excess = self.fenced.len().saturating_sub(FENCED_KEPT);
+        self.fenced.drain(..excess);
     }
 
     /// Nothing attached and nothing worth remembering: the record can go.
@@ -276,6 +301,8 @@ pub fn decide_publish(
     let attach = |from: &AttachmentState| {
         let mut next = from.clone();
         next.released = None;
+        // Published again: it holds a new attachment, no longer a fenced one.
+        next.fenced.retain(|f| f.node_id != req.node_id);
         next.nodes.push(NodeAttachment {
             node_id: req.node_id.clone(),
             attached_at: ctx.now,
@@ -885,6 +912,21 @@ mod tests {
         };
         assert!(next.nodes.is_empty());
         assert!(next.released.is_none(), "only RWO keeps a release record");
+    }
+
+    #[test]
+    fn fenced_nodes_are_bounded_and_forgotten_on_republish() {
+        let mut s = state(Sharing::Rwx, &["b"]);
+        for n in ["a", "c", "d", "e", "f", "a"] {
+            s.record_fence(&node(n), Utc::now());
+        }
+        let fenced: Vec<&str> = s.fenced.iter().map(|f| f.node_id.as_str()).collect();
+        assert_eq!(fenced, ["d", "e", "f", "a"]);
+        let PublishDecision::MigrationStarted(next) = publish(&s, "a", false).unwrap() else {
+            panic!("expected a migration");
+        };
+        assert!(next.fenced.iter().all(|f| f.node_id != node("a")));
+        assert_eq!(next.fenced.len(), 3);
     }
 
     #[test]

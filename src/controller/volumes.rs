@@ -245,6 +245,9 @@ impl ControllerService {
             Ok(n) => (*n, true),
             Err(_) => (0, false),
         };
+        if connections > 0 {
+            self.attachments.record_fence(id, node).await?;
+        }
         if connections > 0 || !ok {
             self.attachments.report(&AttachEvent::Fenced {
                 volume: id.clone(),

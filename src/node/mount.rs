@@ -29,6 +29,34 @@ pub enum MountError {
         what: &'static str,
         capability: &'static str,
     },
+    /// blkid found no signature, but the device could not be read: "empty" is not known,
+    /// so nothing is formatted (a network path may come back with the data intact).
+    #[error("device {device:?} could not be read ({source}); not formatting it — an unreadable volume is not an empty one")]
+    Unreadable {
+        device: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the first and last 64 KiB of `device` with O_DIRECT (bypassing any cache).
+fn confirm_readable(device: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const SPAN: usize = 64 * 1024;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)?;
+    let size = block_device_size(device)?;
+    let mut buf = crate::datacheck::AlignedBuf::new(SPAN);
+    let span = SPAN as u64;
+    for offset in [0, size.saturating_sub(span) / 4096 * 4096] {
+        let want = span.min(size - offset) as usize;
+        if want > 0 {
+            f.read_exact_at(&mut buf.as_mut_slice()[..want], offset)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether this process holds capability `bit` (see capabilities(7)), from /proc.
@@ -210,7 +238,18 @@ impl Mounter for SysMounter {
             )
             .await?;
         if out.status.code() == Some(2) {
-            return Ok(None);
+            // blkid also reports "nothing found" when it could not read the device.
+            let dev = device.to_path_buf();
+            return match tokio::task::spawn_blocking(move || confirm_readable(&dev))
+                .await
+                .expect("read check panicked")
+            {
+                Ok(()) => Ok(None),
+                Err(source) => Err(MountError::Unreadable {
+                    device: device.to_path_buf(),
+                    source,
+                }),
+            };
         }
         let value = |key: &str| {
             out.stdout
