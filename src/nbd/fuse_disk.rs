@@ -24,6 +24,9 @@ use super::client::{ClientError, NbdClient};
 pub const DISK_NAME: &str = "disk";
 const DISK_INO: INodeNo = INodeNo(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// FUSE worker threads, each with its own NBD connection: requests from the loop
+/// device run in parallel instead of one at a time.
+pub const WORKERS: usize = 4;
 
 /// How to reach the export.
 #[derive(Clone)]
@@ -57,7 +60,8 @@ struct Link {
 
 pub struct FuseDisk {
     remote: Remote,
-    link: Mutex<Link>,
+    /// One connection per worker; a request takes whichever is free.
+    links: Vec<Mutex<Link>>,
     size: AtomicU64,
     read_only: bool,
     /// The target refused us (fenced, or the attachment ended): every request fails.
@@ -99,14 +103,28 @@ impl FuseDisk {
                 )))
             }
         };
-        Ok(FuseDisk {
-            size: AtomicU64::new(client.size()),
-            read_only: client.read_only(),
-            remote,
-            link: Mutex::new(Link {
+        let size = client.size();
+        let read_only = client.read_only();
+        let mut links = vec![Mutex::new(Link {
+            runtime,
+            client: Some(client),
+        })];
+        for _ in 1..WORKERS {
+            // Connected on first use.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ClientError::Io)?;
+            links.push(Mutex::new(Link {
                 runtime,
-                client: Some(client),
-            }),
+                client: None,
+            }));
+        }
+        Ok(FuseDisk {
+            size: AtomicU64::new(size),
+            read_only,
+            remote,
+            links,
             refused: AtomicBool::new(false),
         })
     }
@@ -118,7 +136,7 @@ impl FuseDisk {
         }
         let deadline = Instant::now() + self.remote.io_timeout;
         let mut backoff = Duration::from_millis(50);
-        let mut link = self.link.lock();
+        let mut link = self.free_link();
         let Link { runtime, client } = &mut *link;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -171,6 +189,14 @@ impl FuseDisk {
         }
     }
 
+    /// A link no other worker is using (there are as many links as workers).
+    fn free_link(&self) -> parking_lot::MutexGuard<'_, Link> {
+        self.links
+            .iter()
+            .find_map(|l| l.try_lock())
+            .unwrap_or_else(|| self.links[0].lock())
+    }
+
     fn disk_attr(&self) -> FileAttr {
         let size = self.size.load(Ordering::SeqCst);
         FileAttr {
@@ -195,7 +221,7 @@ impl FuseDisk {
     /// Asks the target for the export's current size (an expansion becomes visible on
     /// the next stat, which LOOP_SET_CAPACITY's caller does first).
     fn refresh_size(&self) {
-        let link = self.link.lock();
+        let link = self.free_link();
         let info = within(
             &link.runtime,
             Duration::from_secs(5),
@@ -383,6 +409,6 @@ pub fn serve(disk: FuseDisk, mountpoint: &Path) -> std::io::Result<()> {
         MountOption::NoSuid,
         MountOption::NoDev,
     ]);
-    config.n_threads = Some(1);
+    config.n_threads = Some(WORKERS);
     fuser::mount(disk, mountpoint, &config)
 }
