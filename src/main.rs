@@ -148,6 +148,7 @@ async fn start_nbd(
         .map_err(|e| format!("--nbd-listen {listen}: {e}"))?;
     info!(%listen, "NBD target listening");
     tokio::spawn(target.clone().serve(listener, std::future::pending()));
+    target.spawn_revalidation(Duration::from_secs(2));
     Ok(Arc::new(NbdPlane {
         target,
         key,

@@ -563,3 +563,41 @@ async fn a_device_that_cannot_be_read_is_never_formatted() {
         "an unreadable device must not look empty: {probed:?}"
     );
 }
+
+/// Grants "fuzz"-style single export while `valid` holds.
+struct Revocable(std::path::PathBuf, Arc<std::sync::atomic::AtomicBool>);
+
+#[async_trait]
+impl ExportAuthority for Revocable {
+    async fn authorize(&self, name: &str) -> Result<Grant, Refusal> {
+        OneExport(self.0.clone()).authorize(name).await
+    }
+    async fn still_valid(&self, _grant: &Grant) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_connection_whose_attachment_vanished_elsewhere_is_dropped() {
+    // Another replica served the ControllerUnpublish: this target did not fence, but
+    // its periodic re-check drops the connection.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    let valid = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let target = NbdTarget::new(Arc::new(Revocable(image, valid.clone())));
+    tokio::spawn(target.clone().serve(listener, std::future::pending()));
+    let _recheck = target.spawn_revalidation(Duration::from_millis(100));
+    let mut c = NbdClient::connect(&addr, "fuzz").await.unwrap();
+    c.write(0, &[1u8; 512], false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write(0, &[2u8; 512], false).await.unwrap();
+    valid.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(c.write(0, &[3u8; 512], false).await.is_err());
+}

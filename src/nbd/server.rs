@@ -68,6 +68,7 @@ const MAX_OPTIONS: usize = 32;
 
 struct Connection {
     id: u64,
+    grant: Grant,
     fenced: AtomicBool,
     stop: Notify,
     done: watch::Receiver<bool>,
@@ -164,6 +165,29 @@ impl NbdTarget {
         Ok(conns.len())
     }
 
+    /// Re-checks every live connection's grant every `every` and drops those whose
+    /// attachment is gone: the backstop for a detach this target did not fence itself
+    /// (another controller replica served the ControllerUnpublish).
+    pub fn spawn_revalidation(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let target = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let live: Vec<Arc<Connection>> =
+                    target.live.lock().values().flatten().cloned().collect();
+                for c in live {
+                    if !target.authority.still_valid(&c.grant).await {
+                        tracing::warn!(volume_id = %c.grant.volume, node_id = %c.grant.node, "NBD client no longer attached; dropping it");
+                        c.fenced.store(true, Ordering::SeqCst);
+                        c.stop.notify_one();
+                    }
+                }
+            }
+        })
+    }
+
     /// Live connections of `node` to `volume`.
     pub fn connections(&self, volume: &VolumeId, node: &NodeId) -> usize {
         self.live
@@ -187,6 +211,7 @@ impl NbdTarget {
         let (done_tx, done_rx) = watch::channel(false);
         let conn = Arc::new(Connection {
             id: self.next_id.fetch_add(1, Ordering::SeqCst),
+            grant: grant.clone(),
             fenced: AtomicBool::new(false),
             stop: Notify::new(),
             done: done_rx,
