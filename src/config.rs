@@ -71,9 +71,45 @@ pub enum Command {
     },
     /// Print the attachment table: volume, mode, nodes in order, migration start, time left.
     Attachments(AttachmentsArgs),
+    /// Run the NBD target on a storage host: serves published volumes' images and
+    /// takes fence requests from the controller (`--nbd-target` there).
+    Target(TargetArgs),
     /// Serve one NBD export as the file `disk` in a FUSE mount (started by the node
     /// plugin; the export name, which carries a secret, is read from standard input).
     NbdClient(NbdClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// NBD address nodes connect to (the controller's --nbd-advertise).
+    #[arg(long, default_value = "0.0.0.0:10809")]
+    pub listen: SocketAddr,
+    /// Fence endpoint the controller calls (its --nbd-target); requests are signed
+    /// with the export key.
+    #[arg(long, default_value = "0.0.0.0:10810")]
+    pub fence_listen: SocketAddr,
+    /// The images: the `file` backend's data dir.
+    #[arg(
+        long,
+        env = "HANDOFF_DATA_DIR",
+        default_value = "/var/lib/handoff-csi/data"
+    )]
+    pub data_dir: PathBuf,
+    /// Where the controller keeps attachment state: `file` (its --state-dir, on this
+    /// host) or `kube` (PV annotations).
+    #[arg(long, value_enum, default_value = "file")]
+    pub attachment_store: AttachmentStoreKind,
+    #[arg(
+        long,
+        env = "HANDOFF_STATE_DIR",
+        default_value = "/var/lib/handoff-csi/state"
+    )]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
+    pub driver_name: String,
+    /// The controller's export key (same bytes as its --nbd-key-file).
+    #[arg(long)]
+    pub nbd_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -223,6 +259,12 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_NBD_LISTEN")]
     pub nbd_listen: Option<SocketAddr>,
 
+    /// Fence endpoint (host:port) of a `handoff-csi target` on a storage host, used
+    /// instead of a target in this process (--nbd-listen); needs --nbd-advertise and the
+    /// target's key in --nbd-key-file.
+    #[arg(long, env = "HANDOFF_NBD_TARGET")]
+    pub nbd_target: Option<String>,
+
     /// host:port nodes dial for NBD (default: --nbd-listen; required when that is a
     /// wildcard address).
     #[arg(long, env = "HANDOFF_NBD_ADVERTISE")]
@@ -290,6 +332,12 @@ impl Config {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return Err(format!("--topology-pool {pool:?} must be a Kubernetes label value (1-63 of [A-Za-z0-9._-])"));
+        }
+        if self.nbd_listen.is_some() && self.nbd_target.is_some() {
+            return Err("--nbd-listen (a target in this process) and --nbd-target (a target on another host) exclude each other".into());
+        }
+        if self.nbd_target.is_some() && self.nbd_advertise.is_none() {
+            return Err("--nbd-target needs --nbd-advertise: the NBD address of that target, which nodes dial".into());
         }
         if let (Some(listen), None) = (self.nbd_listen, &self.nbd_advertise) {
             if listen.ip().is_unspecified() {

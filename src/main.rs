@@ -20,7 +20,7 @@ use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
-    LogFormat, NbdClientArgs, OutputFormat,
+    LogFormat, NbdClientArgs, OutputFormat, TargetArgs,
 };
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
@@ -32,6 +32,7 @@ use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
 use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
+use handoff_csi::nbd::fence::{Fencer, RemoteFencer};
 use handoff_csi::nbd::fuse_disk::{self, FuseDisk, Remote};
 use handoff_csi::nbd::server::NbdTarget;
 use handoff_csi::nbd::NbdPlane;
@@ -86,6 +87,26 @@ type Seams = (
     Arc<dyn EventSink>,
 );
 
+/// The PV-annotation store over synced watch caches (controller, target, `attachments`).
+async fn pv_store(
+    driver: &str,
+    sync: Duration,
+) -> Result<(kube::Client, Arc<ClusterCache>, Arc<PvStore>), BoxError> {
+    let client = kube::Client::try_default().await?;
+    let cache = ClusterCache::new(driver);
+    cache.spawn_watches(client.clone());
+    info!("waiting for PersistentVolume, Node and VolumeAttachment watches to sync");
+    if !cache.wait_ready(sync).await {
+        return Err(format!("Kubernetes watches did not sync within {sync:?}; check RBAC (get/list/watch on persistentvolumes, nodes, volumeattachments)").into());
+    }
+    let store = Arc::new(PvStore::new(
+        kube::Api::all(client.clone()),
+        cache.clone(),
+        RetryPolicy::default(),
+    ));
+    Ok((client, cache, store))
+}
+
 /// The attachment store, cluster view and event sinks for the chosen mode.
 async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, BoxError> {
     let mut sinks: Vec<Arc<dyn EventSink>> = vec![Arc::new(metrics.clone()), Arc::new(LogSink)];
@@ -95,18 +116,8 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
             Ok((store, Arc::new(Standalone), Arc::new(Fanout(sinks))))
         }
         AttachmentStoreKind::Kube => {
-            let client = kube::Client::try_default().await?;
-            let cache = ClusterCache::new(&config.driver_name);
-            cache.spawn_watches(client.clone());
-            info!("waiting for PersistentVolume, Node and VolumeAttachment watches to sync");
-            if !cache.wait_ready(Duration::from_secs(120)).await {
-                return Err("Kubernetes watches did not sync within 120s; check RBAC (get/list/watch on persistentvolumes, nodes, volumeattachments)".into());
-            }
-            let store = Arc::new(PvStore::new(
-                kube::Api::all(client.clone()),
-                cache.clone(),
-                RetryPolicy::default(),
-            ));
+            let (client, cache, store) =
+                pv_store(&config.driver_name, Duration::from_secs(120)).await?;
             sinks.push(Arc::new(KubeEvents::new(
                 client.clone(),
                 cache.clone(),
@@ -123,40 +134,103 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
     }
 }
 
-/// Starts the NBD target for published volumes; it runs for the life of the process.
-async fn start_nbd(
-    config: &Config,
+/// Serves NBD for published volumes until the process ends; re-checks live connections.
+async fn serve_target(
     listen: std::net::SocketAddr,
-    attachments: Arc<AttachmentManager>,
+    store: Arc<dyn AttachmentStore>,
     backend: Arc<dyn Backend>,
-) -> Result<Arc<NbdPlane>, BoxError> {
+    key: Arc<ExportKey>,
+) -> Result<Arc<NbdTarget>, BoxError> {
+    let target = NbdTarget::new(Arc::new(AttachmentAuthority::new(store, backend, key)));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("NBD listen {listen}: {e}"))?;
+    info!(%listen, "NBD target listening");
+    tokio::spawn(target.clone().serve(listener, std::future::pending()));
+    target.spawn_revalidation(Duration::from_secs(2));
+    Ok(target)
+}
+
+/// The controller's NBD plane: a target in this process (`--nbd-listen`), or one on a
+/// storage host (`--nbd-target`) fenced over HTTP with the shared key.
+async fn nbd_plane(
+    config: &Config,
+    store: Arc<dyn AttachmentStore>,
+    backend: Arc<dyn Backend>,
+) -> Result<Option<Arc<NbdPlane>>, BoxError> {
     let key_file = config
         .nbd_key_file
         .clone()
         .unwrap_or_else(|| config.state_dir.join("nbd-export.key"));
-    if let Some(dir) = key_file.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let key = Arc::new(
-        ExportKey::load_or_create(&key_file)
-            .map_err(|e| format!("NBD key {}: {e}", key_file.display()))?,
-    );
-    let authority = AttachmentAuthority::new(attachments, backend, key.clone());
-    let target = NbdTarget::new(Arc::new(authority));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("--nbd-listen {listen}: {e}"))?;
-    info!(%listen, "NBD target listening");
-    tokio::spawn(target.clone().serve(listener, std::future::pending()));
-    target.spawn_revalidation(Duration::from_secs(2));
-    Ok(Arc::new(NbdPlane {
+    let (target, advertise, key): (Arc<dyn Fencer>, String, Arc<ExportKey>) =
+        match (config.nbd_listen, &config.nbd_target) {
+            (None, None) => return Ok(None),
+            (Some(listen), _) => {
+                if let Some(dir) = key_file.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let key = Arc::new(
+                    ExportKey::load_or_create(&key_file)
+                        .map_err(|e| format!("NBD key {}: {e}", key_file.display()))?,
+                );
+                let target = serve_target(listen, store, backend, key.clone()).await?;
+                let advertise = config
+                    .nbd_advertise
+                    .clone()
+                    .unwrap_or_else(|| listen.to_string());
+                (target, advertise, key)
+            }
+            (None, Some(remote)) => {
+                let key = Arc::new(ExportKey::load(&key_file).map_err(|e| {
+                    format!(
+                        "NBD key {} (shared with the target): {e}",
+                        key_file.display()
+                    )
+                })?);
+                let advertise = config
+                    .nbd_advertise
+                    .clone()
+                    .ok_or("--nbd-target needs --nbd-advertise")?;
+                (
+                    Arc::new(RemoteFencer::new(remote.clone(), key.clone())),
+                    advertise,
+                    key,
+                )
+            }
+        };
+    Ok(Some(Arc::new(NbdPlane {
         target,
         key,
-        advertise: config
-            .nbd_advertise
-            .clone()
-            .unwrap_or_else(|| listen.to_string()),
-    }))
+        advertise,
+    })))
+}
+
+/// `handoff-csi target`: the NBD target on a storage host, with its fence endpoint.
+async fn run_target(args: TargetArgs) -> Result<(), BoxError> {
+    let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&args.data_dir)?);
+    let store: Arc<dyn AttachmentStore> = match args.attachment_store {
+        AttachmentStoreKind::File => Arc::new(FileStore::open(&args.state_dir)?),
+        AttachmentStoreKind::Kube => {
+            pv_store(&args.driver_name, Duration::from_secs(120))
+                .await?
+                .2
+        }
+    };
+    let key = Arc::new(ExportKey::load(&args.nbd_key_file).map_err(|e| {
+        format!(
+            "--nbd-key-file {}: {e} (copy the controller's key)",
+            args.nbd_key_file.display()
+        )
+    })?);
+    let target = serve_target(args.listen, store, backend, key.clone()).await?;
+    let fence = tokio::net::TcpListener::bind(args.fence_listen)
+        .await
+        .map_err(|e| format!("--fence-listen {}: {e}", args.fence_listen))?;
+    info!(listen = %args.fence_listen, "fence endpoint listening");
+    axum::serve(fence, handoff_csi::nbd::fence::router(target, key))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
 }
 
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
@@ -168,6 +242,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
         };
         let (store, cluster, events) = attachment_seams(&config, &metrics).await?;
+        let nbd = nbd_plane(&config, store.clone(), backend.clone()).await?;
         let policy = Policy {
             grace_period: config.attach_grace_period,
             allow_rwx_block_sharing: config.allow_rwx_block_sharing,
@@ -181,10 +256,8 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             metrics.clone(),
             config.topology_pool.clone(),
         );
-        Some(match config.nbd_listen {
-            Some(listen) => {
-                service.with_nbd(start_nbd(&config, listen, attachments, backend).await?)
-            }
+        Some(match nbd {
+            Some(plane) => service.with_nbd(plane),
             None => service,
         })
     } else {
@@ -280,15 +353,8 @@ async fn print_attachments(args: AttachmentsArgs) -> Result<(), BoxError> {
     let states = match args.store {
         AttachmentStoreKind::File => FileStore::open(&args.state_dir)?.load_all().await?,
         AttachmentStoreKind::Kube => {
-            let client = kube::Client::try_default().await?;
-            let cache = ClusterCache::new(&args.driver_name);
-            cache.spawn_watches(client.clone());
-            if !cache.wait_ready(Duration::from_secs(60)).await {
-                return Err("Kubernetes watches did not sync within 60s".into());
-            }
-            PvStore::new(kube::Api::all(client), cache, RetryPolicy::default())
-                .load_all()
-                .await?
+            let (_, _, store) = pv_store(&args.driver_name, Duration::from_secs(60)).await?;
+            store.load_all().await?
         }
     };
     let now = chrono::Utc::now();
@@ -334,6 +400,7 @@ fn run_command(command: Command) -> ExitCode {
                     .map(drop)
             }
             Command::Attachments(args) => print_attachments(args).await,
+            Command::Target(args) => run_target(args).await,
             Command::NbdClient(args) => {
                 tokio::task::spawn_blocking(move || nbd_client(args)).await?
             }
@@ -351,7 +418,7 @@ fn run_command(command: Command) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(command) = cli.command {
-        if matches!(command, Command::NbdClient(_)) {
+        if matches!(command, Command::NbdClient(_) | Command::Target(_)) {
             // A long-running helper: its reconnects and fencing are worth a log line.
             let _ = init_tracing(&cli.server);
         }

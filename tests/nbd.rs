@@ -601,3 +601,121 @@ async fn a_connection_whose_attachment_vanished_elsewhere_is_dropped() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(c.write(0, &[3u8; 512], false).await.is_err());
 }
+
+/// POSTs `body` to `addr/fence`; returns the status code.
+async fn post_fence(addr: &str, body: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /fence HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_target_on_a_storage_host_is_fenced_over_signed_http() {
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("nbd-export.key");
+    handoff_csi::nbd::authority::ExportKey::load_or_create(&key_file).unwrap();
+    let (nbd_port, fence_port) = (free_port(), free_port());
+    let fence_addr = format!("127.0.0.1:{fence_port}");
+    let d = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--nbd-target".into(),
+            fence_addr.clone(),
+            "--nbd-advertise".into(),
+            format!("127.0.0.1:{nbd_port}"),
+            "--nbd-key-file".into(),
+            key_file.display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let start_target = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+            .arg("target")
+            .args(["--listen", &format!("127.0.0.1:{nbd_port}")])
+            .args(["--fence-listen", &fence_addr])
+            .arg("--data-dir")
+            .arg(d.data_dir())
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .arg("--nbd-key-file")
+            .arg(&key_file)
+            .env("HANDOFF_LOG_LEVEL", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut target = start_target();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&fence_addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let id = rwx_volume(&d, "nbd-remote", 4 * MIB).await;
+    let ctx_a = publish(&d, &id, "node-a").await;
+    let mut a = connect(&ctx_a).await.unwrap();
+    a.write(0, &[7u8; 4096], true).await.unwrap();
+    let ctx_b = publish(&d, &id, "node-b").await;
+    let mut b = connect(&ctx_b).await.unwrap();
+
+    // A fence request without the key's signature is refused and changes nothing.
+    let forged = format!(
+        r#"{{"volume":"{id}","node":"node-b","token":"{}"}}"#,
+        "0".repeat(64)
+    );
+    assert_eq!(post_fence(&fence_addr, &forged).await, 403);
+    b.write(4096, &[8u8; 4096], true).await.unwrap();
+
+    // The controller fences A at the remote target before its ControllerUnpublish is OK.
+    unpublish(&d, &id, "node-a").await;
+    assert!(a.write(0, &[9u8; 4096], true).await.is_err());
+    assert!(matches!(
+        connect(&ctx_a).await,
+        Err(ClientError::Refused { .. })
+    ));
+    assert_eq!(b.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+
+    // With the target unreachable, a detach is not OK (it cannot be fenced) — and it
+    // succeeds on retry once the target is back.
+    target.kill().await.unwrap();
+    let status = d
+        .controller()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let _target = start_target();
+    let mut ok = false;
+    for _ in 0..100 {
+        if d.controller()
+            .await
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "node-b".into(),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the retried detach succeeds once the target answers");
+}

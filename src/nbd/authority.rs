@@ -14,7 +14,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::server::{ExportAuthority, Grant, Refusal};
-use crate::attachment::AttachmentManager;
+use crate::attachment::store::AttachmentStore;
 use crate::backend::Backend;
 use crate::export::ExportInfo;
 use crate::ids::{NodeId, VolumeId};
@@ -88,11 +88,40 @@ impl ExportKey {
         mac
     }
 
+    /// Reads an existing key (a target on another host must use the controller's).
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let b = std::fs::read(path)?;
+        let bytes: [u8; KEY_LEN] = b.as_slice().try_into().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} must hold exactly {KEY_LEN} bytes", path.display()),
+            )
+        })?;
+        Ok(ExportKey(bytes))
+    }
+
+    fn fence_mac(&self, volume: &VolumeId, node: &NodeId) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"fence\0");
+        mac.update(volume.as_str().as_bytes());
+        mac.update(b"\0");
+        mac.update(node.as_str().as_bytes());
+        mac
+    }
+
+    /// Proves a fence request comes from a holder of the key (the controller).
+    pub fn fence_token(&self, volume: &VolumeId, node: &NodeId) -> String {
+        hex(&self.fence_mac(volume, node).finalize().into_bytes())
+    }
+
+    pub fn verify_fence(&self, volume: &VolumeId, node: &NodeId, token: &str) -> bool {
+        unhex(token).is_some_and(|tag| self.fence_mac(volume, node).verify_slice(&tag).is_ok())
+    }
+
     /// The export name a node uses for this attachment: `<volume id>.<64 hex>`.
     pub fn export_name(&self, volume: &VolumeId, node: &NodeId, at: DateTime<Utc>) -> String {
         let tag = self.mac(volume, node, at).finalize().into_bytes();
-        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{volume}.{hex}")
+        format!("{volume}.{}", hex(&tag))
     }
 
     fn verify(&self, volume: &VolumeId, node: &NodeId, at: DateTime<Utc>, tag: &[u8]) -> bool {
@@ -101,30 +130,39 @@ impl ExportKey {
     }
 }
 
-/// `<volume id>.<64 hex>` → (volume, tag); anything else is not an export of ours.
-fn parse_export_name(name: &str) -> Option<(VolumeId, Vec<u8>)> {
-    let (volume, hex) = name.split_once('.')?;
-    if hex.len() != TOKEN_HEX || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let volume = VolumeId::parse(volume).ok()?;
-    let tag = (0..TOKEN_HEX)
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    Some((volume, tag))
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Authorises against the AttachmentManager's current state and the backend's images.
+/// 64 hex digits → 32 bytes; anything else → None.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != TOKEN_HEX || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..TOKEN_HEX)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// `<volume id>.<64 hex>` → (volume, tag); anything else is not an export of ours.
+fn parse_export_name(name: &str) -> Option<(VolumeId, Vec<u8>)> {
+    let (volume, tag) = name.split_once('.')?;
+    let tag = unhex(tag)?;
+    Some((VolumeId::parse(volume).ok()?, tag))
+}
+
+/// Authorises against the attachment store (the state the controller persists; read
+/// only here) and the backend's images.
 pub struct AttachmentAuthority {
-    attachments: Arc<AttachmentManager>,
+    attachments: Arc<dyn AttachmentStore>,
     backend: Arc<dyn Backend>,
     key: Arc<ExportKey>,
 }
 
 impl AttachmentAuthority {
     pub fn new(
-        attachments: Arc<AttachmentManager>,
+        attachments: Arc<dyn AttachmentStore>,
         backend: Arc<dyn Backend>,
         key: Arc<ExportKey>,
     ) -> Self {
@@ -148,7 +186,7 @@ impl ExportAuthority for AttachmentAuthority {
             .ok_or(Refusal::Unknown)?;
         let state = self
             .attachments
-            .state(&volume)
+            .load(&volume)
             .await
             .map_err(|e| Refusal::Unavailable(e.to_string()))?
             .ok_or(Refusal::Denied)?;
@@ -180,7 +218,7 @@ impl ExportAuthority for AttachmentAuthority {
     }
 
     async fn still_valid(&self, grant: &Grant) -> bool {
-        match self.attachments.state(&grant.volume).await {
+        match self.attachments.load(&grant.volume).await {
             Ok(Some(state)) => state
                 .nodes
                 .iter()
@@ -226,6 +264,22 @@ mod tests {
         ] {
             assert!(parse_export_name(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fence_tokens_bind_volume_and_node() {
+        let key = ExportKey::generate();
+        let (v, a, b) = (
+            VolumeId::generate(),
+            NodeId::parse("node-a").unwrap(),
+            NodeId::parse("node-b").unwrap(),
+        );
+        let t = key.fence_token(&v, &a);
+        assert!(key.verify_fence(&v, &a, &t));
+        assert!(!key.verify_fence(&v, &b, &t));
+        assert!(!key.verify_fence(&VolumeId::generate(), &a, &t));
+        assert!(!ExportKey::generate().verify_fence(&v, &a, &t));
+        assert!(!key.verify_fence(&v, &a, "zz"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod client;
+pub mod fence;
 pub mod fuse_disk;
 pub mod proto;
 pub mod server;
@@ -12,14 +13,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use self::authority::ExportKey;
-use self::server::NbdTarget;
+use self::fence::Fencer;
 use crate::export::ExportInfo;
 use crate::ids::{NodeId, VolumeId};
 
 /// What the controller needs of the NBD plane: where nodes dial, how export names are
 /// signed, and the target to fence.
 pub struct NbdPlane {
-    pub target: Arc<NbdTarget>,
+    /// The target to fence at: in this process, or on a storage host.
+    pub target: Arc<dyn Fencer>,
     pub key: Arc<ExportKey>,
     /// host:port nodes connect to.
     pub advertise: String,

@@ -57,6 +57,12 @@ pub enum FenceError {
         FENCE_TIMEOUT
     )]
     Timeout { volume: VolumeId, node: NodeId },
+    #[error("fencing node {node} off volume {volume} at the remote target failed: {reason}")]
+    Remote {
+        volume: VolumeId,
+        node: NodeId,
+        reason: String,
+    },
 }
 
 /// How long a fence waits for a connection's in-flight request to finish.
