@@ -71,12 +71,25 @@ pub enum Command {
     },
     /// Print the attachment table: volume, mode, nodes in order, migration start, time left.
     Attachments(AttachmentsArgs),
+    /// Start and own the node's nbd-client processes for the node plugin (its own
+    /// DaemonSet), so that they survive restarts of the plugin's container.
+    NbdKeeper(NbdKeeperArgs),
     /// Run the NBD target on a storage host: serves published volumes' images and
     /// takes fence requests from the controller (`--nbd-target` there).
     Target(TargetArgs),
     /// Serve one NBD export as the file `disk` in a FUSE mount (started by the node
     /// plugin; the export name, which carries a secret, is read from standard input).
     NbdClient(NbdClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NbdKeeperArgs {
+    /// Unix socket the node plugin's --nbd-keeper-socket points at (created 0600).
+    #[arg(long, default_value = "/run/handoff-csi/nbd-keeper.sock")]
+    pub socket: PathBuf,
+    /// The node plugin's --nbd-run-dir: the only place clients are mounted.
+    #[arg(long, default_value = "/run/handoff-csi/nbd")]
+    pub run_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -283,6 +296,11 @@ pub struct Config {
         default_value = "/run/handoff-csi/nbd"
     )]
     pub nbd_run_dir: PathBuf,
+
+    /// Node: ask the `handoff-csi nbd-keeper` on this socket to start nbd-clients, so
+    /// that they outlive this plugin's container (default: start them directly).
+    #[arg(long, env = "HANDOFF_NBD_KEEPER_SOCKET")]
+    pub nbd_keeper_socket: Option<PathBuf>,
 
     /// Node: an NBD request that cannot complete within this time (reconnecting as
     /// needed) fails with EIO instead of hanging the VM's I/O forever.

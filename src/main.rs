@@ -41,7 +41,7 @@ use handoff_csi::node::lifecycle::NodeVolumes;
 use handoff_csi::node::mount::SysMounter;
 use handoff_csi::node::transport::dispatch::DataPlanes;
 use handoff_csi::node::transport::loopdev::{LoopPaths, LoopTransport};
-use handoff_csi::node::transport::nbd::NbdTransport;
+use handoff_csi::node::transport::nbd::{Launcher, NbdTransport};
 use handoff_csi::node::transport::Transport;
 use handoff_csi::node::NodeService;
 use handoff_csi::server::{self, Services};
@@ -278,6 +278,10 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             node_id.as_str(),
             std::env::current_exe()?,
             config.nbd_io_timeout,
+            match &config.nbd_keeper_socket {
+                Some(socket) => Launcher::Keeper(socket.clone()),
+                None => Launcher::Direct,
+            },
         )
         .map(|t| Arc::new(t) as Arc<dyn Transport>)
         .map_err(|e| {
@@ -401,6 +405,10 @@ fn run_command(command: Command) -> ExitCode {
             }
             Command::Attachments(args) => print_attachments(args).await,
             Command::Target(args) => run_target(args).await,
+            Command::NbdKeeper(args) => {
+                let binary = std::env::current_exe()?;
+                Ok(handoff_csi::nbd::keeper::serve(&args.socket, &args.run_dir, binary).await?)
+            }
             Command::NbdClient(args) => {
                 tokio::task::spawn_blocking(move || nbd_client(args)).await?
             }
@@ -418,7 +426,10 @@ fn run_command(command: Command) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(command) = cli.command {
-        if matches!(command, Command::NbdClient(_) | Command::Target(_)) {
+        if matches!(
+            command,
+            Command::NbdClient(_) | Command::Target(_) | Command::NbdKeeper(_)
+        ) {
             // A long-running helper: its reconnects and fencing are worth a log line.
             let _ = init_tracing(&cli.server);
         }

@@ -188,7 +188,13 @@ fn containers(doc: &Value) -> Vec<&Value> {
 }
 
 fn help() -> String {
+    help_of(None)
+}
+
+/// `handoff-csi [subcommand] --help`.
+fn help_of(subcommand: Option<&str>) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(subcommand)
         .arg("--help")
         .output()
         .unwrap();
@@ -196,8 +202,11 @@ fn help() -> String {
 }
 
 fn help_flags() -> BTreeSet<String> {
-    help()
-        .split_whitespace()
+    flags_in(&help())
+}
+
+fn flags_in(help: &str) -> BTreeSet<String> {
+    help.split_whitespace()
         .filter_map(|w| w.strip_prefix("--"))
         .map(|f| {
             f.trim_end_matches([',', '.'])
@@ -254,19 +263,36 @@ fn flags_in_manifests_exist_and_the_driver_name_is_consistent() {
                 file.display()
             );
             used_images.insert(image.to_owned());
-            for arg in c["args"].as_array().into_iter().flatten() {
-                let arg = arg.as_str().unwrap();
+            // The driver's own containers: server flags, or a subcommand and its flags.
+            let args: Vec<&str> = c["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let (subcommand, args) = match args.first() {
+                Some(first) if image == "handoff-csi" && !first.starts_with("--") => {
+                    (Some(*first), &args[1..])
+                }
+                _ => (None, &args[..]),
+            };
+            let known = match subcommand {
+                Some(sub) => flags_in(&help_of(Some(sub))),
+                None => flags.clone(),
+            };
+            for arg in args {
                 if let Some(path) = arg.strip_prefix("--kubelet-registration-path=") {
                     assert_eq!(path, format!("/var/lib/kubelet/plugins/{DRIVER}/csi.sock"));
                 }
-                if c["name"] != "handoff-csi" {
+                if image != "handoff-csi" {
                     continue;
                 }
                 let flag = arg.strip_prefix("--").unwrap().split('=').next().unwrap();
                 assert!(
-                    flags.contains(flag),
-                    "{}: --{flag} is not a handoff-csi flag",
-                    file.display()
+                    known.contains(flag),
+                    "{}: --{flag} is not a flag of handoff-csi {}",
+                    file.display(),
+                    subcommand.unwrap_or("")
                 );
                 if let Some(name) = arg.strip_prefix("--driver-name=") {
                     names.push(name.to_owned());

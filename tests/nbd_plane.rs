@@ -288,3 +288,138 @@ async fn across_network_namespaces_io_survives_a_link_flap_grows_and_fences_the_
         assert!(mounts_under(&dir).is_empty(), "{node}: FUSE mount left");
     }
 }
+
+/// Parent pid of `pid`, from /proc.
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields resume after its closing parenthesis.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Every process started (transitively) by `root`.
+fn descendants(root: i32) -> Vec<i32> {
+    let all: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(all.iter().filter(|p| ppid(**p) == Some(parent)));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Processes whose command line contains every one of `words`.
+fn processes_with(words: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            words.iter().all(|w| cmd.contains(w)).then_some(pid)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn with_an_nbd_keeper_io_survives_the_plugin_container_and_all_it_started() {
+    if !require_root("with_an_nbd_keeper_io_survives_the_plugin_container_and_all_it_started") {
+        return;
+    }
+    let keeper_dir = tempfile::Builder::new()
+        .prefix("handoff-test-keeper-")
+        .tempdir()
+        .unwrap();
+    let run_dir = std::fs::canonicalize(keeper_dir.path())
+        .unwrap()
+        .join("nbd");
+    let socket = keeper_dir.path().join("keeper.sock");
+    let mut keeper = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .arg("nbd-keeper")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .env("HANDOFF_LOG_LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let shared = tempfile::Builder::new()
+        .prefix("handoff-test-shared-")
+        .tempdir()
+        .unwrap();
+    let data = std::fs::canonicalize(shared.path()).unwrap().join("data");
+    let port = free_port();
+    let controller = Driver::start_with(DriverOptions {
+        mode: "controller",
+        node_id: "controller".into(),
+        extra_args: vec!["--nbd-listen".into(), format!("127.0.0.1:{port}")],
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    })
+    .await;
+    let node = Driver::start_with(DriverOptions {
+        mode: "node",
+        node_id: "node-a".into(),
+        extra_args: vec![
+            "--nbd-keeper-socket".into(),
+            socket.display().to_string(),
+            "--nbd-run-dir".into(),
+            run_dir.display().to_string(),
+        ],
+        data_dir: Some(data),
+        ..Default::default()
+    })
+    .await;
+    let mut cluster = LocalCluster {
+        controller,
+        nodes: vec![node],
+        shared,
+    };
+    let id = nbd_disk(&cluster, "nbd-keeper").await;
+    let a = attach(&cluster, &id, "node-a").await;
+    let dev = datacheck::open_direct(&a.target, true).unwrap();
+    datacheck::write_blocks(&dev, 0, 256, 1).unwrap();
+
+    // The client belongs to the keeper, not to the plugin.
+    let clients = processes_with(&["nbd-client", &run_dir.display().to_string()]);
+    assert_eq!(clients.len(), 1, "one nbd-client: {clients:?}");
+    assert_eq!(ppid(clients[0]), keeper.id().map(|p| p as i32));
+
+    // A container restart: the plugin and everything it started are killed.
+    let plugin = cluster.node("node-a").pid() as i32;
+    for pid in descendants(plugin) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    cluster.node_mut("node-a").crash_and_restart().await;
+    datacheck::write_blocks(&dev, 256, 256, 1).unwrap();
+    let expected = vec![1; 512];
+    datacheck::verify_blocks(&dev, &expected).unwrap();
+
+    drop(dev);
+    detach(&cluster, &id, &a).await;
+    assert!(loops_under(&run_dir).is_empty());
+    assert!(mounts_under(&run_dir).is_empty());
+    let _ = keeper.kill().await;
+}

@@ -5,6 +5,7 @@ pub mod authority;
 pub mod client;
 pub mod fence;
 pub mod fuse_disk;
+pub mod keeper;
 pub mod proto;
 pub mod server;
 

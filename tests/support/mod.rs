@@ -126,9 +126,14 @@ impl Driver {
             .arg("error")
             .arg("--kubelet-dir")
             .arg(self.dir.path())
-            .arg("--nbd-run-dir")
-            .arg(self.dir.path().join("nbd"))
             .args(&self.options.extra_args)
+            .args(
+                (!self.options.extra_args.iter().any(|a| a == "--nbd-run-dir"))
+                    .then(|| ["--nbd-run-dir".into(), self.dir.path().join("nbd")])
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<PathBuf>>(),
+            )
             .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null());
         if let Some(ns) = &self.options.netns {

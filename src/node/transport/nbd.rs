@@ -52,6 +52,84 @@ impl ImageNames for NbdDisks {
     }
 }
 
+/// Who starts the per-volume clients.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// This plugin, as processes of their own group: they outlive the plugin process,
+    /// not its container.
+    Direct,
+    /// A long-lived `handoff-csi nbd-keeper` (its own DaemonSet) listening on this
+    /// socket: the clients outlive the plugin's container too.
+    Keeper(PathBuf),
+}
+
+/// What it takes to start one client.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClientLaunch {
+    pub address: String,
+    /// Carries the attachment's secret: never logged.
+    pub export: String,
+    pub mountpoint: PathBuf,
+    pub io_timeout_ms: u64,
+}
+
+/// Starts `binary nbd-client` for `launch` in its own process group and waits until its
+/// disk appears; a client that exits first reports the tail of its log.
+pub fn launch_client(binary: &Path, launch: &ClientLaunch) -> Result<(), String> {
+    let mnt = &launch.mountpoint;
+    std::fs::create_dir_all(mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
+    let log_path = mnt.with_extension("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let mut child = Command::new(binary)
+        .arg("nbd-client")
+        .arg("--address")
+        .arg(&launch.address)
+        .arg("--mountpoint")
+        .arg(mnt)
+        .arg("--io-timeout")
+        .arg(format!("{}ms", launch.io_timeout_ms))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group: a signal to the launcher's group leaves it running.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+    // The export name carries the attachment's secret: stdin, never argv.
+    let sent = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(format!("{}\n", launch.export).as_bytes()));
+    if let Some(Err(e)) = sent {
+        let _ = child.kill();
+        return Err(format!("write to nbd-client: {e}"));
+    }
+    let disk = mnt.join(DISK_NAME);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if std::fs::metadata(&disk).is_ok() {
+            // Reaped by a thread of ours, or by init once the launcher is gone.
+            std::thread::spawn(move || child.wait());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+            return Err(format!("exited with {status}: {tail}"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no disk after {START_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NbdTransport {
     loops: LoopTransport,
@@ -59,6 +137,7 @@ pub struct NbdTransport {
     /// The handoff-csi executable that runs `nbd-client`.
     binary: PathBuf,
     io_timeout: Duration,
+    launcher: Launcher,
 }
 
 fn sys_err<'a>(
@@ -80,6 +159,7 @@ impl NbdTransport {
         owner: &str,
         binary: PathBuf,
         io_timeout: Duration,
+        launcher: Launcher,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         // sysfs reports the resolved backing path.
@@ -90,6 +170,7 @@ impl NbdTransport {
             disks,
             binary,
             io_timeout,
+            launcher,
         })
     }
 
@@ -115,64 +196,20 @@ impl NbdTransport {
         address: &str,
         export: &str,
     ) -> Result<(), TransportError> {
-        let mnt = self.disks.mountpoint(volume);
-        std::fs::create_dir_all(&mnt).map_err(sys_err("create", &mnt))?;
-        let log_path = self.disks.run_dir.join(format!("{volume}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(sys_err("open", &log_path))?;
-        let mut child = Command::new(&self.binary)
-            .arg("nbd-client")
-            .arg("--address")
-            .arg(address)
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .arg("--io-timeout")
-            .arg(format!("{}ms", self.io_timeout.as_millis()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(log)
-            // Its own process group: a signal to the plugin's group leaves it running.
-            .process_group(0)
-            .spawn()
-            .map_err(sys_err("spawn nbd-client", &self.binary))?;
-        // The export name carries the attachment's secret: stdin, never argv.
-        let sent = child
-            .stdin
-            .take()
-            .map(|mut stdin| stdin.write_all(format!("{export}\n").as_bytes()));
-        if let Some(Err(e)) = sent {
-            let _ = child.kill();
-            return Err(sys_err("write to nbd-client", &self.binary)(e));
-        }
-        let disk = self.disks.disk(volume);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if std::fs::metadata(&disk).is_ok() {
-                // Reaped by a thread of ours, or by init once this plugin is gone.
-                std::thread::spawn(move || child.wait());
-                return Ok(());
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-                return Err(TransportError::NbdClient {
-                    volume: volume.clone(),
-                    reason: format!("exited with {status}: {tail}"),
-                });
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(TransportError::NbdClient {
-                    volume: volume.clone(),
-                    reason: format!("no disk after {START_TIMEOUT:?}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let launch = ClientLaunch {
+            address: address.to_owned(),
+            export: export.to_owned(),
+            mountpoint: self.disks.mountpoint(volume),
+            io_timeout_ms: self.io_timeout.as_millis() as u64,
+        };
+        let result = match &self.launcher {
+            Launcher::Direct => launch_client(&self.binary, &launch),
+            Launcher::Keeper(socket) => crate::nbd::keeper::request(socket, &launch),
+        };
+        result.map_err(|reason| TransportError::NbdClient {
+            volume: volume.clone(),
+            reason,
+        })
     }
 
     async fn blocking<T: Send + 'static>(
