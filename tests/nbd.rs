@@ -699,6 +699,23 @@ async fn a_target_on_a_storage_host_is_fenced_over_signed_http() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // Volumes on the file plane have nothing to fence: their detach does not need it.
+    let plain = d
+        .controller()
+        .await
+        .create_volume(create_request(
+            "file-plane",
+            MIB,
+            block_cap(Mode::MultiNodeMultiWriter),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    publish(&d, &plain, "node-c").await;
+    unpublish(&d, &plain, "node-c").await;
     let _target = start_target();
     let mut ok = false;
     for _ in 0..100 {

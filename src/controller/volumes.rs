@@ -240,6 +240,14 @@ impl ControllerService {
         let Some(nbd) = &self.nbd else {
             return Ok(());
         };
+        // Only NBD-plane volumes have connections to cut (and a remote target to ask).
+        let plane = match self.backend.get_volume(id).await? {
+            Some(v) => stored_params(&v)?.data_plane,
+            None => return Ok(()),
+        };
+        if plane != DataPlane::Nbd {
+            return Ok(());
+        }
         let result = nbd.target.fence(id, node).await;
         let (connections, ok) = match &result {
             Ok(n) => (*n, true),
