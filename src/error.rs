@@ -160,6 +160,9 @@ fn transport_code(e: &TransportError) -> Code {
         TransportError::Unsupported(_) => Code::FailedPrecondition,
         // The target refused or cannot be reached: retryable.
         TransportError::NbdClient { .. } => Code::Unavailable,
+        TransportError::ForeignSubsystem { .. } => Code::InvalidArgument,
+        // The target may be unreachable for now: retryable.
+        TransportError::NvmeConnect { .. } => Code::Unavailable,
         TransportError::Sys { .. } => Code::Internal,
     }
 }

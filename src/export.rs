@@ -8,6 +8,11 @@ const KEY_TRANSPORT: &str = "transport";
 const KEY_PATH: &str = "imagePath";
 const KEY_NBD_ADDRESS: &str = "nbdAddress";
 const KEY_NBD_EXPORT: &str = "nbdExport";
+const KEY_NVME_ADDRESS: &str = "nvmeAddress";
+const KEY_NVME_PORT: &str = "nvmePort";
+const KEY_NVME_NQN: &str = "nvmeSubsystemNqn";
+const KEY_NVME_NS_UUID: &str = "nvmeNamespaceUuid";
+const KEY_NVME_CTRL_LOSS_TMO: &str = "nvmeCtrlLossTmo";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportInfo {
@@ -15,6 +20,15 @@ pub enum ExportInfo {
     LocalFile { path: PathBuf },
     /// An NBD export; `export` names this attachment and carries its secret.
     Nbd { address: String, export: String },
+    /// An NVMe/TCP subsystem; the volume is the namespace with this UUID.
+    NvmeTcp {
+        address: String,
+        port: u16,
+        subsystem_nqn: String,
+        namespace_uuid: String,
+        /// Seconds the host keeps retrying a lost controller before failing I/O.
+        ctrl_loss_tmo: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +37,8 @@ pub enum ExportError {
     MissingKey(&'static str),
     #[error("publish_context transport {0:?} is not supported by this node plugin")]
     UnknownTransport(String),
+    #[error("publish_context {key} is not valid: {value:?}")]
+    Invalid { key: &'static str, value: String },
 }
 
 impl ExportInfo {
@@ -30,6 +46,7 @@ impl ExportInfo {
         match self {
             ExportInfo::LocalFile { .. } => "loop",
             ExportInfo::Nbd { .. } => "nbd",
+            ExportInfo::NvmeTcp { .. } => "nvme-tcp",
         }
     }
 
@@ -43,6 +60,19 @@ impl ExportInfo {
             ExportInfo::Nbd { address, export } => {
                 ctx.insert(KEY_NBD_ADDRESS.to_owned(), address.clone());
                 ctx.insert(KEY_NBD_EXPORT.to_owned(), export.clone());
+            }
+            ExportInfo::NvmeTcp {
+                address,
+                port,
+                subsystem_nqn,
+                namespace_uuid,
+                ctrl_loss_tmo,
+            } => {
+                ctx.insert(KEY_NVME_ADDRESS.to_owned(), address.clone());
+                ctx.insert(KEY_NVME_PORT.to_owned(), port.to_string());
+                ctx.insert(KEY_NVME_NQN.to_owned(), subsystem_nqn.clone());
+                ctx.insert(KEY_NVME_NS_UUID.to_owned(), namespace_uuid.clone());
+                ctx.insert(KEY_NVME_CTRL_LOSS_TMO.to_owned(), ctrl_loss_tmo.to_string());
             }
         }
         ctx
@@ -69,6 +99,27 @@ impl ExportInfo {
                     .ok_or(ExportError::MissingKey(KEY_NBD_EXPORT))?
                     .clone(),
             }),
+            "nvme-tcp" => {
+                let get = |key: &'static str| ctx.get(key).ok_or(ExportError::MissingKey(key));
+                let number = |key: &'static str| -> Result<u32, ExportError> {
+                    let v = get(key)?;
+                    v.parse().map_err(|_| ExportError::Invalid {
+                        key,
+                        value: v.chars().take(32).collect(),
+                    })
+                };
+                let port = number(KEY_NVME_PORT)?;
+                Ok(ExportInfo::NvmeTcp {
+                    address: get(KEY_NVME_ADDRESS)?.clone(),
+                    port: u16::try_from(port).map_err(|_| ExportError::Invalid {
+                        key: KEY_NVME_PORT,
+                        value: port.to_string(),
+                    })?,
+                    subsystem_nqn: get(KEY_NVME_NQN)?.clone(),
+                    namespace_uuid: get(KEY_NVME_NS_UUID)?.clone(),
+                    ctrl_loss_tmo: number(KEY_NVME_CTRL_LOSS_TMO)?,
+                })
+            }
             other => Err(ExportError::UnknownTransport(
                 other.chars().take(32).collect(),
             )),
@@ -101,6 +152,23 @@ mod tests {
             ExportInfo::from_publish_context(&nbd.to_publish_context()).unwrap(),
             nbd
         );
+        let nvme = ExportInfo::NvmeTcp {
+            address: "10.0.0.2".into(),
+            port: 4420,
+            subsystem_nqn: "nqn.2000-02.com.mikrotik:pvc-1".into(),
+            namespace_uuid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+            ctrl_loss_tmo: 600,
+        };
+        assert_eq!(
+            ExportInfo::from_publish_context(&nvme.to_publish_context()).unwrap(),
+            nvme
+        );
+        let mut bad = nvme.to_publish_context();
+        bad.insert("nvmePort".into(), "70000".into());
+        assert!(matches!(
+            ExportInfo::from_publish_context(&bad),
+            Err(ExportError::Invalid { .. })
+        ));
         let mut ctx = e.to_publish_context();
         ctx.insert("transport".into(), "nvme".into());
         assert!(matches!(

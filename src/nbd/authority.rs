@@ -202,7 +202,7 @@ impl ExportAuthority for AttachmentAuthority {
             .map_err(|e| Refusal::Unavailable(e.to_string()))?
         {
             ExportInfo::LocalFile { path } => path,
-            ExportInfo::Nbd { .. } => {
+            ExportInfo::Nbd { .. } | ExportInfo::NvmeTcp { .. } => {
                 return Err(Refusal::Unavailable(
                     "the backend does not keep this volume as a local image".into(),
                 ))

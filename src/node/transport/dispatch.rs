@@ -12,19 +12,34 @@ use crate::ids::VolumeId;
 pub struct DataPlanes {
     file: Arc<dyn Transport>,
     nbd: Option<Arc<dyn Transport>>,
+    nvme: Option<Arc<dyn Transport>>,
 }
 
 impl DataPlanes {
     pub fn new(file: Arc<dyn Transport>, nbd: Option<Arc<dyn Transport>>) -> Self {
-        DataPlanes { file, nbd }
+        DataPlanes {
+            file,
+            nbd,
+            nvme: None,
+        }
+    }
+
+    /// Adds the NVMe/TCP transport.
+    pub fn with_nvme(mut self, nvme: Arc<dyn Transport>) -> Self {
+        self.nvme = Some(nvme);
+        self
+    }
+
+    fn network(&self) -> impl Iterator<Item = &Arc<dyn Transport>> {
+        self.nbd.iter().chain(self.nvme.iter())
     }
 
     /// The transport holding `device`.
     async fn owner(&self, device: &Device) -> Result<&Arc<dyn Transport>, TransportError> {
-        if let Some(nbd) = &self.nbd {
-            let held = nbd.find_device(&device.volume_id).await?;
+        for t in self.network() {
+            let held = t.find_device(&device.volume_id).await?;
             if held.is_some_and(|d| d.path == device.path) {
-                return Ok(nbd);
+                return Ok(t);
             }
         }
         Ok(&self.file)
@@ -45,6 +60,10 @@ impl Transport for DataPlanes {
                 Some(nbd) => nbd.connect(volume, export, read_only).await,
                 None => Err(TransportError::Unsupported(export.transport_name())),
             },
+            ExportInfo::NvmeTcp { .. } => match &self.nvme {
+                Some(nvme) => nvme.connect(volume, export, read_only).await,
+                None => Err(TransportError::Unsupported(export.transport_name())),
+            },
         }
     }
 
@@ -52,10 +71,12 @@ impl Transport for DataPlanes {
         if let Some(d) = self.file.find_device(volume).await? {
             return Ok(Some(d));
         }
-        match &self.nbd {
-            Some(nbd) => nbd.find_device(volume).await,
-            None => Ok(None),
+        for t in self.network() {
+            if let Some(d) = t.find_device(volume).await? {
+                return Ok(Some(d));
+            }
         }
+        Ok(None)
     }
 
     async fn disconnect(&self, device: &Device) -> Result<(), TransportError> {
@@ -64,8 +85,8 @@ impl Transport for DataPlanes {
 
     async fn list(&self) -> Result<Vec<Device>, TransportError> {
         let mut all = self.file.list().await?;
-        if let Some(nbd) = &self.nbd {
-            all.extend(nbd.list().await?);
+        for t in self.network() {
+            all.extend(t.list().await?);
         }
         Ok(all)
     }
@@ -76,10 +97,11 @@ impl Transport for DataPlanes {
 
     async fn probe(&self) -> Result<(), TransportError> {
         self.file.probe().await?;
-        if let Some(nbd) = &self.nbd {
-            // The NBD plane is optional on a node: without FUSE only it is unavailable.
-            if let Err(e) = nbd.probe().await {
-                tracing::warn!(error = %e, "NBD data plane unavailable on this node");
+        for t in self.network() {
+            // Network planes are optional on a node: without their kernel support only
+            // they are unavailable.
+            if let Err(e) = t.probe().await {
+                tracing::warn!(error = %e, "a network data plane is unavailable on this node");
             }
         }
         Ok(())

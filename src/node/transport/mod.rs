@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod loopdev;
 pub mod nbd;
+pub mod nvme;
 
 use std::path::PathBuf;
 
@@ -22,6 +23,10 @@ pub enum TransportError {
     DirectIoUnavailable { device: PathBuf, image: PathBuf },
     #[error("publish_context asks for the {0} transport, which this node plugin does not run; check its --nbd-run-dir/flags or the StorageClass's dataPlane")]
     Unsupported(&'static str),
+    #[error("publish_context names NVMe subsystem {nqn:?}, which is not volume {volume}'s under this driver's NQN prefix; refusing to touch it")]
+    ForeignSubsystem { volume: VolumeId, nqn: String },
+    #[error("NVMe/TCP connect for volume {volume} failed: {reason}")]
+    NvmeConnect { volume: VolumeId, reason: String },
     #[error("NBD client for volume {volume} did not come up: {reason}")]
     NbdClient { volume: VolumeId, reason: String },
     #[error("no free loop device after {attempts} attempts (other processes keep taking them)")]
