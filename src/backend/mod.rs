@@ -1,6 +1,7 @@
 //! Storage backends: where volume data lives and how a node reaches it.
 
 pub mod file;
+pub mod nvmet;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,464 @@
+//! Exporting images through the Linux NVMe target (nvmet) by configfs: one subsystem per
+//! volume (`attr_allow_any_host=0`), its namespace backed by the image file with the
+//! volume's UUID, linked to one TCP port, and an `allowed_hosts` link per published node.
+//! Configfs is reached through a small trait so that tests run against a recording fake.
+
+use std::path::{Path, PathBuf};
+
+use crate::export::ExportInfo;
+use crate::ids::VolumeId;
+
+/// The configfs operations nvmet set-up needs.
+pub trait ConfigFs: std::fmt::Debug + Send + Sync + 'static {
+    fn mkdir(&self, path: &Path) -> std::io::Result<()>;
+    fn write(&self, path: &Path, value: &str) -> std::io::Result<()>;
+    fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()>;
+    fn unlink(&self, link: &Path) -> std::io::Result<()>;
+    fn rmdir(&self, path: &Path) -> std::io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The kernel's configfs (`/sys/kernel/config`): directories made there get their
+/// attribute files from the kernel.
+#[derive(Debug, Default)]
+pub struct KernelConfigFs;
+
+impl ConfigFs for KernelConfigFs {
+    fn mkdir(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::create_dir(path)
+    }
+    fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
+        std::fs::write(path, value)
+    }
+    fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+    fn unlink(&self, link: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(link)
+    }
+    fn rmdir(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_dir(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.symlink_metadata().is_ok()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("nvmet {op} {path:?}: {source}")]
+pub struct NvmetError {
+    op: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Where nodes reach this target.
+#[derive(Debug, Clone)]
+pub struct PortConfig {
+    pub id: u16,
+    pub address: String,
+    pub port: u16,
+    /// ipv4 or ipv6.
+    pub family: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Nvmet<F: ConfigFs> {
+    fs: F,
+    /// `<configfs>/nvmet`.
+    root: PathBuf,
+    port: PortConfig,
+    /// Subsystem NQNs are `<prefix><volume id>`.
+    prefix: String,
+}
+
+/// Only NQN-safe text reaches a configfs path (volume ids and host NQNs are checked
+/// before; this is the last line).
+fn component(s: &str) -> bool {
+    !s.is_empty()
+        && !s.contains('/')
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl<F: ConfigFs> Nvmet<F> {
+    pub fn new(fs: F, root: PathBuf, port: PortConfig, prefix: &str) -> Self {
+        Nvmet {
+            fs,
+            root,
+            port,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn nqn(&self, volume: &VolumeId) -> String {
+        format!("{}{volume}", self.prefix)
+    }
+
+    fn subsystem(&self, volume: &VolumeId) -> PathBuf {
+        self.root.join("subsystems").join(self.nqn(volume))
+    }
+
+    fn port_dir(&self) -> PathBuf {
+        self.root.join("ports").join(self.port.id.to_string())
+    }
+
+    fn port_link(&self, volume: &VolumeId) -> PathBuf {
+        self.port_dir().join("subsystems").join(self.nqn(volume))
+    }
+
+    fn mkdir(&self, path: &Path) -> Result<(), NvmetError> {
+        if self.fs.exists(path) {
+            return Ok(());
+        }
+        self.fs.mkdir(path).map_err(|source| NvmetError {
+            op: "mkdir",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn write(&self, path: &Path, value: &str) -> Result<(), NvmetError> {
+        self.fs.write(path, value).map_err(|source| NvmetError {
+            op: "write",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn link(&self, target: &Path, link: &Path) -> Result<(), NvmetError> {
+        if self.fs.exists(link) {
+            return Ok(());
+        }
+        self.fs.symlink(target, link).map_err(|source| NvmetError {
+            op: "symlink",
+            path: link.to_path_buf(),
+            source,
+        })
+    }
+
+    fn unlink(&self, link: &Path) -> Result<(), NvmetError> {
+        if !self.fs.exists(link) {
+            return Ok(());
+        }
+        self.fs.unlink(link).map_err(|source| NvmetError {
+            op: "unlink",
+            path: link.to_path_buf(),
+            source,
+        })
+    }
+
+    fn rmdir(&self, path: &Path) -> Result<(), NvmetError> {
+        if !self.fs.exists(path) {
+            return Ok(());
+        }
+        self.fs.rmdir(path).map_err(|source| NvmetError {
+            op: "rmdir",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The TCP port, created once.
+    fn ensure_port(&self) -> Result<(), NvmetError> {
+        let dir = self.port_dir();
+        if self.fs.exists(&dir) {
+            return Ok(());
+        }
+        self.mkdir(&dir)?;
+        self.write(&dir.join("addr_trtype"), "tcp")?;
+        self.write(&dir.join("addr_adrfam"), self.port.family)?;
+        self.write(&dir.join("addr_traddr"), &self.port.address)?;
+        self.write(&dir.join("addr_trsvcid"), &self.port.port.to_string())
+    }
+
+    /// Exports `image` as the volume's subsystem (idempotent): no host may connect until
+    /// `allow_host`.
+    pub fn export(
+        &self,
+        volume: &VolumeId,
+        uuid: &str,
+        image: &Path,
+        ctrl_loss_tmo: u32,
+    ) -> Result<ExportInfo, NvmetError> {
+        let sub = self.subsystem(volume);
+        self.mkdir(&sub)?;
+        self.write(&sub.join("attr_allow_any_host"), "0")?;
+        let ns = sub.join("namespaces").join("1");
+        self.mkdir(&ns)?;
+        // A namespace's backing cannot change while enabled: set it up, then enable.
+        self.write(&ns.join("device_path"), &image.display().to_string())?;
+        self.write(&ns.join("device_uuid"), uuid)?;
+        self.write(&ns.join("enable"), "1")?;
+        self.ensure_port()?;
+        self.link(&sub, &self.port_link(volume))?;
+        Ok(ExportInfo::NvmeTcp {
+            address: self.port.address.clone(),
+            port: self.port.port,
+            subsystem_nqn: self.nqn(volume),
+            namespace_uuid: uuid.to_owned(),
+            ctrl_loss_tmo,
+        })
+    }
+
+    /// Lets `host` (its NQN) connect to the volume.
+    pub fn allow_host(&self, volume: &VolumeId, host: &str) -> Result<(), NvmetError> {
+        if !component(host) {
+            return Err(NvmetError {
+                op: "allow",
+                path: PathBuf::from(host),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an NQN"),
+            });
+        }
+        let host_dir = self.root.join("hosts").join(host);
+        self.mkdir(&host_dir)?;
+        self.link(
+            &host_dir,
+            &self.subsystem(volume).join("allowed_hosts").join(host),
+        )
+    }
+
+    /// Takes `host`'s permission away; with `evict`, also cuts its live connection:
+    /// removing the link alone does not. nvmet has no per-host disconnect, so the
+    /// subsystem is unlinked from the port (every controller of it drops) and linked
+    /// again: allowed hosts reconnect by themselves, the denied one is refused.
+    pub fn deny_host(&self, volume: &VolumeId, host: &str, evict: bool) -> Result<(), NvmetError> {
+        if !component(host) {
+            return Ok(());
+        }
+        self.unlink(&self.subsystem(volume).join("allowed_hosts").join(host))?;
+        if evict {
+            let link = self.port_link(volume);
+            if self.fs.exists(&link) {
+                self.unlink(&link)?;
+                self.link(&self.subsystem(volume), &link)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes connected hosts see a grown image.
+    pub fn resize(&self, volume: &VolumeId) -> Result<(), NvmetError> {
+        let attr = self
+            .subsystem(volume)
+            .join("namespaces")
+            .join("1")
+            .join("revalidate_size");
+        self.write(&attr, "1")
+    }
+
+    /// Removes the export entirely (idempotent): port link, host links, namespace,
+    /// subsystem.
+    pub fn unexport(&self, volume: &VolumeId, hosts: &[String]) -> Result<(), NvmetError> {
+        let sub = self.subsystem(volume);
+        self.unlink(&self.port_link(volume))?;
+        for host in hosts.iter().filter(|h| component(h)) {
+            self.unlink(&sub.join("allowed_hosts").join(host))?;
+        }
+        let ns = sub.join("namespaces").join("1");
+        if self.fs.exists(&ns) {
+            self.write(&ns.join("enable"), "0")?;
+        }
+        self.rmdir(&ns)?;
+        self.rmdir(&sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    /// Records every operation and keeps the tree, like configfs would.
+    #[derive(Debug, Default)]
+    struct FakeConfigFs {
+        ops: Mutex<Vec<String>>,
+        present: Mutex<BTreeSet<PathBuf>>,
+    }
+
+    impl FakeConfigFs {
+        fn log(&self, op: String) {
+            self.ops.lock().push(op);
+        }
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.ops.lock())
+        }
+    }
+
+    fn rel(p: &Path) -> String {
+        p.strip_prefix("/cfg/nvmet")
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    }
+
+    impl ConfigFs for FakeConfigFs {
+        fn mkdir(&self, path: &Path) -> std::io::Result<()> {
+            self.log(format!("mkdir {}", rel(path)));
+            self.present.lock().insert(path.to_path_buf());
+            Ok(())
+        }
+        fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
+            self.log(format!("write {}={value}", rel(path)));
+            Ok(())
+        }
+        fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()> {
+            self.log(format!("link {} -> {}", rel(link), rel(target)));
+            self.present.lock().insert(link.to_path_buf());
+            Ok(())
+        }
+        fn unlink(&self, link: &Path) -> std::io::Result<()> {
+            self.log(format!("unlink {}", rel(link)));
+            self.present.lock().remove(link);
+            Ok(())
+        }
+        fn rmdir(&self, path: &Path) -> std::io::Result<()> {
+            self.log(format!("rmdir {}", rel(path)));
+            self.present.lock().remove(path);
+            Ok(())
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.present.lock().contains(path)
+        }
+    }
+
+    const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
+
+    fn target() -> Nvmet<FakeConfigFs> {
+        Nvmet::new(
+            FakeConfigFs::default(),
+            PathBuf::from("/cfg/nvmet"),
+            PortConfig {
+                id: 1,
+                address: "10.0.0.2".into(),
+                port: 4420,
+                family: "ipv4",
+            },
+            PREFIX,
+        )
+    }
+
+    #[test]
+    fn export_sets_up_in_order_and_is_idempotent() {
+        let t = target();
+        let v = VolumeId::generate();
+        let nqn = format!("{PREFIX}{v}");
+        let e = t
+            .export(&v, "uuid-1", Path::new("/data/volumes/x.img"), 600)
+            .unwrap();
+        assert_eq!(
+            e,
+            ExportInfo::NvmeTcp {
+                address: "10.0.0.2".into(),
+                port: 4420,
+                subsystem_nqn: nqn.clone(),
+                namespace_uuid: "uuid-1".into(),
+                ctrl_loss_tmo: 600,
+            }
+        );
+        let sub = format!("subsystems/{nqn}");
+        assert_eq!(
+            t.fs.take(),
+            [
+                format!("mkdir {sub}"),
+                format!("write {sub}/attr_allow_any_host=0"),
+                format!("mkdir {sub}/namespaces/1"),
+                format!("write {sub}/namespaces/1/device_path=/data/volumes/x.img"),
+                format!("write {sub}/namespaces/1/device_uuid=uuid-1"),
+                format!("write {sub}/namespaces/1/enable=1"),
+                "mkdir ports/1".into(),
+                "write ports/1/addr_trtype=tcp".into(),
+                "write ports/1/addr_adrfam=ipv4".into(),
+                "write ports/1/addr_traddr=10.0.0.2".into(),
+                "write ports/1/addr_trsvcid=4420".into(),
+                format!("link ports/1/subsystems/{nqn} -> {sub}"),
+            ]
+        );
+        // Again: no new directories or links (the port is not set up twice).
+        t.export(&v, "uuid-1", Path::new("/data/volumes/x.img"), 600)
+            .unwrap();
+        let again = t.fs.take();
+        assert!(
+            again
+                .iter()
+                .all(|op| !op.starts_with("mkdir") && !op.starts_with("link")),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn allow_deny_and_evict() {
+        let t = target();
+        let v = VolumeId::generate();
+        let nqn = format!("{PREFIX}{v}");
+        t.export(&v, "u", Path::new("/i"), 600).unwrap();
+        t.fs.take();
+        let host = "nqn.2014-08.org.nvmexpress:uuid:node-a";
+        t.allow_host(&v, host).unwrap();
+        assert_eq!(
+            t.fs.take(),
+            [
+                format!("mkdir hosts/{host}"),
+                format!("link subsystems/{nqn}/allowed_hosts/{host} -> hosts/{host}"),
+            ]
+        );
+        // Deny without evict only removes the permission.
+        t.deny_host(&v, host, false).unwrap();
+        assert_eq!(
+            t.fs.take(),
+            [format!("unlink subsystems/{nqn}/allowed_hosts/{host}")]
+        );
+        // Deny with evict also cycles the port link so the live controller drops.
+        t.allow_host(&v, host).unwrap();
+        t.fs.take();
+        t.deny_host(&v, host, true).unwrap();
+        assert_eq!(
+            t.fs.take(),
+            [
+                format!("unlink subsystems/{nqn}/allowed_hosts/{host}"),
+                format!("unlink ports/1/subsystems/{nqn}"),
+                format!("link ports/1/subsystems/{nqn} -> subsystems/{nqn}"),
+            ]
+        );
+        // Host names that are not one path component never reach configfs.
+        assert!(t.allow_host(&v, "../../etc").is_err());
+        assert!(t.allow_host(&v, "").is_err());
+        assert!(t.fs.take().is_empty());
+    }
+
+    #[test]
+    fn resize_and_clean_unexport() {
+        let t = target();
+        let v = VolumeId::generate();
+        let nqn = format!("{PREFIX}{v}");
+        t.export(&v, "u", Path::new("/i"), 600).unwrap();
+        t.allow_host(&v, "h1").unwrap();
+        t.fs.take();
+        t.resize(&v).unwrap();
+        assert_eq!(
+            t.fs.take(),
+            [format!(
+                "write subsystems/{nqn}/namespaces/1/revalidate_size=1"
+            )]
+        );
+        t.unexport(&v, &["h1".into()]).unwrap();
+        assert_eq!(
+            t.fs.take(),
+            [
+                format!("unlink ports/1/subsystems/{nqn}"),
+                format!("unlink subsystems/{nqn}/allowed_hosts/h1"),
+                format!("write subsystems/{nqn}/namespaces/1/enable=0"),
+                format!("rmdir subsystems/{nqn}/namespaces/1"),
+                format!("rmdir subsystems/{nqn}"),
+            ]
+        );
+        // Unexporting again touches nothing.
+        t.unexport(&v, &["h1".into()]).unwrap();
+        assert!(t.fs.take().is_empty());
+    }
+}
