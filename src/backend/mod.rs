@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod nvmet;
+pub mod routeros;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
