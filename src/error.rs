@@ -112,6 +112,8 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::NotAtomic(_) => Code::FailedPrecondition,
         BackendError::Io { .. } | BackendError::CorruptRecord { .. } => Code::Internal,
         BackendError::Unhealthy { .. } => Code::FailedPrecondition,
+        BackendError::Target(_) => Code::Unavailable,
+        BackendError::TargetRefused(_) => Code::FailedPrecondition,
     }
 }
 

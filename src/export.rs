@@ -13,6 +13,21 @@ const KEY_NVME_PORT: &str = "nvmePort";
 const KEY_NVME_NQN: &str = "nvmeSubsystemNqn";
 const KEY_NVME_NS_UUID: &str = "nvmeNamespaceUuid";
 const KEY_NVME_CTRL_LOSS_TMO: &str = "nvmeCtrlLossTmo";
+const KEY_NVME_HOST_NQN: &str = "nvmeHostNqn";
+
+/// The host NQN a target with host ACLs (nvmet) admits for `node`. Derived from the node
+/// id, so the controller needs nothing from the node; the node connects as this host for
+/// such exports. It names, it does not authenticate: see docs/backends.md.
+pub fn node_host_nqn(node: &crate::ids::NodeId) -> String {
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, node.as_str().as_bytes());
+    format!("nqn.2014-08.org.nvmexpress:uuid:{id}")
+}
+
+/// The host ID that goes with a derived host NQN: one per NQN, as the kernel requires
+/// (it refuses a known NQN with a different ID).
+pub fn host_id_of(host_nqn: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, host_nqn.as_bytes()).to_string()
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportInfo {
@@ -28,6 +43,9 @@ pub enum ExportInfo {
         namespace_uuid: String,
         /// Seconds the host keeps retrying a lost controller before failing I/O.
         ctrl_loss_tmo: u32,
+        /// The host NQN the target's ACL admits for this node (nvmet); the node connects
+        /// as that host. None where the target has no ACL (RDS): the node's own NQN.
+        host_nqn: Option<String>,
     },
 }
 
@@ -67,7 +85,11 @@ impl ExportInfo {
                 subsystem_nqn,
                 namespace_uuid,
                 ctrl_loss_tmo,
+                host_nqn,
             } => {
+                if let Some(nqn) = host_nqn {
+                    ctx.insert(KEY_NVME_HOST_NQN.to_owned(), nqn.clone());
+                }
                 ctx.insert(KEY_NVME_ADDRESS.to_owned(), address.clone());
                 ctx.insert(KEY_NVME_PORT.to_owned(), port.to_string());
                 ctx.insert(KEY_NVME_NQN.to_owned(), subsystem_nqn.clone());
@@ -118,6 +140,7 @@ impl ExportInfo {
                     subsystem_nqn: get(KEY_NVME_NQN)?.clone(),
                     namespace_uuid: get(KEY_NVME_NS_UUID)?.clone(),
                     ctrl_loss_tmo: number(KEY_NVME_CTRL_LOSS_TMO)?,
+                    host_nqn: ctx.get(KEY_NVME_HOST_NQN).cloned(),
                 })
             }
             other => Err(ExportError::UnknownTransport(
@@ -158,10 +181,19 @@ mod tests {
             subsystem_nqn: "nqn.2000-02.com.mikrotik:pvc-1".into(),
             namespace_uuid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
             ctrl_loss_tmo: 600,
+            host_nqn: None,
         };
         assert_eq!(
             ExportInfo::from_publish_context(&nvme.to_publish_context()).unwrap(),
             nvme
+        );
+        let mut acl = nvme.clone();
+        if let ExportInfo::NvmeTcp { host_nqn, .. } = &mut acl {
+            *host_nqn = Some(node_host_nqn(&crate::ids::NodeId::parse("node-a").unwrap()));
+        }
+        assert_eq!(
+            ExportInfo::from_publish_context(&acl.to_publish_context()).unwrap(),
+            acl
         );
         let mut bad = nvme.to_publish_context();
         bad.insert("nvmePort".into(), "70000".into());

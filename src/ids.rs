@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// CSI caps string fields at 128 bytes.
 const MAX_ID_BYTES: usize = 128;
 const VOLUME_PREFIX: &str = "vol-";
+/// Volumes made by the Go RDS driver are named like their PersistentVolume.
+const ADOPTED_PREFIX: &str = "pvc-";
 
 /// Why an identifier from a request was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,7 +24,7 @@ pub enum IdError {
     },
     /// Structurally plausible, but not an id this driver ever issued: no such object.
     #[error(
-        "{field} {value:?} does not name a volume of this driver (ids look like vol-<32 hex>)"
+        "{field} {value:?} does not name a volume of this driver (ids look like vol-<32 hex>, or pvc-<uuid> for volumes adopted from the RDS Go driver)"
     )]
     Unknown { field: &'static str, value: String },
 }
@@ -55,7 +57,9 @@ fn check_token(field: &'static str, raw: &str) -> Result<(), IdError> {
     Ok(())
 }
 
-/// A volume id issued by this driver: `vol-` followed by 32 lowercase hex digits.
+/// A volume id issued by this driver: `vol-` followed by 32 lowercase hex digits, or
+/// `pvc-` and a lowercase hyphenated UUID (the Go RDS driver's ids, kept on adoption and
+/// used by the `rds` backend for PVs the provisioner names that way).
 /// The strict shape is what makes it safe to use as a file name in the data dir.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -69,7 +73,9 @@ impl VolumeId {
     pub fn parse(raw: &str) -> Result<Self, IdError> {
         check_token("volume_id", raw)?;
         let hex = raw.strip_prefix(VOLUME_PREFIX).unwrap_or("");
-        if hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        let ours = hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let adopted = raw.strip_prefix(ADOPTED_PREFIX).is_some_and(is_uuid);
+        if ours || adopted {
             Ok(VolumeId(raw.to_owned()))
         } else {
             Err(IdError::Unknown {
@@ -82,6 +88,28 @@ impl VolumeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The 128 bits in the id as a hyphenated UUID (namespace UUIDs of NVMe exports).
+    pub fn uuid(&self) -> String {
+        let hex: String = self.0[4..].chars().filter(|c| *c != '-').collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
+}
+
+/// Lowercase hyphenated UUID text (8-4-4-4-12).
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => matches!(b, b'0'..=b'9' | b'a'..=b'f'),
+        })
 }
 
 impl TryFrom<String> for VolumeId {
@@ -269,6 +297,23 @@ mod tests {
             VolumeId::parse(&format!("vol-{}", "A".repeat(32))),
             Err(IdError::Unknown { .. })
         ));
+    }
+
+    #[test]
+    fn go_driver_ids_are_accepted_and_checked() {
+        let id = VolumeId::parse("pvc-3c6f1a2b-1111-4222-8333-944455556666").unwrap();
+        assert_eq!(id.uuid(), "3c6f1a2b-1111-4222-8333-944455556666");
+        let ours = VolumeId::parse(&format!("vol-{}", "ab".repeat(16))).unwrap();
+        assert_eq!(ours.uuid(), "abababab-abab-abab-abab-abababababab");
+        for bad in [
+            "pvc-3c6f1a2b-1111-4222-8333-94445555666",
+            "pvc-3C6F1A2B-1111-4222-8333-944455556666",
+            "pvc-3c6f1a2b11114222833394445555666600",
+            "pvc-",
+            "pvc-../../etc/passwd-0000-0000-00000000",
+        ] {
+            assert!(VolumeId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

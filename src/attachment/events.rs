@@ -85,7 +85,7 @@ pub enum AttachEvent {
         added: Vec<NodeId>,
         removed: Vec<NodeId>,
     },
-    /// A node that lost its attachment was cut off at the NBD target (`connections`
+    /// A node that lost its attachment was cut off at the target (`connections`
     /// dropped); `ok` is false when the fence did not complete (the unpublish fails).
     Fenced {
         volume: VolumeId,
@@ -214,9 +214,9 @@ impl EventSink for LogSink {
                 ok,
             } => {
                 if *ok {
-                    info!(volume_id = %volume, node_id = %node, connections, "node fenced at the NBD target")
+                    info!(volume_id = %volume, node_id = %node, connections, "node fenced at the target")
                 } else {
-                    warn!(volume_id = %volume, node_id = %node, connections, "fencing the node at the NBD target did not complete")
+                    warn!(volume_id = %volume, node_id = %node, connections, "fencing the node at the target did not complete")
                 }
             }
             AttachEvent::Restored {

@@ -135,7 +135,12 @@ impl AttachmentManager {
     /// Notes in the volume's state that `node` was fenced, while the volume stays
     /// attached elsewhere (an idle volume has no record to note it in). Bookkeeping only:
     /// a busy volume is skipped rather than failing the caller.
-    pub async fn record_fence(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {
+    pub async fn record_fence(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+        method: crate::backend::Fencing,
+    ) -> Result<(), AttachError> {
         let Ok(_guard) = self.lock_volume(volume) else {
             tracing::debug!(volume_id = %volume, node_id = %node, "volume busy; fence not noted in its state");
             return Ok(());
@@ -147,7 +152,7 @@ impl AttachmentManager {
             if state.nodes.iter().any(|a| &a.node_id == node) {
                 return Ok(()); // attached again meanwhile
             }
-            state.record_fence(node, Utc::now());
+            state.record_fence(node, Utc::now(), method);
             match self.commit(&state).await {
                 Err(StoreError::Stale { .. }) => continue,
                 other => return Ok(other?),

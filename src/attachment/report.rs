@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::state::{AttachmentState, DeadlineBasis};
+use crate::backend::Fencing;
 use crate::capability::Sharing;
 
 fn mode(s: Sharing) -> &'static str {
@@ -45,9 +46,24 @@ pub fn render_table(states: &[AttachmentState], now: DateTime<Utc>) -> String {
             (true, Some(n)) => format!("(released by {n})"),
             _ => nodes.join(" → "),
         };
-        if !r.fenced.is_empty() {
-            let fenced: Vec<&str> = r.fenced.iter().map(|f| f.node.as_str()).collect();
-            nodes.push_str(&format!(" [fenced: {}]", fenced.join(", ")));
+        let listed = |method| {
+            let names: Vec<&str> = r
+                .fenced
+                .iter()
+                .filter(|f| f.method == method)
+                .map(|f| f.node.as_str())
+                .collect();
+            names.join(", ")
+        };
+        let fenced = listed(Fencing::Target);
+        if !fenced.is_empty() {
+            nodes.push_str(&format!(" [fenced: {fenced}]"));
+        }
+        let unfenced = listed(Fencing::Bookkeeping);
+        if !unfenced.is_empty() {
+            nodes.push_str(&format!(
+                " [detached, NOT fenced (no host ACL): {unfenced}]"
+            ));
         }
         let (name, running, deadline) = match &r.migration {
             Some(m) => (
@@ -80,7 +96,7 @@ pub struct VolumeReport {
     pub migration: Option<MigrationReport>,
     /// The RWO holder remembered within the grace period, when nothing is attached.
     pub released_by: Option<String>,
-    /// Nodes cut off at the NBD target after losing their attachment.
+    /// Nodes cut off at the target (or, without host ACLs, only noted) after losing their attachment.
     pub fenced: Vec<FencedReport>,
 }
 
@@ -88,6 +104,8 @@ pub struct VolumeReport {
 pub struct FencedReport {
     pub node: String,
     pub at: DateTime<Utc>,
+    /// `target`: cut off there; `bookkeeping`: only noted (a backend without host ACLs).
+    pub method: crate::backend::Fencing,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -174,6 +192,7 @@ impl VolumeReport {
                 .map(|f| FencedReport {
                     node: f.node_id.to_string(),
                     at: f.at,
+                    method: f.method,
                 })
                 .collect(),
         }
@@ -253,10 +272,27 @@ mod tests {
         );
         assert!(vol["migration"]["name"].is_null());
         s.nodes.pop();
-        s.record_fence(&NodeId::parse("node-x").unwrap(), now);
+        s.record_fence(&NodeId::parse("node-x").unwrap(), now, Fencing::Target);
         let table = render_table(&[s.clone()], now);
         assert!(table.contains("node-a [fenced: node-x]"), "{table}");
         let v: serde_json::Value = serde_json::from_str(&render_json(&[s], now)).unwrap();
         assert_eq!(v["volumes"][0]["fenced"][0]["node"], "node-x");
+        assert_eq!(v["volumes"][0]["fenced"][0]["method"], "target");
+    }
+
+    #[test]
+    fn a_detach_without_host_acl_is_not_shown_as_fenced() {
+        let now = Utc::now();
+        let mut s = migrating(now, 10);
+        s.nodes.pop();
+        s.record_fence(&NodeId::parse("node-x").unwrap(), now, Fencing::Bookkeeping);
+        let table = render_table(&[s.clone()], now);
+        assert!(!table.contains("[fenced"), "{table}");
+        assert!(
+            table.contains("[detached, NOT fenced (no host ACL): node-x]"),
+            "{table}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&render_json(&[s], now)).unwrap();
+        assert_eq!(v["volumes"][0]["fenced"][0]["method"], "bookkeeping");
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Fencing;
 use crate::capability::Sharing;
 use crate::ids::{NodeId, VolumeId};
 
@@ -31,6 +32,9 @@ pub struct Released {
 pub struct Fenced {
     pub node_id: NodeId,
     pub at: DateTime<Utc>,
+    /// `target` (cut off there) unless the backend could only note it.
+    #[serde(default)]
+    pub method: Fencing,
 }
 
 /// How many fenced nodes a volume remembers (newest kept).
@@ -175,11 +179,12 @@ impl AttachmentState {
     }
 
     /// Records that `node` was cut off at the target (newest last, bounded).
-    pub fn record_fence(&mut self, node: &NodeId, at: DateTime<Utc>) {
+    pub fn record_fence(&mut self, node: &NodeId, at: DateTime<Utc>, method: Fencing) {
         self.fenced.retain(|f| &f.node_id != node);
         self.fenced.push(Fenced {
             node_id: node.clone(),
             at,
+            method,
         });
         let excess = self.fenced.len().saturating_sub(FENCED_KEPT);
         self.fenced.drain(..excess);
@@ -918,7 +923,7 @@ mod tests {
     fn fenced_nodes_are_bounded_and_forgotten_on_republish() {
         let mut s = state(Sharing::Rwx, &["b"]);
         for n in ["a", "c", "d", "e", "f", "a"] {
-            s.record_fence(&node(n), Utc::now());
+            s.record_fence(&node(n), Utc::now(), Fencing::Target);
         }
         let fenced: Vec<&str> = s.fenced.iter().map(|f| f.node_id.as_str()).collect();
         assert_eq!(fenced, ["d", "e", "f", "a"]);

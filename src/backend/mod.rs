@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod nvmet;
+pub mod nvmet_file;
 pub mod routeros;
 
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capability::{AccessMode, Capability, Sharing};
 use crate::export::ExportInfo;
-use crate::ids::{SnapshotId, VolumeId, VolumeName};
+use crate::ids::{NodeId, SnapshotId, VolumeId, VolumeName};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -71,6 +72,12 @@ pub enum BackendError {
     },
     #[error("data dir {path:?} is not usable: {reason}")]
     Unhealthy { path: PathBuf, reason: String },
+    /// The storage target (nvmet, RouterOS) could not do it now; worth retrying.
+    #[error("storage target: {0}")]
+    Target(String),
+    /// The storage target refused for good (bad parameter, authentication, host key).
+    #[error("storage target refused: {0}")]
+    TargetRefused(String),
 }
 
 /// A capacity range from a request: 0 means "unspecified" for either bound.
@@ -258,6 +265,21 @@ impl VolumeRecord {
     }
 }
 
+/// What cutting a node off achieves on a backend (ControllerUnpublish while the volume
+/// stays attached elsewhere, as after a live migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fencing {
+    /// Nothing to cut at a target: the node reaches the image through a filesystem.
+    None,
+    /// The target refuses the node and drops its live connections (NBD, nvmet ACLs).
+    #[default]
+    Target,
+    /// Recorded only: the target has no host ACL (RouterOS), so a detached node that
+    /// still has the device open could write until its kubelet tears the device down.
+    Bookkeeping,
+}
+
 /// A storage backend. Implementations are idempotent and safe to call concurrently
 /// for different volumes; the caller serialises calls for one volume or name.
 #[async_trait]
@@ -270,8 +292,25 @@ pub trait Backend: Send + Sync + 'static {
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, BackendError>;
     /// Grows the volume to `size` bytes (already rounded); equal size is a no-op.
     async fn expand_volume(&self, id: &VolumeId, size: u64) -> Result<VolumeRecord, BackendError>;
-    /// How a node reaches the volume (goes into publish_context).
-    async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError>;
+    /// How `node` reaches the volume (goes into publish_context).
+    async fn export(
+        &self,
+        volume: &VolumeRecord,
+        node: &NodeId,
+    ) -> Result<ExportInfo, BackendError>;
+    /// What `deny_node` achieves here.
+    fn fencing(&self) -> Fencing {
+        Fencing::None
+    }
+    /// Admits `node` at the target (after `export`); a no-op without host ACLs.
+    async fn allow_node(&self, _volume: &VolumeRecord, _node: &NodeId) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Takes `node`'s access away and cuts its live connections; idempotent, and a
+    /// no-op without host ACLs.
+    async fn deny_node(&self, _volume: &VolumeId, _node: &NodeId) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Whether the volume's data is where and what it should be.
     async fn condition(&self, volume: &VolumeRecord) -> Result<Condition, BackendError>;
     /// Bytes a new volume could use now.

@@ -16,6 +16,9 @@ pub trait ConfigFs: std::fmt::Debug + Send + Sync + 'static {
     fn unlink(&self, link: &Path) -> std::io::Result<()>;
     fn rmdir(&self, path: &Path) -> std::io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
+    fn read(&self, path: &Path) -> std::io::Result<String>;
+    /// Entry names of a directory (empty when it does not exist).
+    fn list(&self, dir: &Path) -> Vec<String>;
 }
 
 /// The kernel's configfs (`/sys/kernel/config`): directories made there get their
@@ -41,6 +44,17 @@ impl ConfigFs for KernelConfigFs {
     }
     fn exists(&self, path: &Path) -> bool {
         path.symlink_metadata().is_ok()
+    }
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+    fn list(&self, dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
     }
 }
 
@@ -188,10 +202,17 @@ impl<F: ConfigFs> Nvmet<F> {
         self.write(&sub.join("attr_allow_any_host"), "0")?;
         let ns = sub.join("namespaces").join("1");
         self.mkdir(&ns)?;
-        // A namespace's backing cannot change while enabled: set it up, then enable.
-        self.write(&ns.join("device_path"), &image.display().to_string())?;
-        self.write(&ns.join("device_uuid"), uuid)?;
-        self.write(&ns.join("enable"), "1")?;
+        // A namespace's backing cannot change while enabled (the kernel answers EBUSY):
+        // set it up, then enable, once.
+        let enabled = self
+            .fs
+            .read(&ns.join("enable"))
+            .is_ok_and(|v| v.trim() == "1");
+        if !enabled {
+            self.write(&ns.join("device_path"), &image.display().to_string())?;
+            self.write(&ns.join("device_uuid"), uuid)?;
+            self.write(&ns.join("enable"), "1")?;
+        }
         self.ensure_port()?;
         self.link(&sub, &self.port_link(volume))?;
         Ok(ExportInfo::NvmeTcp {
@@ -200,6 +221,7 @@ impl<F: ConfigFs> Nvmet<F> {
             subsystem_nqn: self.nqn(volume),
             namespace_uuid: uuid.to_owned(),
             ctrl_loss_tmo,
+            host_nqn: None,
         })
     }
 
@@ -239,6 +261,16 @@ impl<F: ConfigFs> Nvmet<F> {
         Ok(())
     }
 
+    /// Whether the volume has a subsystem here.
+    pub fn is_exported(&self, volume: &VolumeId) -> bool {
+        self.fs.exists(&self.subsystem(volume))
+    }
+
+    /// Whether configfs has nvmet at all (the module is loaded).
+    pub fn available(&self) -> bool {
+        self.fs.exists(&self.root.join("subsystems"))
+    }
+
     /// Makes connected hosts see a grown image.
     pub fn resize(&self, volume: &VolumeId) -> Result<(), NvmetError> {
         let attr = self
@@ -251,9 +283,10 @@ impl<F: ConfigFs> Nvmet<F> {
 
     /// Removes the export entirely (idempotent): port link, host links, namespace,
     /// subsystem.
-    pub fn unexport(&self, volume: &VolumeId, hosts: &[String]) -> Result<(), NvmetError> {
+    pub fn unexport(&self, volume: &VolumeId) -> Result<(), NvmetError> {
         let sub = self.subsystem(volume);
         self.unlink(&self.port_link(volume))?;
+        let hosts = self.fs.list(&sub.join("allowed_hosts"));
         for host in hosts.iter().filter(|h| component(h)) {
             self.unlink(&sub.join("allowed_hosts").join(host))?;
         }
@@ -267,7 +300,14 @@ impl<F: ConfigFs> Nvmet<F> {
 }
 
 #[cfg(test)]
-mod tests {
+impl<F: ConfigFs> Nvmet<F> {
+    pub(crate) fn fs(&self) -> &F {
+        &self.fs
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
     use std::collections::BTreeSet;
 
     use parking_lot::Mutex;
@@ -276,16 +316,17 @@ mod tests {
 
     /// Records every operation and keeps the tree, like configfs would.
     #[derive(Debug, Default)]
-    struct FakeConfigFs {
+    pub(crate) struct FakeConfigFs {
         ops: Mutex<Vec<String>>,
         present: Mutex<BTreeSet<PathBuf>>,
+        values: Mutex<std::collections::BTreeMap<PathBuf, String>>,
     }
 
     impl FakeConfigFs {
         fn log(&self, op: String) {
             self.ops.lock().push(op);
         }
-        fn take(&self) -> Vec<String> {
+        pub(crate) fn take(&self) -> Vec<String> {
             std::mem::take(&mut *self.ops.lock())
         }
     }
@@ -305,6 +346,9 @@ mod tests {
         }
         fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
             self.log(format!("write {}={value}", rel(path)));
+            self.values
+                .lock()
+                .insert(path.to_path_buf(), value.to_owned());
             Ok(())
         }
         fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()> {
@@ -324,6 +368,22 @@ mod tests {
         }
         fn exists(&self, path: &Path) -> bool {
             self.present.lock().contains(path)
+        }
+        fn read(&self, path: &Path) -> std::io::Result<String> {
+            self.values
+                .lock()
+                .get(path)
+                .cloned()
+                .ok_or_else(|| std::io::ErrorKind::NotFound.into())
+        }
+        fn list(&self, dir: &Path) -> Vec<String> {
+            self.present
+                .lock()
+                .iter()
+                .filter(|p| p.parent() == Some(dir))
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect()
         }
     }
 
@@ -359,6 +419,7 @@ mod tests {
                 subsystem_nqn: nqn.clone(),
                 namespace_uuid: "uuid-1".into(),
                 ctrl_loss_tmo: 600,
+                host_nqn: None,
             }
         );
         let sub = format!("subsystems/{nqn}");
@@ -387,6 +448,11 @@ mod tests {
             again
                 .iter()
                 .all(|op| !op.starts_with("mkdir") && !op.starts_with("link")),
+            "{again:?}"
+        );
+        // An enabled namespace's backing is never rewritten (the kernel says EBUSY).
+        assert!(
+            again.iter().all(|op| !op.contains("namespaces/1/")),
             "{again:?}"
         );
     }
@@ -446,7 +512,7 @@ mod tests {
                 "write subsystems/{nqn}/namespaces/1/revalidate_size=1"
             )]
         );
-        t.unexport(&v, &["h1".into()]).unwrap();
+        t.unexport(&v).unwrap();
         assert_eq!(
             t.fs.take(),
             [
@@ -458,7 +524,7 @@ mod tests {
             ]
         );
         // Unexporting again touches nothing.
-        t.unexport(&v, &["h1".into()]).unwrap();
+        t.unexport(&v).unwrap();
         assert!(t.fs.take().is_empty());
     }
 }

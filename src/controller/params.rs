@@ -10,6 +10,11 @@ pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
 const MIGRATION_TIMEOUT_DEFAULT: u64 = 300;
 const MIGRATION_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=3600;
 pub const DATA_PLANE_KEY: &str = "dataPlane";
+pub const CTRL_LOSS_TMO_KEY: &str = "nvmeCtrlLossTmo";
+/// The kernel's own default; finite, because an infinite one (-1) leaves I/O hung in D
+/// state forever when a target is gone.
+pub const CTRL_LOSS_TMO_DEFAULT: u32 = 600;
+const CTRL_LOSS_TMO_RANGE: std::ops::RangeInclusive<u32> = 10..=86_400;
 
 /// How nodes reach the volume's image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -23,7 +28,7 @@ pub enum DataPlane {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
-    #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}, {DATA_PLANE_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
+    #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}, {DATA_PLANE_KEY}, {CTRL_LOSS_TMO_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
     Unknown { key: String },
     #[error("parameter {key}={value:?} is invalid: {reason}")]
     Invalid {
@@ -39,6 +44,8 @@ pub struct VolumeParams {
     /// overdue. Access is never revoked when it passes.
     pub migration_timeout: Duration,
     pub data_plane: DataPlane,
+    /// Seconds an NVMe/TCP host keeps reconnecting to a lost target before failing I/O.
+    pub ctrl_loss_tmo: u32,
     /// The driver's own parameters, as given: the volume's identity for idempotency.
     pub raw: BTreeMap<String, String>,
 }
@@ -50,6 +57,7 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
         let mut raw = BTreeMap::new();
         let mut migration_timeout = Duration::from_secs(MIGRATION_TIMEOUT_DEFAULT);
         let mut data_plane = DataPlane::default();
+        let mut ctrl_loss_tmo = CTRL_LOSS_TMO_DEFAULT;
         for (key, value) in params {
             if key.starts_with(KUBERNETES_PREFIX) {
                 continue;
@@ -71,6 +79,21 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
                         }
                     };
                 }
+                CTRL_LOSS_TMO_KEY => {
+                    ctrl_loss_tmo = value
+                        .parse()
+                        .ok()
+                        .filter(|s| CTRL_LOSS_TMO_RANGE.contains(s))
+                        .ok_or_else(|| ParamError::Invalid {
+                            key: CTRL_LOSS_TMO_KEY,
+                            value: value.chars().take(32).collect(),
+                            reason: format!(
+                                "expected whole seconds between {} and {} (an infinite timeout hangs I/O for good when a target is gone)",
+                                CTRL_LOSS_TMO_RANGE.start(),
+                                CTRL_LOSS_TMO_RANGE.end()
+                            ),
+                        })?;
+                }
                 _ => {
                     return Err(ParamError::Unknown {
                         key: key.chars().take(64).collect(),
@@ -82,6 +105,7 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
         Ok(VolumeParams {
             migration_timeout,
             data_plane,
+            ctrl_loss_tmo,
             raw,
         })
     }
@@ -163,6 +187,20 @@ mod tests {
             let err =
                 VolumeParams::try_from(&params(&[("migrationTimeoutSeconds", bad)])).unwrap_err();
             assert!(err.to_string().contains("migrationTimeoutSeconds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ctrl_loss_tmo_is_finite_and_bounded() {
+        assert_eq!(
+            VolumeParams::try_from(&params(&[])).unwrap().ctrl_loss_tmo,
+            CTRL_LOSS_TMO_DEFAULT
+        );
+        let ok = VolumeParams::try_from(&params(&[("nvmeCtrlLossTmo", "120")])).unwrap();
+        assert_eq!(ok.ctrl_loss_tmo, 120);
+        for bad in ["-1", "0", "9", "86401", "forever"] {
+            let err = VolumeParams::try_from(&params(&[("nvmeCtrlLossTmo", bad)])).unwrap_err();
+            assert!(err.to_string().contains("infinite"), "{bad}: {err}");
         }
     }
 

@@ -8,7 +8,9 @@ use super::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
 use super::ControllerService;
 use crate::attachment::events::AttachEvent;
 use crate::attachment::state::PublishRequest;
-use crate::backend::{CapacityRange, ContentSource, CreateVolume, StoredCapability, VolumeRecord};
+use crate::backend::{
+    CapacityRange, ContentSource, CreateVolume, Fencing, StoredCapability, VolumeRecord,
+};
 use crate::capability::{self, Capability};
 use crate::csi;
 use crate::error::Error;
@@ -183,6 +185,9 @@ impl ControllerService {
             (DataPlane::Nbd, Some(nbd)) => Some(nbd),
             (DataPlane::Nbd, None) => return Err(Error::NbdNotServed(volume.id)),
         };
+        // Attach decision and host ACL change together, so a concurrent unpublish
+        // cannot deny a node this publish just admitted (it gets Aborted and retries).
+        let _acl = self.acl_lock(&volume.id)?;
         self.attachments
             .publish(
                 &volume.id,
@@ -195,7 +200,11 @@ impl ControllerService {
             )
             .await?;
         let export = match nbd {
-            None => self.backend.export(&volume).await?,
+            None => {
+                let export = self.backend.export(&volume, &node_id).await?;
+                self.backend.allow_node(&volume, &node_id).await?;
+                export
+            }
             Some(nbd) => {
                 // The export name is derived from this attachment, so a repeated publish
                 // returns the same context and a new attachment a new secret.
@@ -228,6 +237,7 @@ impl ControllerService {
         } else {
             vec![NodeId::parse(&req.node_id)?]
         };
+        let _acl = self.acl_lock(&id)?;
         for node in nodes {
             self.attachments.unpublish(&id, &node).await?;
             self.fence(&id, &node).await?;
@@ -235,26 +245,38 @@ impl ControllerService {
         Ok(csi::ControllerUnpublishVolumeResponse {})
     }
 
-    /// Cuts `node` off at the NBD target once its attachment is gone: not OK before.
+    /// Held across an attach decision and the matching host ACL change, where the
+    /// backend has host ACLs.
+    fn acl_lock(&self, id: &VolumeId) -> Result<Option<crate::locks::OperationGuard>, Error> {
+        if self.backend.fencing() != Fencing::Target {
+            return Ok(None);
+        }
+        Ok(Some(self.names.try_lock(format!("acl {id}"))?))
+    }
+
+    /// Cuts `node` off at the target once its attachment is gone: not OK before.
     async fn fence(&self, id: &VolumeId, node: &NodeId) -> Result<(), Error> {
-        let Some(nbd) = &self.nbd else {
+        if self.nbd.is_none() && self.backend.fencing() == Fencing::None {
             return Ok(());
-        };
-        // Only NBD-plane volumes have connections to cut (and a remote target to ask).
+        }
         let plane = match self.backend.get_volume(id).await? {
             Some(v) => stored_params(&v)?.data_plane,
             None => return Ok(()),
         };
-        if plane != DataPlane::Nbd {
-            return Ok(());
-        }
+        let nbd = match (plane, &self.nbd) {
+            (DataPlane::Nbd, Some(nbd)) => nbd,
+            (DataPlane::Nbd, None) => return Ok(()),
+            (DataPlane::File, _) => return self.fence_at_backend(id, node).await,
+        };
         let result = nbd.target.fence(id, node).await;
         let (connections, ok) = match &result {
             Ok(n) => (*n, true),
             Err(_) => (0, false),
         };
         if connections > 0 {
-            self.attachments.record_fence(id, node).await?;
+            self.attachments
+                .record_fence(id, node, Fencing::Target)
+                .await?;
         }
         if connections > 0 || !ok {
             self.attachments.report(&AttachEvent::Fenced {
@@ -265,6 +287,35 @@ impl ControllerService {
             });
         }
         result.map(drop).map_err(Error::from)
+    }
+
+    /// The backend's own fencing: ACL removal with eviction (nvmet), or only a note
+    /// where the target has no host ACL (RDS), so nobody mistakes a detach for a fence.
+    async fn fence_at_backend(&self, id: &VolumeId, node: &NodeId) -> Result<(), Error> {
+        match self.backend.fencing() {
+            Fencing::None => Ok(()),
+            Fencing::Bookkeeping => {
+                self.attachments
+                    .record_fence(id, node, Fencing::Bookkeeping)
+                    .await?;
+                Ok(())
+            }
+            Fencing::Target => {
+                let result = self.backend.deny_node(id, node).await;
+                if result.is_ok() {
+                    self.attachments
+                        .record_fence(id, node, Fencing::Target)
+                        .await?;
+                }
+                self.attachments.report(&AttachEvent::Fenced {
+                    volume: id.clone(),
+                    node: node.clone(),
+                    connections: 0,
+                    ok: result.is_ok(),
+                });
+                result.map_err(Error::from)
+            }
+        }
     }
 
     pub(super) async fn validate(

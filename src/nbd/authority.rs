@@ -197,7 +197,7 @@ impl ExportAuthority for AttachmentAuthority {
             .ok_or(Refusal::Denied)?;
         let path = match self
             .backend
-            .export(&record)
+            .export(&record, &holder.node_id)
             .await
             .map_err(|e| Refusal::Unavailable(e.to_string()))?
         {

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::durable;
 use crate::export::ExportInfo;
-use crate::ids::{SnapshotId, VolumeId};
+use crate::ids::{NodeId, SnapshotId, VolumeId};
 
 #[derive(Debug, Clone)]
 pub struct FileBackend {
@@ -475,7 +475,11 @@ impl Backend for FileBackend {
         self.blocking(snapshots::list).await
     }
 
-    async fn export(&self, volume: &VolumeRecord) -> Result<ExportInfo, BackendError> {
+    async fn export(
+        &self,
+        volume: &VolumeRecord,
+        _node: &NodeId,
+    ) -> Result<ExportInfo, BackendError> {
         Ok(ExportInfo::LocalFile {
             path: self.inner.image(&volume.id),
         })
@@ -589,7 +593,9 @@ mod tests {
         std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
         let b = FileBackend::open(&dir.path().join("link")).unwrap();
         let v = b.create_volume(&request("sym", MIB)).await.unwrap();
-        let ExportInfo::LocalFile { path } = b.export(&v).await.unwrap() else {
+        let ExportInfo::LocalFile { path } =
+            b.export(&v, &NodeId::parse("n").unwrap()).await.unwrap()
+        else {
             panic!("the file backend exports local files");
         };
         assert!(

@@ -111,18 +111,48 @@ impl Default for Timeouts {
     }
 }
 
-/// The option string written to the fabrics file.
+/// A value that may go into the comma-separated fabrics option string: anything with
+/// `,` or `=` would add options of its own (publish_context is input).
+fn option_safe(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 223
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b'=')
+}
+
+/// The option string written to the fabrics file; None for anything but a well-formed
+/// NVMe/TCP export.
 pub fn connect_options(export: &ExportInfo, host: &HostIdentity, t: &Timeouts) -> Option<String> {
     let ExportInfo::NvmeTcp {
         address,
         port,
         subsystem_nqn,
         ctrl_loss_tmo,
+        host_nqn,
         ..
     } = export
     else {
         return None;
     };
+    // A target with host ACLs names the host it admits; connect as that host.
+    let derived;
+    let host = match host_nqn {
+        Some(nqn) => {
+            derived = HostIdentity {
+                nqn: nqn.clone(),
+                id: crate::export::host_id_of(nqn),
+            };
+            &derived
+        }
+        None => host,
+    };
+    if ![address, subsystem_nqn, &host.nqn, &host.id]
+        .iter()
+        .all(|v| option_safe(v))
+    {
+        return None;
+    }
     Some(format!(
         "transport=tcp,traddr={address},trsvcid={port},nqn={subsystem_nqn},hostnqn={},hostid={},ctrl_loss_tmo={ctrl_loss_tmo},reconnect_delay={},fast_io_fail_tmo={},keep_alive_tmo={}",
         host.nqn, host.id, t.reconnect_delay, t.fast_io_fail_tmo, t.keep_alive_tmo
@@ -166,8 +196,9 @@ pub struct NvmeTransport {
     fabrics: Arc<dyn Fabrics>,
     host: HostIdentity,
     timeouts: Timeouts,
-    /// Subsystem NQNs of this driver are `<prefix><volume id>`; nothing else is touched.
-    prefix: String,
+    /// Subsystem NQNs of this driver are `<prefix><volume id>` for one of these
+    /// (ours for nvmet, RouterOS's for rds); nothing else is touched.
+    prefixes: Vec<String>,
     /// How long a new namespace may take to appear.
     wait: Duration,
 }
@@ -188,7 +219,7 @@ impl NvmeTransport {
         paths: NvmePaths,
         fabrics: Arc<dyn Fabrics>,
         host: HostIdentity,
-        prefix: &str,
+        prefixes: &[&str],
         wait: Duration,
     ) -> Self {
         NvmeTransport {
@@ -196,17 +227,20 @@ impl NvmeTransport {
             fabrics,
             host,
             timeouts: Timeouts::default(),
-            prefix: prefix.to_owned(),
+            prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             wait,
         }
     }
 
-    fn nqn_of(&self, volume: &VolumeId) -> String {
-        format!("{}{volume}", self.prefix)
+    /// Whether `nqn` is the volume's own subsystem under a managed prefix.
+    fn is_subsystem_of(&self, nqn: &str, volume: &VolumeId) -> bool {
+        self.volume_of(nqn).as_ref() == Some(volume)
     }
 
     fn volume_of(&self, nqn: &str) -> Option<VolumeId> {
-        VolumeId::parse(nqn.strip_prefix(&self.prefix)?).ok()
+        self.prefixes
+            .iter()
+            .find_map(|p| VolumeId::parse(nqn.strip_prefix(p.as_str())?).ok())
     }
 
     /// (controller name, subsystem NQN) of every NVMe controller on the host.
@@ -239,26 +273,27 @@ impl NvmeTransport {
         heads
     }
 
-    /// The device of namespace `uuid` in subsystem `nqn`, if connected.
+    /// The device of namespace `uuid` in subsystem `nqn`, if connected. An empty `uuid`
+    /// (RouterOS does not say its namespaces' UUIDs) means the subsystem's one namespace.
     fn find(&self, nqn: &str, uuid: &str) -> Option<PathBuf> {
         self.controllers()
             .into_iter()
             .filter(|(_, n)| n == nqn)
             .flat_map(|(ctrl, _)| self.namespaces(&ctrl))
             .find(|head| {
-                std::fs::read_to_string(self.paths.sys_block.join(head).join("uuid"))
-                    .is_ok_and(|u| u.trim().eq_ignore_ascii_case(uuid))
+                uuid.is_empty()
+                    || std::fs::read_to_string(self.paths.sys_block.join(head).join("uuid"))
+                        .is_ok_and(|u| u.trim().eq_ignore_ascii_case(uuid))
             })
             .map(|head| self.paths.dev.join(head))
     }
 
     /// Any namespace device of the volume's subsystem.
     fn device_of(&self, volume: &VolumeId) -> Option<Device> {
-        let nqn = self.nqn_of(volume);
         let head = self
             .controllers()
             .into_iter()
-            .filter(|(_, n)| *n == nqn)
+            .filter(|(_, n)| self.is_subsystem_of(n, volume))
             .flat_map(|(ctrl, _)| self.namespaces(&ctrl))
             .next()?;
         Some(Device {
@@ -282,7 +317,7 @@ impl NvmeTransport {
             return Err(TransportError::Unsupported(export.transport_name()));
         };
         // publish_context is input: only this volume's own subsystem, under our prefix.
-        if *subsystem_nqn != self.nqn_of(volume) {
+        if !self.is_subsystem_of(subsystem_nqn, volume) {
             return Err(TransportError::ForeignSubsystem {
                 volume: volume.clone(),
                 nqn: subsystem_nqn.clone(),
@@ -298,8 +333,12 @@ impl NvmeTransport {
         }
         let connected = self.controllers().iter().any(|(_, n)| n == subsystem_nqn);
         if !connected {
-            let options =
-                connect_options(export, &self.host, &self.timeouts).expect("an NVMe/TCP export");
+            let options = connect_options(export, &self.host, &self.timeouts).ok_or_else(|| {
+                TransportError::NvmeConnect {
+                    volume: volume.clone(),
+                    reason: "publish_context has an address or host NQN that cannot go into a fabrics option string".into(),
+                }
+            })?;
             let fabrics = Path::new("/dev/nvme-fabrics");
             let reply = self
                 .fabrics
@@ -336,10 +375,9 @@ impl NvmeTransport {
 
     /// Writes `1` to `delete_controller` of every controller of the volume's subsystem.
     fn disconnect_blocking(&self, volume: &VolumeId) -> Result<(), TransportError> {
-        let nqn = self.nqn_of(volume);
         for (ctrl, n) in self.controllers() {
-            // Never a controller outside the managed prefix, whatever was asked.
-            if n != nqn || self.volume_of(&n).is_none() {
+            // Never a controller outside the managed prefixes, whatever was asked.
+            if !self.is_subsystem_of(&n, volume) {
                 continue;
             }
             let path = self
@@ -408,9 +446,8 @@ impl Transport for NvmeTransport {
     async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError> {
         let volume = device.volume_id.clone();
         self.blocking(move |t| {
-            let nqn = t.nqn_of(&volume);
             for (ctrl, n) in t.controllers() {
-                if n == nqn {
+                if t.is_subsystem_of(&n, &volume) {
                     let path = t.paths.sys_class_nvme.join(&ctrl).join("rescan_controller");
                     std::fs::write(&path, "1").map_err(sys_err("write", &path))?;
                 }

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use super::*;
 
 const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
+const ROS_PREFIX: &str = "nqn.2000-02.com.mikrotik:";
 const UUID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,7 +81,7 @@ fn setup(layout: Layout) -> (tempfile::TempDir, Arc<FakeFabrics>, NvmeTransport)
             nqn: "nqn.2014-08.org.nvmexpress:uuid:host".into(),
             id: "0000-host".into(),
         },
-        PREFIX,
+        &[PREFIX, ROS_PREFIX],
         Duration::from_millis(300),
     );
     (dir, fabrics, t)
@@ -93,6 +94,7 @@ fn export(volume: &VolumeId) -> ExportInfo {
         subsystem_nqn: format!("{PREFIX}{volume}"),
         namespace_uuid: UUID.into(),
         ctrl_loss_tmo: 600,
+        host_nqn: None,
     }
 }
 
@@ -166,6 +168,7 @@ async fn a_namespace_with_another_uuid_is_not_taken() {
         subsystem_nqn,
         namespace_uuid: "00000000-0000-0000-0000-000000000000".into(),
         ctrl_loss_tmo,
+        host_nqn: None,
     };
     let err = t.connect(&v, &wrong, false).await.unwrap_err();
     assert!(matches!(err, TransportError::NvmeConnect { .. }), "{err}");
@@ -253,4 +256,79 @@ fn host_identity_prefers_etc_nvme_and_is_stable_otherwise() {
     let etc_id = HostIdentity::load_or_create(etc.path(), own.path()).unwrap();
     assert_eq!(etc_id.nqn, "nqn.2014-08.org.nvmexpress:uuid:from-etc");
     assert_eq!(etc_id.id, "from-etc");
+}
+
+#[tokio::test]
+async fn routeros_subsystems_connect_without_a_namespace_uuid() {
+    let (dir, fabrics, t) = setup(Layout::Plain);
+    // A volume the Go driver made: pvc-<uuid>, RouterOS's NQN prefix, no namespace UUID.
+    let v = VolumeId::parse("pvc-3c6f1a2b-1111-4222-8333-944455556666").unwrap();
+    let e = ExportInfo::NvmeTcp {
+        address: "10.0.0.9".into(),
+        port: 4420,
+        subsystem_nqn: format!("{ROS_PREFIX}{v}"),
+        namespace_uuid: String::new(),
+        ctrl_loss_tmo: 60,
+        host_nqn: None,
+    };
+    let d = t.connect(&v, &e, false).await.unwrap();
+    assert_eq!(d.path, dir.path().join("dev/nvme3n1"));
+    let written = fabrics.writes.lock()[0].clone();
+    assert!(
+        written.contains(&format!(",nqn={ROS_PREFIX}{v},")),
+        "{written}"
+    );
+    assert!(
+        written.contains(",hostnqn=nqn.2014-08.org.nvmexpress:uuid:host,"),
+        "{written}"
+    );
+    assert_eq!(t.list().await.unwrap(), vec![d]);
+}
+
+#[tokio::test]
+async fn the_host_named_by_the_target_is_used_with_its_own_id() {
+    let (_dir, fabrics, t) = setup(Layout::Plain);
+    let v = VolumeId::generate();
+    let node = crate::ids::NodeId::parse("node-a").unwrap();
+    let nqn = crate::export::node_host_nqn(&node);
+    let mut e = export(&v);
+    if let ExportInfo::NvmeTcp { host_nqn, .. } = &mut e {
+        *host_nqn = Some(nqn.clone());
+    }
+    t.connect(&v, &e, false).await.unwrap();
+    let written = fabrics.writes.lock()[0].clone();
+    let id = crate::export::host_id_of(&nqn);
+    assert!(
+        written.contains(&format!(",hostnqn={nqn},hostid={id},")),
+        "{written}"
+    );
+    // Stable: the same node always gets the same pair.
+    assert_eq!(crate::export::node_host_nqn(&node), nqn);
+    assert_ne!(id, "0000-host");
+}
+
+#[tokio::test]
+async fn nothing_from_publish_context_adds_fabrics_options() {
+    let (_dir, fabrics, t) = setup(Layout::Plain);
+    let v = VolumeId::generate();
+    for (address, host) in [
+        ("10.0.0.2,hostnqn=evil", None),
+        ("", None),
+        ("10.0.0.2", Some("nqn.x,ctrl_loss_tmo=-1")),
+        ("10.0.0.2", Some("nqn x")),
+    ] {
+        let mut e = export(&v);
+        if let ExportInfo::NvmeTcp {
+            address: a,
+            host_nqn,
+            ..
+        } = &mut e
+        {
+            *a = address.into();
+            *host_nqn = host.map(Into::into);
+        }
+        let err = t.connect(&v, &e, false).await.unwrap_err();
+        assert!(matches!(err, TransportError::NvmeConnect { .. }), "{err}");
+    }
+    assert!(fabrics.writes.lock().is_empty());
 }
