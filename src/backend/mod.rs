@@ -3,7 +3,9 @@
 pub mod file;
 pub mod nvmet;
 pub mod nvmet_file;
+pub mod rds;
 pub mod routeros;
+pub mod ssh;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -64,6 +64,8 @@ pub struct DiskSpec<'a> {
     pub dir: &'a str,
     pub size: u64,
     pub nvme_port: u16,
+    /// The driver's record of the volume (empty: none), kept in the disk's comment.
+    pub comment: &'a str,
 }
 
 impl DiskSpec<'_> {
@@ -77,10 +79,22 @@ impl DiskSpec<'_> {
 
     fn export_args(&self) -> Result<String, RosError> {
         Ok(format!(
-            "slot={} nvme-tcp-export=yes nvme-tcp-server-port={} nvme-tcp-server-nqn={}",
+            "slot={} nvme-tcp-export=yes nvme-tcp-server-port={} nvme-tcp-server-nqn={}{}",
             q("slot", self.slot)?,
             self.nvme_port,
-            q("nqn", &self.nqn())?
+            q("nqn", &self.nqn())?,
+            comment_arg(self.comment)?
+        ))
+    }
+
+    /// A disk holding a copy of `source_path`, not exported (a snapshot).
+    pub fn snapshot_of(&self, source_path: &str) -> Result<String, RosError> {
+        Ok(format!(
+            "/disk add type=file file-path={} copy-from={} slot={}{}",
+            q("file path", &self.file_path())?,
+            q("source path", source_path)?,
+            q("slot", self.slot)?,
+            comment_arg(self.comment)?
         ))
     }
 
@@ -105,12 +119,56 @@ impl DiskSpec<'_> {
     }
 }
 
-/// `/disk set … file-size=`: grow only (the caller refuses shrinking).
-pub fn resize(slot: &str, size: u64) -> Result<String, RosError> {
+/// Comments carry the driver's record (hex), so they are longer than names may be.
+fn comment_arg(comment: &str) -> Result<String, RosError> {
+    let safe = comment.len() <= 4096
+        && comment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_' | b'.'));
+    if comment.is_empty() {
+        Ok(String::new())
+    } else if safe {
+        Ok(format!(" comment=\"{comment}\""))
+    } else {
+        Err(RosError::Unsafe {
+            what: "comment",
+            value: comment.chars().take(64).collect(),
+        })
+    }
+}
+
+/// `/disk set … file-size=`: grow only (the caller refuses shrinking); the comment
+/// carries the new size too.
+pub fn resize(slot: &str, size: u64, comment: &str) -> Result<String, RosError> {
     Ok(format!(
-        "/disk set [find slot={}] file-size={size}",
-        q("slot", slot)?
+        "/disk set [find slot={}] file-size={size}{}",
+        q("slot", slot)?,
+        comment_arg(comment)?
     ))
+}
+
+/// Every disk, for listing and lookups by name.
+pub const LIST: &str = "/disk print detail";
+/// A cheap command that answers when the router is up and the login works.
+pub const PROBE: &str = "/system resource print";
+
+/// RouterOS prints sizes rounded with binary units (`10.0GiB`); plain digits are bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    Some((value * scale as f64).round() as u64)
 }
 
 /// Removing a volume: the disk entry, then its file. Both are idempotent by `find`.
@@ -183,12 +241,43 @@ fn pairs(text: &str, into: &mut BTreeMap<String, String>) {
 
 /// Parses `print detail` output: a `Flags:` legend, then one item per index number,
 /// its `key=value` pairs wrapped over indented lines as the terminal width dictates.
+/// An item's comment (`;;; text`, after its index or on a line of its own before it)
+/// comes back under the key `comment`.
 pub fn parse_detail(output: &str) -> Vec<BTreeMap<String, String>> {
     let mut items: Vec<String> = Vec::new();
+    let mut comments: BTreeMap<usize, String> = BTreeMap::new();
+    let mut pending_comment = None;
+    let mut in_legend = false;
     for line in output.lines() {
         let t = line.trim();
-        if t.is_empty() || t.starts_with("Flags:") || t.starts_with(';') {
+        if t.starts_with("Flags:") {
+            in_legend = true;
             continue;
+        }
+        if t.is_empty() {
+            continue;
+        }
+        if let Some(c) = t.strip_prefix(";;;") {
+            pending_comment = Some(c.trim().to_owned());
+            continue;
+        }
+        let starts_item = t
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.chars().all(|c| c.is_ascii_digit()));
+        // The legend may wrap over several lines until the first item.
+        if in_legend && !starts_item {
+            continue;
+        }
+        in_legend = false;
+        let (t, inline_comment) = match t.split_once(";;;") {
+            Some((head, c)) if starts_item => (head.trim_end(), Some(c.trim().to_owned())),
+            _ => (t, None),
+        };
+        if starts_item {
+            if let Some(c) = inline_comment.or(pending_comment.take()) {
+                comments.insert(items.len(), c);
+            }
         }
         let starts_item = t
             .split_whitespace()
@@ -204,13 +293,18 @@ pub fn parse_detail(output: &str) -> Vec<BTreeMap<String, String>> {
     }
     items
         .iter()
-        .map(|item| {
+        .enumerate()
+        .map(|(i, item)| {
             let mut map = BTreeMap::new();
             // Drop the index (and flags, handled in `pairs`).
             let body = item.split_once(char::is_whitespace).map_or("", |(_, b)| b);
             pairs(body, &mut map);
+            if let Some(c) = comments.get(&i) {
+                map.insert("comment".to_owned(), c.clone());
+            }
             map
         })
+        .filter(|map| !map.is_empty())
         .collect()
 }
 
@@ -224,6 +318,7 @@ mod tests {
             dir: "/volumes/",
             size: 10 << 30,
             nvme_port: 4420,
+            comment: "",
         }
     }
 
@@ -235,7 +330,7 @@ mod tests {
             "/disk add type=file file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" file-size=10737418240 slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-3c6f1a2b-1111-4222-8333-944455556666\""
         );
         assert_eq!(
-            resize(s.slot, 20 << 30).unwrap(),
+            resize(s.slot, 20 << 30, "").unwrap(),
             "/disk set [find slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\"] file-size=21474836480"
         );
         assert_eq!(
@@ -268,7 +363,7 @@ mod tests {
             "",
         ] {
             assert!(
-                matches!(resize(bad, 1), Err(RosError::Unsafe { .. })),
+                matches!(resize(bad, 1, ""), Err(RosError::Unsafe { .. })),
                 "{bad:?}"
             );
         }
@@ -301,6 +396,40 @@ mod tests {
         assert_eq!(v["file-size"], "10.0GiB");
         assert!(parse_detail("Flags: X - disabled\n").is_empty());
     }
+
+    #[test]
+    fn comments_legends_and_sizes() {
+        let out = "Flags: B - BLOCK-DEVICE; M - MOUNTED; F - FORMATTING;\n  T - NVME-TCP-EXPORT\n\
+ 0 BM   slot=\"nvme1\" type=\"hardware\" size=1000.2GiB free=512.0GiB\n\
+ 1 B  T ;;; handoff1:7b7d\n\
+        slot=\"vol-1\" type=\"file\" file-size=1.0GiB\n\
+   ;;; second form\n\
+ 2 B  T slot=\"vol-2\" type=\"file\"\n";
+        let items = parse_detail(out);
+        assert_eq!(items.len(), 3, "{items:?}");
+        assert!(!items[0].contains_key("comment"));
+        assert_eq!(items[0]["free"], "512.0GiB");
+        assert_eq!(items[1]["comment"], "handoff1:7b7d");
+        assert_eq!(items[1]["slot"], "vol-1");
+        assert_eq!(items[2]["comment"], "second form");
+        assert_eq!(parse_size("10.0GiB"), Some(10 << 30));
+        assert_eq!(parse_size("512.5MiB"), Some(512 * MIB + MIB / 2));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1.5TiB"), Some(3 << 39));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("3PB"), None);
+        let s = DiskSpec {
+            comment: "handoff1:00ff",
+            ..spec()
+        };
+        assert!(s.create().unwrap().ends_with(" comment=\"handoff1:00ff\""));
+        assert_eq!(
+            s.snapshot_of("/volumes/pvc-src.img").unwrap(),
+            "/disk add type=file file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" copy-from=\"/volumes/pvc-src.img\" slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" comment=\"handoff1:00ff\""
+        );
+    }
+
+    const MIB: u64 = 1 << 20;
 
     #[test]
     fn errors_are_classified_for_retries() {

@@ -33,6 +33,7 @@ pub fn require_root(test: &str) -> bool {
 
 pub mod fake_kube;
 pub mod netns;
+pub mod routeros;
 pub mod steps;
 
 pub struct DriverOptions {

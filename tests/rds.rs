@@ -1,0 +1,363 @@
+//! The `rds` backend over real SSH against a fake RouterOS: the exact commands, parsing
+//! of what RouterOS prints, retry classes, host-key pinning, serialised sessions, and
+//! adoption of volumes made by the Go driver.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff_csi::backend::rds::{RdsBackend, RdsSettings};
+use handoff_csi::backend::ssh::{Credentials, HostKeyPolicy, SshShell, SshTarget};
+use handoff_csi::backend::{
+    Backend, BackendError, CapacityRange, ContentSource, CreateSnapshot, CreateVolume, Fencing,
+    StoredCapability, MIB,
+};
+use handoff_csi::capability::AccessMode;
+use handoff_csi::export::ExportInfo;
+use handoff_csi::ids::{NodeId, VolumeId, VolumeName};
+use support::routeros::{FakeRouter, PASSWORD, USER};
+
+const GIB: u64 = 1 << 30;
+const DIR: &str = "/nvme1/volumes";
+const GO_VOLUME: &str = "pvc-3c6f1a2b-1111-4222-8333-944455556666";
+
+fn target(router: &FakeRouter, host_key: HostKeyPolicy, credentials: Credentials) -> SshTarget {
+    SshTarget {
+        address: router.addr.to_string(),
+        user: USER.into(),
+        credentials,
+        host_key,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn pinned(router: &FakeRouter) -> HostKeyPolicy {
+    HostKeyPolicy::Pinned(vec![router.host_key_line().parse().unwrap()])
+}
+
+fn backend_with(router: &FakeRouter, host_key: HostKeyPolicy, credentials: Credentials) -> RdsBackend {
+    RdsBackend::new(
+        Arc::new(SshShell::new(target(router, host_key, credentials))),
+        RdsSettings {
+            volume_dir: DIR.into(),
+            nvme_address: "10.0.0.9".into(),
+            nvme_port: 4420,
+            attempts: 3,
+            backoff: Duration::from_millis(5),
+        },
+    )
+}
+
+fn backend(router: &FakeRouter) -> RdsBackend {
+    backend_with(
+        router,
+        pinned(router),
+        Credentials::KeyFile(router.client_key_file.clone()),
+    )
+}
+
+fn request(name: &str, size: u64) -> CreateVolume {
+    CreateVolume {
+        name: VolumeName::parse(name).unwrap(),
+        capacity: CapacityRange {
+            required: size,
+            limit: 0,
+        },
+        capabilities: vec![StoredCapability {
+            mode: AccessMode::MultiNodeMultiWriter,
+            block: true,
+        }],
+        parameters: BTreeMap::new(),
+        source: None,
+        source_in_use: false,
+    }
+}
+
+#[tokio::test]
+async fn create_export_grow_and_delete_with_exact_commands() {
+    let router = FakeRouter::start(100 * GIB).await;
+    let b = backend(&router);
+    let name = "pvc-0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3";
+    let v = b.create_volume(&request(name, 10 * GIB)).await.unwrap();
+    assert_eq!(v.id.as_str(), name, "PV names are the volume ids, as in the Go driver");
+    assert_eq!(v.capacity_bytes, 10 * GIB);
+    let cmds = router.take_commands();
+    let add = cmds
+        .iter()
+        .find(|c| c.starts_with("/disk add"))
+        .expect("a /disk add");
+    let expected = format!(
+        "/disk add type=file file-path=\"{DIR}/{name}.img\" file-size={} slot=\"{name}\" nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:{name}\" comment=\"handoff1:",
+        10 * GIB
+    );
+    assert!(add.starts_with(&expected), "{add}");
+    assert_eq!(
+        cmds.first().unwrap(),
+        &format!("/disk print detail where slot=\"{name}\""),
+        "looks before it creates"
+    );
+
+    // Again with the same name: the same volume, nothing added.
+    let again = b.create_volume(&request(name, 10 * GIB)).await.unwrap();
+    assert_eq!(again, v);
+    assert!(router.take_commands().iter().all(|c| !c.starts_with("/disk add")));
+    // Same name, other size: a conflict naming the difference.
+    let err = b.create_volume(&request(name, 20 * GIB)).await.unwrap_err();
+    assert!(matches!(err, BackendError::NameConflict { .. }), "{err}");
+
+    let node = NodeId::parse("node-a").unwrap();
+    let e = b.export(&v, &node).await.unwrap();
+    assert_eq!(
+        e,
+        ExportInfo::NvmeTcp {
+            address: "10.0.0.9".into(),
+            port: 4420,
+            subsystem_nqn: format!("nqn.2000-02.com.mikrotik:{name}"),
+            namespace_uuid: String::new(),
+            ctrl_loss_tmo: 600,
+            host_nqn: None,
+        }
+    );
+    assert_eq!(b.fencing(), Fencing::Bookkeeping, "RouterOS has no host ACL");
+
+    // Grow (exact size kept in the comment though RouterOS prints 10.5GiB).
+    let grown = b.expand_volume(&v.id, 10 * GIB + 512 * MIB).await.unwrap();
+    assert_eq!(grown.capacity_bytes, 10 * GIB + 512 * MIB);
+    let set = router.take_commands().into_iter().find(|c| c.starts_with("/disk set")).unwrap();
+    assert!(
+        set.starts_with(&format!(
+            "/disk set [find slot=\"{name}\"] file-size={} comment=",
+            10 * GIB + 512 * MIB
+        )),
+        "{set}"
+    );
+    assert_eq!(
+        b.get_volume(&v.id).await.unwrap().unwrap().capacity_bytes,
+        10 * GIB + 512 * MIB
+    );
+    let err = b.expand_volume(&v.id, GIB).await.unwrap_err();
+    assert!(matches!(err, BackendError::Shrink { .. }), "{err}");
+
+    b.delete_volume(&v.id).await.unwrap();
+    let cmds = router.take_commands();
+    assert_eq!(
+        &cmds[cmds.len() - 2..],
+        [
+            format!("/disk remove [find slot=\"{name}\"]"),
+            format!("/file remove [find name=\"nvme1/volumes/{name}.img\"]"),
+        ]
+    );
+    assert!(router.disk(name).is_none());
+    assert!(router.state.lock().files.is_empty());
+    // Idempotent: deleting again succeeds and changes nothing.
+    b.delete_volume(&v.id).await.unwrap();
+    assert!(b.get_volume(&v.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn other_names_get_ids_and_are_found_again_by_name() {
+    let router = FakeRouter::start(100 * GIB).await;
+    let b = backend(&router);
+    let v = b.create_volume(&request("sanity-volume-1", 8 * MIB)).await.unwrap();
+    assert!(v.id.as_str().starts_with("vol-"));
+    assert_eq!(v.name, "sanity-volume-1");
+    let again = b.create_volume(&request("sanity-volume-1", 8 * MIB)).await.unwrap();
+    assert_eq!(again.id, v.id);
+    assert_eq!(b.list_volumes().await.unwrap(), vec![v]);
+}
+
+#[tokio::test]
+async fn snapshots_and_restores_copy_on_the_router() {
+    let router = FakeRouter::start(100 * GIB).await;
+    let b = backend(&router);
+    let v = b.create_volume(&request("disk-a", GIB)).await.unwrap();
+    router.take_commands();
+    let snap = b
+        .create_snapshot(&CreateSnapshot {
+            name: VolumeName::parse("snap-a").unwrap(),
+            source: v.id.clone(),
+            source_in_use: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(snap.size_bytes, GIB);
+    let add = router.take_commands().into_iter().find(|c| c.starts_with("/disk add")).unwrap();
+    assert!(
+        add.starts_with(&format!(
+            "/disk add type=file file-path=\"{DIR}/{}.img\" copy-from=\"nvme1/volumes/{}.img\" slot=\"{}\" comment=",
+            snap.id, v.id, snap.id
+        )),
+        "{add}"
+    );
+    assert!(!add.contains("nvme-tcp-export"), "snapshots are not exported");
+    // Idempotent by name and source.
+    let again = b
+        .create_snapshot(&CreateSnapshot {
+            name: VolumeName::parse("snap-a").unwrap(),
+            source: v.id.clone(),
+            source_in_use: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, snap);
+    assert_eq!(b.list_snapshots().await.unwrap(), vec![snap.clone()]);
+    assert!(b.list_volumes().await.unwrap().iter().all(|x| x.id == v.id));
+
+    // Restore into a larger volume: copy, then grow.
+    let mut req = request("restored", 2 * GIB);
+    req.source = Some(ContentSource::Snapshot(snap.id.clone()));
+    let r = b.create_volume(&req).await.unwrap();
+    assert_eq!(r.capacity_bytes, 2 * GIB);
+    assert_eq!(r.source, req.source);
+    let cmds = router.take_commands();
+    let add = cmds.iter().find(|c| c.starts_with("/disk add")).unwrap();
+    assert!(add.contains(&format!("copy-from=\"nvme1/volumes/{}.img\"", snap.id)), "{add}");
+    assert!(add.contains("nvme-tcp-export=yes"), "{add}");
+    assert!(cmds.iter().any(|c| c.starts_with(&format!("/disk set [find slot=\"{}\"] file-size={}", r.id, 2 * GIB))));
+    // Smaller than the snapshot: refused before anything is sent.
+    let mut small = request("too-small", 8 * MIB);
+    small.source = Some(ContentSource::Snapshot(snap.id.clone()));
+    let err = b.create_volume(&small).await.unwrap_err();
+    assert!(matches!(err, BackendError::SmallerThanSource { .. }), "{err}");
+
+    b.delete_snapshot(&snap.id).await.unwrap();
+    b.delete_snapshot(&snap.id).await.unwrap();
+    assert!(b.list_snapshots().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_others_are_not() {
+    let router = FakeRouter::start(100 * GIB).await;
+    let b = backend(&router);
+    // A busy router: the lookup is retried and the volume made.
+    router.inject("failure: could not lock, try again later");
+    let v = b.create_volume(&request("busy", 8 * MIB)).await.unwrap();
+    let cmds = router.take_commands();
+    assert_eq!(cmds[0], cmds[1], "the failed command was sent again");
+    assert!(router.disk(v.id.as_str()).is_some());
+
+    // Not enough space: ResourceExhausted at once, never retried.
+    let err = b.create_volume(&request("huge", 200 * GIB)).await.unwrap_err();
+    assert!(matches!(err, BackendError::NoSpace(_)), "{err}");
+    let adds = router
+        .take_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("/disk add"))
+        .count();
+    assert_eq!(adds, 1);
+
+    // A syntax error (a RouterOS version that speaks differently) is not retried either.
+    router.inject("expected end of command (line 1 column 40)");
+    let err = b.get_volume(&v.id).await.unwrap_err();
+    assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
+    assert_eq!(router.take_commands().len(), 1);
+
+    // Busy for longer than the attempts: Unavailable (Target), after exactly 3 tries.
+    for _ in 0..3 {
+        router.inject("failure: could not lock, try again later");
+    }
+    let err = b.get_volume(&v.id).await.unwrap_err();
+    assert!(matches!(err, BackendError::Target(_)), "{err}");
+    assert_eq!(router.take_commands().len(), 3);
+}
+
+#[tokio::test]
+async fn a_host_key_that_does_not_match_is_refused_before_login() {
+    let router = FakeRouter::start(GIB).await;
+    let impostor = FakeRouter::start_with_key(GIB, 99).await;
+    // Pinned to the real router's key, talking to the impostor.
+    let b = backend_with(
+        &impostor,
+        pinned(&router),
+        Credentials::Password(PASSWORD.into()),
+    );
+    let err = b.probe().await.unwrap_err();
+    assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
+    assert!(err.to_string().contains(&impostor.host_fingerprint()), "{err}");
+    assert_eq!(impostor.state.lock().logins, 0, "no credentials went to the impostor");
+    assert!(impostor.commands().is_empty());
+
+    // A fingerprint pin works like a key pin.
+    let by_fp = backend_with(
+        &router,
+        HostKeyPolicy::Pinned(vec![router.host_fingerprint().parse().unwrap()]),
+        Credentials::Password(PASSWORD.into()),
+    );
+    by_fp.probe().await.unwrap();
+    // Only the explicit insecure policy talks to an unknown key.
+    let insecure = backend_with(&impostor, HostKeyPolicy::Insecure, Credentials::Password(PASSWORD.into()));
+    insecure.probe().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_login_is_not_retried() {
+    let router = FakeRouter::start(GIB).await;
+    let b = backend_with(&router, pinned(&router), Credentials::Password("wrong".into()));
+    let err = b.probe().await.unwrap_err();
+    assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
+    assert!(err.to_string().contains("refused the login"), "{err}");
+    assert!(router.commands().is_empty());
+}
+
+#[tokio::test]
+async fn commands_never_overlap_and_share_one_session() {
+    let router = FakeRouter::start(100 * GIB).await;
+    router.state.lock().delay = Duration::from_millis(5);
+    let b = Arc::new(backend(&router));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move { b.create_volume(&request(&format!("par-{i}"), 8 * MIB)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let s = router.state.lock();
+    assert_eq!(s.max_in_flight, 1, "RouterOS sessions are serialised");
+    assert_eq!(s.logins, 1, "one SSH session, reused");
+}
+
+#[tokio::test]
+async fn volumes_of_the_go_driver_are_adopted() {
+    let router = FakeRouter::start(100 * GIB).await;
+    router.add_go_driver_disk(GO_VOLUME, DIR, 20 * GIB, 4421);
+    let b = backend(&router);
+    let id = VolumeId::parse(GO_VOLUME).unwrap();
+    let v = b.get_volume(&id).await.unwrap().expect("adopted");
+    assert_eq!(v.capacity_bytes, 20 * GIB);
+    assert!(v.supports(&handoff_csi::capability::Capability {
+        mode: AccessMode::MultiNodeMultiWriter,
+        access_type: handoff_csi::capability::AccessType::Block,
+    }));
+    assert_eq!(b.list_volumes().await.unwrap(), vec![v.clone()]);
+    // Exported as the Go driver left it: its port and NQN.
+    let ExportInfo::NvmeTcp {
+        port,
+        subsystem_nqn,
+        ..
+    } = b.export(&v, &NodeId::parse("node-a").unwrap()).await.unwrap()
+    else {
+        panic!("not NVMe/TCP")
+    };
+    assert_eq!(port, 4421);
+    assert_eq!(subsystem_nqn, format!("nqn.2000-02.com.mikrotik:{GO_VOLUME}"));
+    // CreateVolume of its PV name finds it instead of making another.
+    let mut req = request(GO_VOLUME, 20 * GIB);
+    req.capabilities = vec![StoredCapability {
+        mode: AccessMode::MultiNodeMultiWriter,
+        block: true,
+    }];
+    let same = b.create_volume(&req).await.unwrap();
+    assert_eq!(same.id, id);
+    assert!(router.commands().iter().all(|c| !c.starts_with("/disk add")));
+    // Growing it gives it our record, with the exact size.
+    b.expand_volume(&id, 21 * GIB).await.unwrap();
+    assert!(router.disk(GO_VOLUME).unwrap()["comment"].starts_with("handoff1:"));
+    assert_eq!(b.get_volume(&id).await.unwrap().unwrap().capacity_bytes, 21 * GIB);
+    // Free space comes from the pool disk (first component of the volume dir).
+    let free = b.available_capacity().await.unwrap();
+    assert!(free > 70 * GIB && free < 80 * GIB, "{free}");
+}
