@@ -32,6 +32,12 @@ impl Mode {
 pub enum BackendKind {
     /// Sparse raw images in --data-dir (node-local or a shared filesystem).
     File,
+    /// A MikroTik RouterOS storage server (RDS) over SSH; nodes reach volumes over
+    /// NVMe/TCP. See the --rds-* flags.
+    Rds,
+    /// The images of --data-dir exported by this host's Linux NVMe target (nvmet),
+    /// admitting only the nodes a volume is published to. See the --nvmet-* flags.
+    Nvmet,
 }
 
 /// Where the controller keeps attachment state.
@@ -323,6 +329,95 @@ pub struct Config {
     /// Timeout for external tools (mkfs, blkid).
     #[arg(long, env = "HANDOFF_TOOL_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub tool_timeout: Duration,
+
+    #[command(flatten)]
+    pub rds: RdsArgs,
+
+    #[command(flatten)]
+    pub nvme: NvmeArgs,
+}
+
+/// `--backend rds`: the RouterOS storage server.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "RDS backend (MikroTik RouterOS)")]
+pub struct RdsArgs {
+    /// SSH address of the router, host:port.
+    #[arg(long, env = "HANDOFF_RDS_ADDRESS")]
+    pub rds_address: Option<String>,
+    /// SSH user on the router.
+    #[arg(long, env = "HANDOFF_RDS_USER", default_value = "admin")]
+    pub rds_user: String,
+    /// OpenSSH private key file for the login.
+    #[arg(long, env = "HANDOFF_RDS_KEY_FILE")]
+    pub rds_key_file: Option<PathBuf>,
+    /// File holding the login password (instead of a key).
+    #[arg(long, env = "HANDOFF_RDS_PASSWORD_FILE")]
+    pub rds_password_file: Option<PathBuf>,
+    /// The router's SSH host key: an OpenSSH public key line or its SHA256:
+    /// fingerprint (repeat the flag to pin several, e.g. during a key rotation).
+    #[arg(long, env = "HANDOFF_RDS_HOST_KEY", value_delimiter = '\n')]
+    pub rds_host_key: Vec<String>,
+    /// Talk to whatever answers at --rds-address: anyone on the network path can then
+    /// pose as the router and take the credentials. For a lab only.
+    #[arg(
+        long,
+        env = "HANDOFF_RDS_INSECURE_SKIP_HOST_KEY_CHECK",
+        default_value_t = false
+    )]
+    pub rds_insecure_skip_host_key_check: bool,
+    /// Directory of the volume images on the router; its first component is the disk
+    /// whose free space GetCapacity reports.
+    #[arg(long, env = "HANDOFF_RDS_VOLUME_DIR", default_value = "/nvme1/volumes")]
+    pub rds_volume_dir: String,
+    /// Address nodes connect to over NVMe/TCP (default: the host of --rds-address).
+    #[arg(long, env = "HANDOFF_RDS_NVME_ADDRESS")]
+    pub rds_nvme_address: Option<String>,
+    /// NVMe/TCP port new volumes are exported on.
+    #[arg(long, env = "HANDOFF_RDS_NVME_PORT", default_value_t = 4420)]
+    pub rds_nvme_port: u16,
+    /// Bound on connecting and on each RouterOS command.
+    #[arg(long, env = "HANDOFF_RDS_COMMAND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub rds_command_timeout: Duration,
+    /// Attempts per command when the failure may pass (busy router, dropped session).
+    #[arg(long, env = "HANDOFF_RDS_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub rds_attempts: u32,
+}
+
+/// `--backend nvmet` (controller on the storage host) and the node's NVMe/TCP transport.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "NVMe/TCP (nvmet backend and node transport)")]
+pub struct NvmeArgs {
+    /// Controller: nvmet's directory in configfs.
+    #[arg(
+        long,
+        env = "HANDOFF_NVMET_CONFIGFS",
+        default_value = "/sys/kernel/config/nvmet"
+    )]
+    pub nvmet_configfs: PathBuf,
+    /// Controller: address of this host that nodes connect to (the nvmet port's traddr).
+    #[arg(long, env = "HANDOFF_NVMET_ADDRESS")]
+    pub nvmet_address: Option<std::net::IpAddr>,
+    /// Controller: TCP port of the nvmet port.
+    #[arg(long, env = "HANDOFF_NVMET_PORT", default_value_t = 4420)]
+    pub nvmet_port: u16,
+    /// Controller: id of the nvmet port directory this driver owns.
+    #[arg(long, env = "HANDOFF_NVMET_PORT_ID", default_value_t = 1)]
+    pub nvmet_port_id: u16,
+    /// Subsystem NQNs of nvmet volumes are this prefix and the volume id; nodes touch
+    /// no NVMe subsystem outside it (or RouterOS's prefix for rds volumes).
+    #[arg(
+        long,
+        env = "HANDOFF_NVME_NQN_PREFIX",
+        default_value = "nqn.2026-11.dev.handoff-csi:"
+    )]
+    pub nvme_nqn_prefix: String,
+    /// Node: where the node's own NVMe host NQN and ID are kept when /etc/nvme has none
+    /// (default: <state-dir>/nvme).
+    #[arg(long, env = "HANDOFF_NVME_HOST_DIR")]
+    pub nvme_host_dir: Option<PathBuf>,
+    /// Node: how long a connected namespace may take to appear.
+    #[arg(long, env = "HANDOFF_NVME_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub nvme_connect_timeout: Duration,
 }
 
 impl Config {
@@ -362,6 +457,7 @@ impl Config {
                 return Err(format!("--nbd-listen {listen} is a wildcard address: set --nbd-advertise to the host:port nodes should dial"));
             }
         }
+        self.validate_backend()?;
         if self.reconcile_interval.is_zero() {
             return Err("--reconcile-interval must be greater than 0".into());
         }
@@ -374,6 +470,71 @@ impl Config {
             }
         }
         Ok(node_id)
+    }
+}
+
+impl Config {
+    fn validate_backend(&self) -> Result<(), String> {
+        let nqn_ok = |p: &str| {
+            p.starts_with("nqn.")
+                && p.ends_with(':')
+                && p.len() <= 100
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        };
+        if !nqn_ok(&self.nvme.nvme_nqn_prefix) {
+            return Err(format!("--nvme-nqn-prefix {:?} must look like nqn.2026-11.com.example:csi: (letters, digits, . - :, ending in ':')", self.nvme.nvme_nqn_prefix));
+        }
+        match self.backend {
+            BackendKind::File => Ok(()),
+            BackendKind::Nvmet => {
+                if self.mode.serves_controller() && self.nvme.nvmet_address.is_none() {
+                    return Err("--backend nvmet needs --nvmet-address: this host's address that nodes connect to over NVMe/TCP".into());
+                }
+                Ok(())
+            }
+            BackendKind::Rds => {
+                if !self.mode.serves_controller() {
+                    return Ok(());
+                }
+                let r = &self.rds;
+                if r.rds_address.is_none() {
+                    return Err(
+                        "--backend rds needs --rds-address (the router's SSH host:port)".into(),
+                    );
+                }
+                match (&r.rds_key_file, &r.rds_password_file) {
+                    (None, None) => {
+                        return Err(
+                            "--backend rds needs --rds-key-file or --rds-password-file".into()
+                        )
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "--rds-key-file and --rds-password-file exclude each other".into()
+                        )
+                    }
+                    _ => {}
+                }
+                if r.rds_host_key.is_empty() && !r.rds_insecure_skip_host_key_check {
+                    return Err("--backend rds needs --rds-host-key (the router's SSH host key, from `/ip ssh export` or ssh-keyscan, checked on its console); --rds-insecure-skip-host-key-check turns verification off for a lab".into());
+                }
+                for key in &r.rds_host_key {
+                    key.parse::<crate::backend::ssh::HostKeyPin>()
+                        .map_err(|e| format!("--rds-host-key {key:?}: {e}"))?;
+                }
+                let dir_ok = r.rds_volume_dir.starts_with('/')
+                    && r.rds_volume_dir.len() > 1
+                    && !r.rds_volume_dir.contains("..")
+                    && r.rds_volume_dir.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')
+                    });
+                if !dir_ok {
+                    return Err(format!("--rds-volume-dir {:?} must be an absolute router path of letters, digits and / - _ .", r.rds_volume_dir));
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -17,6 +17,11 @@ use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
 use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
 use handoff_csi::backend::file::FileBackend;
+use handoff_csi::backend::nvmet::{KernelConfigFs, Nvmet, PortConfig};
+use handoff_csi::backend::nvmet_file::NvmetBackend;
+use handoff_csi::backend::rds::{RdsBackend, RdsSettings};
+use handoff_csi::backend::routeros::NQN_PREFIX as ROUTEROS_NQN_PREFIX;
+use handoff_csi::backend::ssh::{Credentials, HostKeyPolicy, SshShell, SshTarget};
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
@@ -42,6 +47,7 @@ use handoff_csi::node::mount::SysMounter;
 use handoff_csi::node::transport::dispatch::DataPlanes;
 use handoff_csi::node::transport::loopdev::{LoopPaths, LoopTransport};
 use handoff_csi::node::transport::nbd::{Launcher, NbdTransport};
+use handoff_csi::node::transport::nvme::{DevFabrics, HostIdentity, NvmePaths, NvmeTransport};
 use handoff_csi::node::transport::Transport;
 use handoff_csi::node::NodeService;
 use handoff_csi::server::{self, Services};
@@ -233,14 +239,110 @@ async fn run_target(args: TargetArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The storage backend the flags name.
+fn open_backend(config: &Config) -> Result<Arc<dyn Backend>, BoxError> {
+    Ok(match config.backend {
+        BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
+        BackendKind::Nvmet => {
+            let n = &config.nvme;
+            let address = n.nvmet_address.expect("validated: --nvmet-address");
+            let target = Nvmet::new(
+                KernelConfigFs,
+                n.nvmet_configfs.clone(),
+                PortConfig {
+                    id: n.nvmet_port_id,
+                    address: address.to_string(),
+                    port: n.nvmet_port,
+                    family: if address.is_ipv4() { "ipv4" } else { "ipv6" },
+                },
+                &n.nvme_nqn_prefix,
+            );
+            let files: Arc<dyn Backend> = Arc::new(FileBackend::open(&config.data_dir)?);
+            Arc::new(NvmetBackend::new(files, target))
+        }
+        BackendKind::Rds => {
+            let r = &config.rds;
+            let address = r.rds_address.clone().expect("validated: --rds-address");
+            let credentials = match (&r.rds_key_file, &r.rds_password_file) {
+                (Some(key), _) => Credentials::KeyFile(key.clone()),
+                (None, Some(file)) => Credentials::Password(
+                    std::fs::read_to_string(file)
+                        .map_err(|e| format!("--rds-password-file {}: {e}", file.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                (None, None) => unreachable!("validated: key or password"),
+            };
+            let host_key = if r.rds_insecure_skip_host_key_check {
+                HostKeyPolicy::Insecure
+            } else {
+                HostKeyPolicy::Pinned(
+                    r.rds_host_key
+                        .iter()
+                        .map(|k| k.parse())
+                        .collect::<Result<_, _>>()?,
+                )
+            };
+            let nvme_address = r.rds_nvme_address.clone().unwrap_or_else(|| {
+                address
+                    .rsplit_once(':')
+                    .map_or(address.as_str(), |(host, _)| host)
+                    .trim_matches(['[', ']'])
+                    .to_owned()
+            });
+            let shell = SshShell::new(SshTarget {
+                address,
+                user: r.rds_user.clone(),
+                credentials,
+                host_key,
+                timeout: r.rds_command_timeout,
+            });
+            Arc::new(RdsBackend::new(
+                Arc::new(shell),
+                RdsSettings {
+                    volume_dir: r.rds_volume_dir.clone(),
+                    nvme_address,
+                    nvme_port: r.rds_nvme_port,
+                    attempts: r.rds_attempts,
+                    backoff: Duration::from_millis(500),
+                },
+            ))
+        }
+    })
+}
+
+/// The node's NVMe/TCP transport, for volumes of the nvmet and rds backends. Without a
+/// stable host identity it is left out (and said so): connecting with a made-up one
+/// would never match target ACLs.
+fn nvme_transport(config: &Config) -> Option<Arc<dyn Transport>> {
+    let n = &config.nvme;
+    let own_dir = n
+        .nvme_host_dir
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("nvme"));
+    let host = match HostIdentity::load_or_create(Path::new("/etc/nvme"), &own_dir) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(dir = %own_dir.display(), error = %e, "NVMe/TCP data plane disabled on this node: no host identity");
+            return None;
+        }
+    };
+    info!(host_nqn = %host.nqn, "NVMe/TCP data plane ready (needs the nvme-tcp kernel module at connect time)");
+    Some(Arc::new(NvmeTransport::new(
+        NvmePaths::default(),
+        Arc::new(DevFabrics("/dev/nvme-fabrics".into())),
+        host,
+        &[n.nvme_nqn_prefix.as_str(), ROUTEROS_NQN_PREFIX],
+        n.nvme_connect_timeout,
+    )))
+}
+
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let metrics = Metrics::new();
     let mut checks = Vec::new();
 
     let controller = if config.mode.serves_controller() {
-        let backend: Arc<dyn Backend> = match config.backend {
-            BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
-        };
+        let backend = open_backend(&config)?;
         let (store, cluster, events) = attachment_seams(&config, &metrics).await?;
         let nbd = nbd_plane(&config, store.clone(), backend.clone()).await?;
         let policy = Policy {
@@ -288,7 +390,11 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             tracing::warn!(run_dir = %config.nbd_run_dir.display(), error = %e, "NBD data plane disabled on this node")
         })
         .ok();
-        let transport: Arc<dyn Transport> = Arc::new(DataPlanes::new(file, nbd));
+        let mut planes = DataPlanes::new(file, nbd);
+        if let Some(nvme) = nvme_transport(&config) {
+            planes = planes.with_nvme(nvme);
+        }
+        let transport: Arc<dyn Transport> = Arc::new(planes);
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
         let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);

@@ -37,7 +37,11 @@ fn pinned(router: &FakeRouter) -> HostKeyPolicy {
     HostKeyPolicy::Pinned(vec![router.host_key_line().parse().unwrap()])
 }
 
-fn backend_with(router: &FakeRouter, host_key: HostKeyPolicy, credentials: Credentials) -> RdsBackend {
+fn backend_with(
+    router: &FakeRouter,
+    host_key: HostKeyPolicy,
+    credentials: Credentials,
+) -> RdsBackend {
     RdsBackend::new(
         Arc::new(SshShell::new(target(router, host_key, credentials))),
         RdsSettings {
@@ -81,7 +85,11 @@ async fn create_export_grow_and_delete_with_exact_commands() {
     let b = backend(&router);
     let name = "pvc-0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3";
     let v = b.create_volume(&request(name, 10 * GIB)).await.unwrap();
-    assert_eq!(v.id.as_str(), name, "PV names are the volume ids, as in the Go driver");
+    assert_eq!(
+        v.id.as_str(),
+        name,
+        "PV names are the volume ids, as in the Go driver"
+    );
     assert_eq!(v.capacity_bytes, 10 * GIB);
     let cmds = router.take_commands();
     let add = cmds
@@ -102,7 +110,10 @@ async fn create_export_grow_and_delete_with_exact_commands() {
     // Again with the same name: the same volume, nothing added.
     let again = b.create_volume(&request(name, 10 * GIB)).await.unwrap();
     assert_eq!(again, v);
-    assert!(router.take_commands().iter().all(|c| !c.starts_with("/disk add")));
+    assert!(router
+        .take_commands()
+        .iter()
+        .all(|c| !c.starts_with("/disk add")));
     // Same name, other size: a conflict naming the difference.
     let err = b.create_volume(&request(name, 20 * GIB)).await.unwrap_err();
     assert!(matches!(err, BackendError::NameConflict { .. }), "{err}");
@@ -120,12 +131,20 @@ async fn create_export_grow_and_delete_with_exact_commands() {
             host_nqn: None,
         }
     );
-    assert_eq!(b.fencing(), Fencing::Bookkeeping, "RouterOS has no host ACL");
+    assert_eq!(
+        b.fencing(),
+        Fencing::Bookkeeping,
+        "RouterOS has no host ACL"
+    );
 
     // Grow (exact size kept in the comment though RouterOS prints 10.5GiB).
     let grown = b.expand_volume(&v.id, 10 * GIB + 512 * MIB).await.unwrap();
     assert_eq!(grown.capacity_bytes, 10 * GIB + 512 * MIB);
-    let set = router.take_commands().into_iter().find(|c| c.starts_with("/disk set")).unwrap();
+    let set = router
+        .take_commands()
+        .into_iter()
+        .find(|c| c.starts_with("/disk set"))
+        .unwrap();
     assert!(
         set.starts_with(&format!(
             "/disk set [find slot=\"{name}\"] file-size={} comment=",
@@ -160,10 +179,16 @@ async fn create_export_grow_and_delete_with_exact_commands() {
 async fn other_names_get_ids_and_are_found_again_by_name() {
     let router = FakeRouter::start(100 * GIB).await;
     let b = backend(&router);
-    let v = b.create_volume(&request("sanity-volume-1", 8 * MIB)).await.unwrap();
+    let v = b
+        .create_volume(&request("sanity-volume-1", 8 * MIB))
+        .await
+        .unwrap();
     assert!(v.id.as_str().starts_with("vol-"));
     assert_eq!(v.name, "sanity-volume-1");
-    let again = b.create_volume(&request("sanity-volume-1", 8 * MIB)).await.unwrap();
+    let again = b
+        .create_volume(&request("sanity-volume-1", 8 * MIB))
+        .await
+        .unwrap();
     assert_eq!(again.id, v.id);
     assert_eq!(b.list_volumes().await.unwrap(), vec![v]);
 }
@@ -183,7 +208,11 @@ async fn snapshots_and_restores_copy_on_the_router() {
         .await
         .unwrap();
     assert_eq!(snap.size_bytes, GIB);
-    let add = router.take_commands().into_iter().find(|c| c.starts_with("/disk add")).unwrap();
+    let add = router
+        .take_commands()
+        .into_iter()
+        .find(|c| c.starts_with("/disk add"))
+        .unwrap();
     assert!(
         add.starts_with(&format!(
             "/disk add type=file file-path=\"{DIR}/{}.img\" copy-from=\"nvme1/volumes/{}.img\" slot=\"{}\" comment=",
@@ -191,7 +220,10 @@ async fn snapshots_and_restores_copy_on_the_router() {
         )),
         "{add}"
     );
-    assert!(!add.contains("nvme-tcp-export"), "snapshots are not exported");
+    assert!(
+        !add.contains("nvme-tcp-export"),
+        "snapshots are not exported"
+    );
     // Idempotent by name and source.
     let again = b
         .create_snapshot(&CreateSnapshot {
@@ -213,14 +245,24 @@ async fn snapshots_and_restores_copy_on_the_router() {
     assert_eq!(r.source, req.source);
     let cmds = router.take_commands();
     let add = cmds.iter().find(|c| c.starts_with("/disk add")).unwrap();
-    assert!(add.contains(&format!("copy-from=\"nvme1/volumes/{}.img\"", snap.id)), "{add}");
+    assert!(
+        add.contains(&format!("copy-from=\"nvme1/volumes/{}.img\"", snap.id)),
+        "{add}"
+    );
     assert!(add.contains("nvme-tcp-export=yes"), "{add}");
-    assert!(cmds.iter().any(|c| c.starts_with(&format!("/disk set [find slot=\"{}\"] file-size={}", r.id, 2 * GIB))));
+    assert!(cmds.iter().any(|c| c.starts_with(&format!(
+        "/disk set [find slot=\"{}\"] file-size={}",
+        r.id,
+        2 * GIB
+    ))));
     // Smaller than the snapshot: refused before anything is sent.
     let mut small = request("too-small", 8 * MIB);
     small.source = Some(ContentSource::Snapshot(snap.id.clone()));
     let err = b.create_volume(&small).await.unwrap_err();
-    assert!(matches!(err, BackendError::SmallerThanSource { .. }), "{err}");
+    assert!(
+        matches!(err, BackendError::SmallerThanSource { .. }),
+        "{err}"
+    );
 
     b.delete_snapshot(&snap.id).await.unwrap();
     b.delete_snapshot(&snap.id).await.unwrap();
@@ -239,7 +281,10 @@ async fn transient_failures_are_retried_and_others_are_not() {
     assert!(router.disk(v.id.as_str()).is_some());
 
     // Not enough space: ResourceExhausted at once, never retried.
-    let err = b.create_volume(&request("huge", 200 * GIB)).await.unwrap_err();
+    let err = b
+        .create_volume(&request("huge", 200 * GIB))
+        .await
+        .unwrap_err();
     assert!(matches!(err, BackendError::NoSpace(_)), "{err}");
     let adds = router
         .take_commands()
@@ -275,8 +320,15 @@ async fn a_host_key_that_does_not_match_is_refused_before_login() {
     );
     let err = b.probe().await.unwrap_err();
     assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
-    assert!(err.to_string().contains(&impostor.host_fingerprint()), "{err}");
-    assert_eq!(impostor.state.lock().logins, 0, "no credentials went to the impostor");
+    assert!(
+        err.to_string().contains(&impostor.host_fingerprint()),
+        "{err}"
+    );
+    assert_eq!(
+        impostor.state.lock().logins,
+        0,
+        "no credentials went to the impostor"
+    );
     assert!(impostor.commands().is_empty());
 
     // A fingerprint pin works like a key pin.
@@ -287,14 +339,22 @@ async fn a_host_key_that_does_not_match_is_refused_before_login() {
     );
     by_fp.probe().await.unwrap();
     // Only the explicit insecure policy talks to an unknown key.
-    let insecure = backend_with(&impostor, HostKeyPolicy::Insecure, Credentials::Password(PASSWORD.into()));
+    let insecure = backend_with(
+        &impostor,
+        HostKeyPolicy::Insecure,
+        Credentials::Password(PASSWORD.into()),
+    );
     insecure.probe().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_refused_login_is_not_retried() {
     let router = FakeRouter::start(GIB).await;
-    let b = backend_with(&router, pinned(&router), Credentials::Password("wrong".into()));
+    let b = backend_with(
+        &router,
+        pinned(&router),
+        Credentials::Password("wrong".into()),
+    );
     let err = b.probe().await.unwrap_err();
     assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
     assert!(err.to_string().contains("refused the login"), "{err}");
@@ -309,7 +369,10 @@ async fn commands_never_overlap_and_share_one_session() {
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let b = b.clone();
-            tokio::spawn(async move { b.create_volume(&request(&format!("par-{i}"), 8 * MIB)).await })
+            tokio::spawn(async move {
+                b.create_volume(&request(&format!("par-{i}"), 8 * MIB))
+                    .await
+            })
         })
         .collect();
     for t in tasks {
@@ -338,12 +401,18 @@ async fn volumes_of_the_go_driver_are_adopted() {
         port,
         subsystem_nqn,
         ..
-    } = b.export(&v, &NodeId::parse("node-a").unwrap()).await.unwrap()
+    } = b
+        .export(&v, &NodeId::parse("node-a").unwrap())
+        .await
+        .unwrap()
     else {
         panic!("not NVMe/TCP")
     };
     assert_eq!(port, 4421);
-    assert_eq!(subsystem_nqn, format!("nqn.2000-02.com.mikrotik:{GO_VOLUME}"));
+    assert_eq!(
+        subsystem_nqn,
+        format!("nqn.2000-02.com.mikrotik:{GO_VOLUME}")
+    );
     // CreateVolume of its PV name finds it instead of making another.
     let mut req = request(GO_VOLUME, 20 * GIB);
     req.capabilities = vec![StoredCapability {
@@ -352,12 +421,139 @@ async fn volumes_of_the_go_driver_are_adopted() {
     }];
     let same = b.create_volume(&req).await.unwrap();
     assert_eq!(same.id, id);
-    assert!(router.commands().iter().all(|c| !c.starts_with("/disk add")));
+    assert!(router
+        .commands()
+        .iter()
+        .all(|c| !c.starts_with("/disk add")));
     // Growing it gives it our record, with the exact size.
     b.expand_volume(&id, 21 * GIB).await.unwrap();
     assert!(router.disk(GO_VOLUME).unwrap()["comment"].starts_with("handoff1:"));
-    assert_eq!(b.get_volume(&id).await.unwrap().unwrap().capacity_bytes, 21 * GIB);
+    assert_eq!(
+        b.get_volume(&id).await.unwrap().unwrap().capacity_bytes,
+        21 * GIB
+    );
     // Free space comes from the pool disk (first component of the volume dir).
     let free = b.available_capacity().await.unwrap();
     assert!(free > 70 * GIB && free < 80 * GIB, "{free}");
+}
+
+/// The real binary with `--backend rds`: CreateVolume makes the disk on the router,
+/// ControllerPublish hands nodes the RouterOS subsystem over NVMe/TCP, a live
+/// migration's source is detached and the attachments table says it was NOT fenced.
+#[tokio::test]
+async fn the_driver_serves_rds_volumes_over_csi() {
+    use handoff_csi::csi;
+    use support::{block_cap, create_request, publish_request, Driver, DriverOptions};
+    let rwx = || block_cap(csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter);
+
+    let router = FakeRouter::start(100 * GIB).await;
+    let d = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--backend".into(),
+            "rds".into(),
+            "--rds-address".into(),
+            router.addr.to_string(),
+            "--rds-user".into(),
+            USER.into(),
+            "--rds-key-file".into(),
+            router.client_key_file.display().to_string(),
+            "--rds-host-key".into(),
+            router.host_key_line(),
+            "--rds-nvme-address".into(),
+            "10.0.0.9".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut c = d.controller().await;
+    let name = "pvc-0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3";
+    let v = c
+        .create_volume(create_request(name, 64 << 20, rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, name);
+    assert!(router.disk(name).is_some(), "the disk is on the router");
+
+    let ctx = c
+        .controller_publish_volume(publish_request(name, "node-a", rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["transport"], "nvme-tcp");
+    assert_eq!(ctx["nvmeAddress"], "10.0.0.9");
+    assert_eq!(
+        ctx["nvmeSubsystemNqn"],
+        format!("nqn.2000-02.com.mikrotik:{name}")
+    );
+    assert!(
+        !ctx.contains_key("nvmeHostNqn"),
+        "RouterOS has no host ACL to name"
+    );
+    c.controller_publish_volume(publish_request(name, "node-b", rwx()))
+        .await
+        .unwrap();
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: name.into(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["attachments", "--state-dir"])
+        .arg(d.state_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("node-b [detached, NOT fenced (no host ACL): node-a]"),
+        "{table}"
+    );
+
+    // A volume in use is not deleted; once detached it is, and again is a no-op.
+    let del = csi::DeleteVolumeRequest {
+        volume_id: name.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        support::code(c.delete_volume(del.clone()).await),
+        tonic::Code::FailedPrecondition
+    );
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: name.into(),
+        node_id: "node-b".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.delete_volume(del.clone()).await.unwrap();
+    assert!(router.disk(name).is_none());
+    c.delete_volume(del).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_driver_refuses_rds_flags_that_would_skip_host_key_checks() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args([
+            "--mode",
+            "controller",
+            "--backend",
+            "rds",
+            "--rds-address",
+            "192.0.2.1:22",
+            "--rds-password-file",
+            "/dev/null",
+            "--endpoint",
+            "unix:///tmp/handoff-rds-flags.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--rds-host-key"), "{err}");
 }

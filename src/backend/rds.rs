@@ -315,7 +315,11 @@ impl RdsBackend {
 
 /// The command's first words, for logs (never the values).
 fn verb(command: &str) -> String {
-    command.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    command
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[async_trait]
@@ -547,9 +551,7 @@ impl Backend for RdsBackend {
             .iter()
             .find(|d| d.slot == req.source.as_str())
             .ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
-        let size = source
-            .volume()
-            .map_or(source.size, |v| v.capacity_bytes);
+        let size = source.volume().map_or(source.size, |v| v.capacity_bytes);
         let id = SnapshotId::generate();
         let meta = Meta::Snapshot {
             name: req.name.to_string(),
@@ -615,7 +617,9 @@ mod tests {
         };
         let c = m.encode();
         assert!(c.starts_with(META_PREFIX));
-        assert!(c[META_PREFIX.len()..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(c[META_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit()));
         assert_eq!(Meta::decode(&c), Some(m));
         for junk in ["", "handoff1:zz", "handoff1:7", "a comment by an admin"] {
             assert_eq!(Meta::decode(junk), None, "{junk}");
@@ -627,7 +631,10 @@ mod tests {
         let f: BTreeMap<String, String> = [
             ("type", "file"),
             ("slot", "pvc-3c6f1a2b-1111-4222-8333-944455556666"),
-            ("file-path", "/nvme1/pvc-3c6f1a2b-1111-4222-8333-944455556666.img"),
+            (
+                "file-path",
+                "/nvme1/pvc-3c6f1a2b-1111-4222-8333-944455556666.img",
+            ),
             ("file-size", "20.0GiB"),
             ("nvme-tcp-export", "yes"),
         ]

@@ -112,7 +112,10 @@ struct Verifier {
 impl client::Handler for Verifier {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let key = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
             // Host certificates are not part of the pinning model.
@@ -169,7 +172,10 @@ impl SshShell {
             Ok(Err(russh::Error::UnknownKey)) => {
                 return Err(ShellError::HostKey {
                     address: t.address.clone(),
-                    seen: seen.lock().clone().unwrap_or_else(|| "a certificate".into()),
+                    seen: seen
+                        .lock()
+                        .clone()
+                        .unwrap_or_else(|| "a certificate".into()),
                 })
             }
             Ok(Err(e)) => {
@@ -239,12 +245,11 @@ impl CommandShell for SshShell {
             *conn = Some(self.connect().await?);
         }
         let handle = conn.as_ref().expect("connected above");
-        let result = match tokio::time::timeout(self.target.timeout, Self::exec(handle, command))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ShellError::Timeout(self.target.timeout)),
-        };
+        let result =
+            match tokio::time::timeout(self.target.timeout, Self::exec(handle, command)).await {
+                Ok(r) => r,
+                Err(_) => Err(ShellError::Timeout(self.target.timeout)),
+            };
         if result.is_err() {
             // A broken or stuck session is not reused.
             *conn = None;

@@ -340,10 +340,16 @@ impl NvmeTransport {
                 }
             })?;
             let fabrics = Path::new("/dev/nvme-fabrics");
-            let reply = self
-                .fabrics
-                .connect(&options)
-                .map_err(sys_err("connect through", fabrics))?;
+            let reply = self.fabrics.connect(&options).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    TransportError::NvmeConnect {
+                        volume: volume.clone(),
+                        reason: "/dev/nvme-fabrics is missing: load the nvme-tcp kernel module on this node (modprobe nvme-tcp)".into(),
+                    }
+                } else {
+                    sys_err("connect through", fabrics)(e)
+                }
+            })?;
             let (instance, cntlid) =
                 parse_connect_reply(&reply).ok_or_else(|| TransportError::NvmeConnect {
                     volume: volume.clone(),
