@@ -644,11 +644,16 @@ mod tests {
         let v = Disk::from_fields(&f).unwrap().volume().unwrap();
         assert_eq!(v.capacity_bytes, 20 << 30);
         assert_eq!(v.name, "pvc-3c6f1a2b-1111-4222-8333-944455556666");
-        assert!(v.capabilities.iter().all(|c| c.block));
+        // Multi-node only as raw block (live migration); filesystems single-node.
         assert!(v
             .capabilities
             .iter()
-            .any(|c| c.mode == AccessMode::MultiNodeMultiWriter));
+            .any(|c| c.mode == AccessMode::MultiNodeMultiWriter && c.block));
+        assert!(v
+            .capabilities
+            .iter()
+            .filter(|c| !c.block)
+            .all(|c| c.mode == AccessMode::SingleNodeWriter));
         // Hardware disks and foreign slots are not volumes.
         let mut hw = f.clone();
         hw.insert("type".into(), "hardware".into());
