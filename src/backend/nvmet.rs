@@ -22,24 +22,50 @@ pub trait ConfigFs: std::fmt::Debug + Send + Sync + 'static {
 }
 
 /// The kernel's configfs (`/sys/kernel/config`): directories made there get their
-/// attribute files from the kernel.
+/// attribute files and default groups (`namespaces`, `allowed_hosts`) from the kernel.
+/// On a plain directory standing in for it (tests, dry runs) those are made and removed
+/// by hand instead; on configfs itself that never happens.
 #[derive(Debug, Default)]
 pub struct KernelConfigFs;
 
+const CONFIGFS_MAGIC: i64 = 0x6265_6570;
+
+/// Whether `path` (or its nearest existing ancestor) is on a plain filesystem.
+fn plain(path: &Path) -> bool {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    // The field's width differs between libcs.
+    #[allow(clippy::unnecessary_cast)]
+    nix::sys::statfs::statfs(existing)
+        .map(|s| s.filesystem_type().0 as i64 != CONFIGFS_MAGIC)
+        .unwrap_or(false)
+}
+
 impl ConfigFs for KernelConfigFs {
     fn mkdir(&self, path: &Path) -> std::io::Result<()> {
+        if plain(path) {
+            return std::fs::create_dir_all(path);
+        }
         std::fs::create_dir(path)
     }
     fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
         std::fs::write(path, value)
     }
     fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()> {
+        if let Some(parent) = link.parent().filter(|p| !p.exists() && plain(p)) {
+            std::fs::create_dir_all(parent)?;
+        }
         std::os::unix::fs::symlink(target, link)
     }
     fn unlink(&self, link: &Path) -> std::io::Result<()> {
         std::fs::remove_file(link)
     }
     fn rmdir(&self, path: &Path) -> std::io::Result<()> {
+        if plain(path) {
+            return std::fs::remove_dir_all(path);
+        }
         std::fs::remove_dir(path)
     }
     fn exists(&self, path: &Path) -> bool {
