@@ -367,7 +367,11 @@ pub struct RdsArgs {
     pub rds_insecure_skip_host_key_check: bool,
     /// Directory of the volume images on the router; its first component is the disk
     /// whose free space GetCapacity reports.
-    #[arg(long, env = "HANDOFF_RDS_VOLUME_DIR", default_value = "/nvme1/volumes")]
+    #[arg(
+        long,
+        env = "HANDOFF_RDS_VOLUME_DIR",
+        default_value = "/storage-pool/kubernetes-volumes"
+    )]
     pub rds_volume_dir: String,
     /// Address nodes connect to over NVMe/TCP (default: the host of --rds-address).
     #[arg(long, env = "HANDOFF_RDS_NVME_ADDRESS")]

@@ -341,6 +341,43 @@ async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
 }
 
 #[tokio::test]
+async fn attachments_of_a_replaced_driver_are_adopted_at_publish() {
+    let cluster = Arc::new(FakeCluster::default());
+    let (m, _sink) = manager_with(
+        Arc::new(MemoryStore::default()),
+        cluster.clone(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let (rwo, rwx) = (VolumeId::generate(), VolumeId::generate());
+    // Attached by the previous driver: VolumeAttachments, no state of ours.
+    *cluster.objects.lock() = Some(
+        [(&rwo, "a"), (&rwx, "a")]
+            .into_iter()
+            .map(|(v, n)| AttachmentObject {
+                volume: v.clone(),
+                node: node(n),
+                attached: true,
+            })
+            .collect(),
+    );
+    // An RWO volume held by node a is not handed to b behind its back.
+    assert!(publish(&m, &rwo, Sharing::Rwo, "b").await.is_err());
+    // Node a itself publishing again is idempotent.
+    publish(&m, &rwo, Sharing::Rwo, "a").await.unwrap();
+    assert_eq!(m.attached_nodes(&rwo).await.unwrap(), vec![node("a")]);
+    // An RWX volume on node a: b becomes the migration target, a stays primary.
+    assert_eq!(
+        publish(&m, &rwx, Sharing::Rwx, "b").await.unwrap(),
+        PublishOutcome::MigrationStarted
+    );
+    assert_eq!(
+        m.attached_nodes(&rwx).await.unwrap(),
+        vec![node("a"), node("b")]
+    );
+}
+
+#[tokio::test]
 async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
     let store = Arc::new(MemoryStore::default());
     let (m, sink) =

@@ -101,6 +101,8 @@ struct Disk {
     file_path: String,
     size: u64,
     exported: bool,
+    /// RouterOS's `status` (`ready` when usable), when it prints one.
+    status: Option<String>,
     nqn: Option<String>,
     port: Option<u16>,
     meta: Option<Meta>,
@@ -121,6 +123,7 @@ impl Disk {
             file_path: f.get("file-path").cloned().unwrap_or_default(),
             size,
             exported: f.get("nvme-tcp-export").map(String::as_str) == Some("yes"),
+            status: f.get("status").cloned(),
             nqn: f.get("nvme-tcp-server-nqn").cloned(),
             port: f.get("nvme-tcp-server-port").and_then(|p| p.parse().ok()),
             meta: f.get("comment").and_then(|c| Meta::decode(c)),
@@ -507,6 +510,12 @@ impl Backend for RdsBackend {
             Some(d) if !d.exported => Condition {
                 abnormal: true,
                 message: format!("disk {} is no longer exported over NVMe/TCP", volume.id),
+            },
+            Some(Disk {
+                status: Some(s), ..
+            }) if s != "ready" => Condition {
+                abnormal: true,
+                message: format!("the router reports disk {} as {s:?}", volume.id),
             },
             Some(_) => Condition {
                 abnormal: false,

@@ -203,6 +203,10 @@ pub fn check_output(output: &str) -> Result<(), RosError> {
         || lower.contains("invalid value")
         || lower.contains("bad command name")
         || lower.contains("input does not match")
+        || lower.contains("invalid parameter")
+        // An add that landed on an earlier attempt whose answer was lost: the caller
+        // looks the item up instead of adding it again.
+        || lower.contains("already exists")
     {
         Err(RosError::Invalid(first()))
     } else if lower.starts_with("failure:") || lower.contains("error") {
@@ -443,5 +447,11 @@ mod tests {
         assert!(matches!(missing, RosError::NotFound(_)) && !missing.retryable());
         let busy = check_output("failure: could not lock, try again later").unwrap_err();
         assert!(busy.retryable());
+        let in_use = check_output("failure: disk is in use").unwrap_err();
+        assert!(in_use.retryable(), "a node still connected may let go");
+        let exists = check_output("failure: file already exists").unwrap_err();
+        assert!(!exists.retryable());
+        let param = check_output("failure: invalid parameter").unwrap_err();
+        assert!(!param.retryable());
     }
 }
