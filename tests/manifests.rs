@@ -106,6 +106,7 @@ fn check(doc: &Value) -> Result<(), String> {
         ("v1", "Namespace") => strict::<core::v1::Namespace>(doc),
         ("v1", "ServiceAccount") => strict::<core::v1::ServiceAccount>(doc),
         ("v1", "Service") => strict::<core::v1::Service>(doc),
+        ("v1", "Secret") => strict::<core::v1::Secret>(doc),
         ("v1", "PersistentVolumeClaim") => strict::<core::v1::PersistentVolumeClaim>(doc),
         ("v1", "Pod") => strict::<core::v1::Pod>(doc),
         ("apps/v1", "Deployment") => strict::<apps::v1::Deployment>(doc),
@@ -236,7 +237,8 @@ fn flags_in_manifests_exist_and_the_driver_name_is_consistent() {
             "StorageClass" => names.push(doc["provisioner"].as_str().unwrap().to_owned()),
             "VolumeSnapshotClass" => names.push(doc["driver"].as_str().unwrap().to_owned()),
             "Kustomization" => {
-                for img in doc["images"].as_array().unwrap() {
+                // Overlays (deploy/kubernetes/backends/*) use the base's pins.
+                for img in doc["images"].as_array().into_iter().flatten() {
                     assert!(
                         img["newTag"]
                             .as_str()
@@ -244,6 +246,21 @@ fn flags_in_manifests_exist_and_the_driver_name_is_consistent() {
                         "{img}"
                     );
                     kustomize_images.insert(img["name"].as_str().unwrap().to_owned());
+                }
+                // Flags added by overlay patches exist too.
+                for p in doc["patches"].as_array().into_iter().flatten() {
+                    let ops: Value = serde_yaml_ng::from_str(p["patch"].as_str().unwrap())
+                        .unwrap_or_else(|e| panic!("{}: patch is not YAML: {e}", file.display()));
+                    for op in ops.as_array().unwrap() {
+                        if let Some(arg) = op["value"].as_str().and_then(|v| v.strip_prefix("--")) {
+                            let flag = arg.split('=').next().unwrap();
+                            assert!(
+                                flags.contains(flag),
+                                "{}: --{flag} is not a flag of handoff-csi",
+                                file.display()
+                            );
+                        }
+                    }
                 }
                 let dir = file.parent().unwrap();
                 for r in doc["resources"].as_array().unwrap() {
@@ -340,6 +357,7 @@ fn configuration_docs_cover_every_flag_and_parameter() {
     }
     assert!(doc.contains("`migrationTimeoutSeconds`"));
     assert!(doc.contains("`dataPlane`"));
+    assert!(doc.contains("`nvmeCtrlLossTmo`"));
     assert!(doc.contains("csi.storage.k8s.io/"));
 }
 

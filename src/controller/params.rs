@@ -30,6 +30,8 @@ pub enum DataPlane {
 pub enum ParamError {
     #[error("parameter {key:?} is not known to this driver (known: {MIGRATION_TIMEOUT_KEY}, {DATA_PLANE_KEY}, {CTRL_LOSS_TMO_KEY}; keys prefixed {KUBERNETES_PREFIX} are passed through)")]
     Unknown { key: String },
+    #[error("parameter {key:?} belongs to the Go RDS driver's StorageClasses; here it is the controller flag {flag}: remove it from the StorageClass (recreate the class under the same name; existing PVs are not affected)")]
+    GoDriver { key: String, flag: &'static str },
     #[error("parameter {key}={value:?} is invalid: {reason}")]
     Invalid {
         key: &'static str,
@@ -93,6 +95,16 @@ impl TryFrom<&HashMap<String, String>> for VolumeParams {
                                 CTRL_LOSS_TMO_RANGE.end()
                             ),
                         })?;
+                }
+                "nvmeAddress" | "nvmePort" | "volumePath" => {
+                    return Err(ParamError::GoDriver {
+                        key: key.clone(),
+                        flag: match key.as_str() {
+                            "nvmeAddress" => "--rds-nvme-address",
+                            "nvmePort" => "--rds-nvme-port",
+                            _ => "--rds-volume-dir",
+                        },
+                    })
                 }
                 _ => {
                     return Err(ParamError::Unknown {
@@ -202,6 +214,15 @@ mod tests {
             let err = VolumeParams::try_from(&params(&[("nvmeCtrlLossTmo", bad)])).unwrap_err();
             assert!(err.to_string().contains("infinite"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn go_driver_keys_point_at_the_flags() {
+        let err =
+            VolumeParams::try_from(&params(&[("volumePath", "/storage-pool/k8s")])).unwrap_err();
+        assert!(err.to_string().contains("--rds-volume-dir"), "{err}");
+        let err = VolumeParams::try_from(&params(&[("nvmeAddress", "10.0.0.1")])).unwrap_err();
+        assert!(err.to_string().contains("--rds-nvme-address"), "{err}");
     }
 
     #[test]
