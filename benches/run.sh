@@ -8,3 +8,4 @@ cargo bench --locked --bench lifecycle -- --block 1000 --mount 48 --in-flight 8
 cargo bench --locked --bench migration -- --migrations 50
 cargo bench --locked --bench attachments -- --volumes 10000 --in-flight 64
 cargo bench --locked --bench dataplane -- --seconds 3 --size-mib 256
+cargo bench --locked --bench rds -- --rounds 200

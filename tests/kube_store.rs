@@ -547,3 +547,46 @@ async fn out_of_service_nodes_count_as_gone() {
         ["node-b"]
     );
 }
+
+#[tokio::test]
+async fn volumes_attached_by_a_replaced_driver_are_adopted_at_start() {
+    let mut c = start().await;
+    let rwx_id = volume(&c, "pv-adopt-rwx", rwx()).await;
+    let rwo_id = volume(&c, "pv-adopt-rwo", block_cap(Mode::SingleNodeWriter)).await;
+    // The PVs as Kubernetes has them: modes from the claims.
+    let mut pv = fake_kube::pv("pv-adopt-rwx", DRIVER, &rwx_id);
+    pv["spec"]["volumeMode"] = "Block".into();
+    c.fake.put("persistentvolumes", pv);
+    let mut pv = fake_kube::pv("pv-adopt-rwo", DRIVER, &rwo_id);
+    pv["spec"]["accessModes"] = serde_json::json!(["ReadWriteOnce"]);
+    pv["spec"]["volumeMode"] = "Block".into();
+    c.fake.put("persistentvolumes", pv);
+    // Attached to node-a by the driver this one replaced: VolumeAttachments only.
+    for pv in ["pv-adopt-rwx", "pv-adopt-rwo"] {
+        c.fake.put(
+            "volumeattachments",
+            fake_kube::volume_attachment(DRIVER, pv, "node-a", true),
+        );
+    }
+    assert!(annotation(&c.fake, "pv-adopt-rwo").is_none());
+    c.driver.crash_and_restart().await;
+    for pv in ["pv-adopt-rwx", "pv-adopt-rwo"] {
+        let state = annotation(&c.fake, pv).unwrap_or_else(|| panic!("{pv} not adopted"));
+        assert_eq!(nodes_in(&state), ["node-a"], "{pv}");
+    }
+    let mut ctl = c.driver.controller().await;
+    // The RWO volume is not handed to node-b behind node-a's back…
+    let err = ctl
+        .controller_publish_volume(publish_request(&rwo_id, "node-b", rwo_block()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    // …and the RWX one gets node-b as its migration target, node-a staying primary.
+    ctl.controller_publish_volume(publish_request(&rwx_id, "node-b", rwx()))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-adopt-rwx").unwrap()),
+        ["node-a", "node-b"]
+    );
+}

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use super::state::{MigrationPhase, MigrationRef, Workload};
+use crate::capability::Sharing;
 use crate::ids::{NodeId, VolumeId};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,11 @@ pub trait ClusterView: Send + Sync + 'static {
         _check_pods: bool,
     ) -> Result<Workload, ClusterError> {
         Ok(Workload::default())
+    }
+    /// How many nodes the volume's PersistentVolume lets share it (its access modes and
+    /// volume mode); `None` when unknown.
+    async fn sharing_of(&self, _volume: &VolumeId) -> Result<Option<Sharing>, ClusterError> {
+        Ok(None)
     }
     /// The phase of a migration object; `None` when it is gone or nothing is known.
     async fn migration_phase(

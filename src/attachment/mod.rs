@@ -231,37 +231,6 @@ impl AttachmentManager {
         }
     }
 
-    /// A volume without stored state may still be attached: a VolumeAttachment made by
-    /// the driver this one replaced (the Go RDS driver kept its own annotations), or
-    /// state lost with a store. Those nodes hold the volume, so they enter the state
-    /// the rules decide on, with the mode the request (the PV's) asks for.
-    async fn seed_from_cluster(
-        &self,
-        volume: &VolumeId,
-        sharing: Sharing,
-        migration_timeout: Duration,
-        requester: &NodeId,
-    ) -> Result<AttachmentState, AttachError> {
-        let mut state = AttachmentState::new(volume.clone(), sharing, migration_timeout);
-        let Some(objects) = self.cluster.attachments().await? else {
-            return Ok(state);
-        };
-        let now = Utc::now();
-        for o in objects {
-            if &o.volume == volume && o.attached && &o.node != requester {
-                state.nodes.push(state::NodeAttachment {
-                    node_id: o.node,
-                    attached_at: now,
-                    readonly: false,
-                });
-            }
-        }
-        if !state.nodes.is_empty() {
-            tracing::warn!(volume_id = %volume, holders = ?state.nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(), "adopting attachments known only from VolumeAttachments");
-        }
-        Ok(state)
-    }
-
     async fn try_publish(
         &self,
         volume: &VolumeId,
@@ -269,13 +238,10 @@ impl AttachmentManager {
         migration_timeout: Duration,
         req: &PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
-        let current = match self.store.load(volume).await? {
-            Some(state) => state,
-            None => {
-                self.seed_from_cluster(volume, sharing, migration_timeout, &req.node_id)
-                    .await?
-            }
-        };
+        let current =
+            self.store.load(volume).await?.unwrap_or_else(|| {
+                AttachmentState::new(volume.clone(), sharing, migration_timeout)
+            });
         let holders: Vec<NodeId> = current.node_ids().cloned().collect();
         let mut asked = holders.clone();
         asked.push(req.node_id.clone());

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::cluster::{index, AttachmentObject, ClusterView};
 use super::events::{AttachEvent, EventSink};
-use super::state::{AttachmentState, NodeAttachment};
+use super::state::{AttachmentState, NodeAttachment, DEFAULT_MIGRATION_TIMEOUT};
 use super::store::AttachmentStore;
 use super::AttachError;
 use crate::capability::Sharing;
@@ -103,24 +103,62 @@ pub async fn cross_check(
             }
         }
     }
-    // Attached in the cluster, unknown to the store: reported, not invented, since the
-    // access mode and order cannot be known from a VolumeAttachment alone.
+    // Attached in the cluster, unknown to the store: volumes of the driver this one
+    // replaced (the Go RDS driver kept its own annotations), or state lost with a store.
+    // Adopted with the mode of their PV, so the rules hold for them from the start;
+    // reported only when the PV does not say.
     for (volume, objects) in by_volume {
         let attached: Vec<NodeId> = objects
             .into_iter()
             .filter(|o| o.attached)
             .map(|o| o.node)
             .collect();
-        if !attached.is_empty() {
-            tracing::warn!(volume_id = %volume, nodes = ?attached, "VolumeAttachments report attached but no attachment state exists");
+        if attached.is_empty() {
+            continue;
+        }
+        let Some(sharing) = cluster.sharing_of(&volume).await? else {
+            tracing::warn!(volume_id = %volume, nodes = ?attached, "VolumeAttachments report attached but no attachment state exists, and the PV's access mode is unknown");
             events.emit(&AttachEvent::StateRepaired {
                 volume,
                 added: Vec::new(),
                 removed: Vec::new(),
             });
-        }
+            continue;
+        };
+        let adopted = adopt(&volume, sharing, &attached, now);
+        tracing::warn!(volume_id = %volume, nodes = ?attached, ?sharing, "adopted attachments known only from VolumeAttachments");
+        store.save(&adopted).await?;
+        events.emit(&AttachEvent::StateRepaired {
+            volume,
+            added: attached,
+            removed: Vec::new(),
+        });
+        states.push(adopted);
     }
     Ok(states)
+}
+
+/// Pure: the state of a volume the cluster says is attached to `nodes` (in the order the
+/// cluster lists them) and that the store does not know.
+pub fn adopt(
+    volume: &crate::ids::VolumeId,
+    sharing: Sharing,
+    nodes: &[NodeId],
+    now: DateTime<Utc>,
+) -> AttachmentState {
+    let mut state = AttachmentState::new(volume.clone(), sharing, DEFAULT_MIGRATION_TIMEOUT);
+    state.nodes = nodes
+        .iter()
+        .map(|n| NodeAttachment {
+            node_id: n.clone(),
+            attached_at: now,
+            readonly: sharing == Sharing::Rox,
+        })
+        .collect();
+    if sharing == Sharing::Rwx && state.nodes.len() == 2 {
+        state.migration_started_at = Some(now);
+    }
+    state
 }
 
 #[cfg(test)]

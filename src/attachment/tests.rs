@@ -340,19 +340,42 @@ async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
     ));
 }
 
+/// A cluster that also knows each PV's access mode.
+#[derive(Default)]
+struct ModeCluster {
+    inner: FakeCluster,
+    modes: parking_lot::Mutex<Vec<(VolumeId, Sharing)>>,
+}
+
+#[async_trait]
+impl ClusterView for ModeCluster {
+    async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError> {
+        self.inner.gone_nodes(nodes).await
+    }
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        self.inner.attachments().await
+    }
+    async fn sharing_of(&self, volume: &VolumeId) -> Result<Option<Sharing>, ClusterError> {
+        Ok(self
+            .modes
+            .lock()
+            .iter()
+            .find(|(v, _)| v == volume)
+            .map(|(_, s)| *s))
+    }
+}
+
 #[tokio::test]
-async fn attachments_of_a_replaced_driver_are_adopted_at_publish() {
-    let cluster = Arc::new(FakeCluster::default());
-    let (m, _sink) = manager_with(
-        Arc::new(MemoryStore::default()),
-        cluster.clone(),
-        Duration::from_secs(30),
-    )
-    .await;
-    let (rwo, rwx) = (VolumeId::generate(), VolumeId::generate());
+async fn attachments_of_a_replaced_driver_are_adopted_at_start() {
+    let cluster = Arc::new(ModeCluster::default());
+    let (rwo, rwx, unknown) = (
+        VolumeId::generate(),
+        VolumeId::generate(),
+        VolumeId::generate(),
+    );
     // Attached by the previous driver: VolumeAttachments, no state of ours.
-    *cluster.objects.lock() = Some(
-        [(&rwo, "a"), (&rwx, "a")]
+    *cluster.inner.objects.lock() = Some(
+        [(&rwo, "a"), (&rwx, "a"), (&unknown, "a")]
             .into_iter()
             .map(|(v, n)| AttachmentObject {
                 volume: v.clone(),
@@ -361,11 +384,29 @@ async fn attachments_of_a_replaced_driver_are_adopted_at_publish() {
             })
             .collect(),
     );
+    *cluster.modes.lock() = vec![(rwo.clone(), Sharing::Rwo), (rwx.clone(), Sharing::Rwx)];
+    let store = Arc::new(MemoryStore::default());
+    let sink = Arc::new(RecordingSink::default());
+    let m = AttachmentManager::load(
+        store.clone(),
+        cluster.clone(),
+        sink.clone(),
+        Policy {
+            grace_period: Duration::from_secs(30),
+            allow_rwx_block_sharing: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(sink.take().iter().any(|e| matches!(
+        e,
+        AttachEvent::StateRepaired { volume, added, .. } if *volume == rwo && *added == vec![node("a")]
+    )));
+    // Persisted: a restart does not need the cluster to know it again.
+    assert!(store.load(&rwo).await.unwrap().is_some());
     // An RWO volume held by node a is not handed to b behind its back.
     assert!(publish(&m, &rwo, Sharing::Rwo, "b").await.is_err());
-    // Node a itself publishing again is idempotent.
     publish(&m, &rwo, Sharing::Rwo, "a").await.unwrap();
-    assert_eq!(m.attached_nodes(&rwo).await.unwrap(), vec![node("a")]);
     // An RWX volume on node a: b becomes the migration target, a stays primary.
     assert_eq!(
         publish(&m, &rwx, Sharing::Rwx, "b").await.unwrap(),
@@ -375,6 +416,8 @@ async fn attachments_of_a_replaced_driver_are_adopted_at_publish() {
         m.attached_nodes(&rwx).await.unwrap(),
         vec![node("a"), node("b")]
     );
+    // The PV's mode unknown: reported, not invented.
+    assert!(store.load(&unknown).await.unwrap().is_none());
 }
 
 #[tokio::test]

@@ -152,6 +152,9 @@ impl SshShell {
         let seen = Arc::new(Mutex::new(None));
         let config = Arc::new(client::Config {
             inactivity_timeout: Some(Duration::from_secs(300)),
+            // Commands are small request/response exchanges: without TCP_NODELAY each
+            // one waits out Nagle against delayed ACKs (~40 ms).
+            nodelay: true,
             ..Default::default()
         });
         let handler = Verifier {

@@ -17,6 +17,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 
+use crate::capability::Sharing;
 use crate::ids::{NodeId, VolumeId};
 
 /// What the controller needs to know about one of its PVs.
@@ -28,6 +29,28 @@ pub struct PvEntry {
     pub attachment: Option<String>,
     /// namespace/name of the bound claim, for Events on the PVC.
     pub claim: Option<(String, String)>,
+    /// What the PV's access modes and volume mode allow.
+    pub sharing: Sharing,
+}
+
+/// ReadWriteMany raw block → two nodes (live migration); read-only only → any number
+/// read-only; anything else → one node. The same mapping CreateVolume's capabilities get.
+fn sharing_of(pv: &PersistentVolume) -> Sharing {
+    let spec = pv.spec.as_ref();
+    let modes: Vec<&str> = spec
+        .and_then(|s| s.access_modes.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let block = spec.and_then(|s| s.volume_mode.as_deref()) == Some("Block");
+    if modes.contains(&"ReadWriteMany") && block {
+        Sharing::Rwx
+    } else if !modes.is_empty() && modes.iter().all(|m| *m == "ReadOnlyMany") {
+        Sharing::Rox
+    } else {
+        Sharing::Rwo
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +270,7 @@ impl ClusterCache {
             resource_version: pv.resource_version().unwrap_or_default(),
             attachment: pv.annotations().get(super::ANNOTATION_STATE).cloned(),
             claim,
+            sharing: sharing_of(pv),
         })
     }
 

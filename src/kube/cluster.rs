@@ -12,6 +12,7 @@ use super::cache::ClusterCache;
 use super::kubevirt::{foreign_pods, pods_using, KubevirtCache};
 use crate::attachment::cluster::{AttachmentObject, ClusterError, ClusterView};
 use crate::attachment::state::{MigrationPhase, MigrationRef, Workload};
+use crate::capability::Sharing;
 use crate::ids::{NodeId, VolumeId};
 
 pub struct KubeCluster {
@@ -59,6 +60,10 @@ impl ClusterView for KubeCluster {
                 })
                 .collect(),
         ))
+    }
+
+    async fn sharing_of(&self, volume: &VolumeId) -> Result<Option<Sharing>, ClusterError> {
+        Ok(self.cache.pv_for(volume).map(|pv| pv.sharing))
     }
 
     async fn workload(

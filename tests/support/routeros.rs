@@ -102,6 +102,7 @@ impl FakeRouter {
         let (st, client_pub) = (state.clone(), client.public_key().clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
                 let handler = Handler {
                     state: st.clone(),
                     client_key: client_pub.clone(),
