@@ -306,6 +306,14 @@ async fn transient_failures_are_retried_and_others_are_not() {
     let err = b.get_volume(&v.id).await.unwrap_err();
     assert!(matches!(err, BackendError::Target(_)), "{err}");
     assert_eq!(router.take_commands().len(), 3);
+
+    // A command that fails without a word (non-zero exit, no output) is a failure too.
+    router.state.lock().silent_failures = 1;
+    assert!(b.get_volume(&v.id).await.unwrap().is_some(), "retried");
+    assert_eq!(router.take_commands().len(), 2);
+    router.state.lock().silent_failures = 3;
+    let err = b.get_volume(&v.id).await.unwrap_err();
+    assert!(err.to_string().contains("exited with status 1"), "{err}");
 }
 
 #[tokio::test]

@@ -228,15 +228,23 @@ impl SshShell {
         let mut channel = handle.channel_open_session().await.map_err(session)?;
         channel.exec(true, command).await.map_err(session)?;
         let mut out = Vec::new();
+        let mut status = None;
         while let Some(msg) = channel.wait().await {
             match msg {
                 russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
                 russh::ChannelMsg::ExtendedData { data, .. } => out.extend_from_slice(&data),
-                russh::ChannelMsg::Close | russh::ChannelMsg::Eof => {}
+                russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 _ => {}
             }
         }
-        Ok(String::from_utf8_lossy(&out).replace("\r\n", "\n"))
+        let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+        // A failure that printed nothing must not read as success.
+        match status {
+            Some(code) if code != 0 && text.trim().is_empty() => {
+                Ok(format!("failure: the command exited with status {code}"))
+            }
+            _ => Ok(text),
+        }
     }
 }
 

@@ -37,6 +37,8 @@ pub struct RouterState {
     /// How long each command takes.
     pub delay: Duration,
     pub logins: usize,
+    /// The next this many commands print nothing and exit with status 1.
+    pub silent_failures: usize,
 }
 
 pub struct FakeRouter {
@@ -233,19 +235,24 @@ impl server::Handler for Handler {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let output = {
+        let (output, status) = {
             let mut s = self.state.lock();
             s.in_flight -= 1;
             s.commands.push(command.clone());
-            match s.inject.pop_front() {
-                Some(canned) => canned,
-                None => execute(&mut s, &command),
+            if s.silent_failures > 0 {
+                s.silent_failures -= 1;
+                (String::new(), 1)
+            } else {
+                match s.inject.pop_front() {
+                    Some(canned) => (canned, 0),
+                    None => (execute(&mut s, &command), 0),
+                }
             }
         };
         session.channel_success(channel)?;
         // RouterOS ends lines with CRLF.
         session.data(channel, output.replace('\n', "\r\n").into_bytes())?;
-        session.exit_status_request(channel, 0)?;
+        session.exit_status_request(channel, status)?;
         session.eof(channel)?;
         session.close(channel)?;
         Ok(())
