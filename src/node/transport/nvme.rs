@@ -190,6 +190,43 @@ fn head_of(name: &str) -> Option<String> {
     tail.is_empty().then(|| format!("nvme{subsys}n{nsid}"))
 }
 
+/// The kernel's uevent multicast (what udev listens to): a wake-up when devices appear.
+struct Uevents(std::os::fd::OwnedFd);
+
+impl Uevents {
+    fn open() -> Option<Uevents> {
+        use nix::sys::socket::{
+            bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+        };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkKObjectUEvent,
+        )
+        .ok()?;
+        // Group 1: the kernel's own events.
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, 1),
+        )
+        .ok()?;
+        Some(Uevents(fd))
+    }
+
+    /// Returns after an event arrived or `timeout`, whichever is first; drains events.
+    fn wait(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, t).unwrap_or(0) > 0 {
+            let mut buf = [0u8; 8192];
+            while nix::unistd::read(&self.0, &mut buf).is_ok_and(|n| n > 0) {}
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NvmeTransport {
     paths: NvmePaths,
@@ -332,6 +369,9 @@ impl NvmeTransport {
             return Ok(device(path));
         }
         let connected = self.controllers().iter().any(|(_, n)| n == subsystem_nqn);
+        // Listen for the kernel's uevents before connecting, so the namespace's "add"
+        // cannot slip by between the connect and the first look.
+        let uevents = Uevents::open();
         if !connected {
             let options = connect_options(export, &self.host, &self.timeouts).ok_or_else(|| {
                 TransportError::NvmeConnect {
@@ -357,8 +397,9 @@ impl NvmeTransport {
                 })?;
             tracing::info!(volume_id = %volume, controller = %format!("nvme{instance}"), cntlid, "NVMe/TCP controller connected");
         }
-        // The namespace appears once the kernel has scanned it: wait, boundedly, with
-        // growing intervals.
+        // The namespace appears once the kernel has scanned it: wait, boundedly, woken by
+        // each uevent, looking again at growing intervals in any case (uevents may be
+        // unavailable, or not about our device).
         let deadline = Instant::now() + self.wait;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -374,7 +415,11 @@ impl NvmeTransport {
                     ),
                 });
             }
-            std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+            let wait = pause.min(deadline.saturating_duration_since(Instant::now()));
+            match &uevents {
+                Some(u) => u.wait(wait),
+                None => std::thread::sleep(wait),
+            }
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }

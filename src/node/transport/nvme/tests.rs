@@ -332,3 +332,26 @@ async fn nothing_from_publish_context_adds_fabrics_options() {
     }
     assert!(fabrics.writes.lock().is_empty());
 }
+
+/// The namespace wait wakes on a kernel uevent instead of sleeping out its interval.
+/// Needs root: it asks the kernel for a synthetic "change" event of /dev/null.
+#[test]
+fn a_uevent_wakes_the_wait() {
+    if !nix::unistd::geteuid().is_root() {
+        let msg = "a_uevent_wakes_the_wait: needs root to trigger a kernel uevent";
+        if std::env::var("HANDOFF_ALLOW_UNPRIVILEGED_SKIP").as_deref() == Ok("1") {
+            eprintln!("SKIPPED {msg}");
+            return;
+        }
+        panic!("{msg}; run as root as CI does, or set HANDOFF_ALLOW_UNPRIVILEGED_SKIP=1");
+    }
+    let u = Uevents::open().expect("uevent socket");
+    let trigger = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(50));
+        fs::write("/sys/devices/virtual/mem/null/uevent", "change").unwrap();
+    });
+    let t = Instant::now();
+    u.wait(Duration::from_secs(10));
+    trigger.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
