@@ -407,6 +407,21 @@ pub struct NvmeArgs {
     /// Controller: id of the nvmet port directory this driver owns.
     #[arg(long, env = "HANDOFF_NVMET_PORT_ID", default_value_t = 1)]
     pub nvmet_port_id: u16,
+    /// Controller: drive nvmet on this storage host (host:port) over SSH instead of this
+    /// host's configfs; --data-dir must then be that host's data dir, mounted at the
+    /// same path here.
+    #[arg(long, env = "HANDOFF_NVMET_SSH_ADDRESS")]
+    pub nvmet_ssh_address: Option<String>,
+    /// Controller: SSH user on the storage host (needs write access to its configfs).
+    #[arg(long, env = "HANDOFF_NVMET_SSH_USER", default_value = "root")]
+    pub nvmet_ssh_user: String,
+    /// Controller: OpenSSH private key for the storage host.
+    #[arg(long, env = "HANDOFF_NVMET_SSH_KEY_FILE")]
+    pub nvmet_ssh_key_file: Option<PathBuf>,
+    /// Controller: the storage host's SSH host key (key line or SHA256: fingerprint);
+    /// repeat to pin several.
+    #[arg(long, env = "HANDOFF_NVMET_SSH_HOST_KEY", value_delimiter = '\n')]
+    pub nvmet_ssh_host_key: Vec<String>,
     /// Subsystem NQNs of nvmet volumes are this prefix and the volume id; nodes touch
     /// no NVMe subsystem outside it (or RouterOS's prefix for rds volumes).
     #[arg(
@@ -492,8 +507,24 @@ impl Config {
         match self.backend {
             BackendKind::File => Ok(()),
             BackendKind::Nvmet => {
-                if self.mode.serves_controller() && self.nvme.nvmet_address.is_none() {
-                    return Err("--backend nvmet needs --nvmet-address: this host's address that nodes connect to over NVMe/TCP".into());
+                if !self.mode.serves_controller() {
+                    return Ok(());
+                }
+                let n = &self.nvme;
+                if n.nvmet_address.is_none() {
+                    return Err("--backend nvmet needs --nvmet-address: the target host's address that nodes connect to over NVMe/TCP".into());
+                }
+                if n.nvmet_ssh_address.is_some() {
+                    if n.nvmet_ssh_key_file.is_none() {
+                        return Err("--nvmet-ssh-address needs --nvmet-ssh-key-file".into());
+                    }
+                    if n.nvmet_ssh_host_key.is_empty() {
+                        return Err("--nvmet-ssh-address needs --nvmet-ssh-host-key (the storage host's SSH host key, checked on that host)".into());
+                    }
+                    for key in &n.nvmet_ssh_host_key {
+                        key.parse::<crate::backend::ssh::HostKeyPin>()
+                            .map_err(|e| format!("--nvmet-ssh-host-key {key:?}: {e}"))?;
+                    }
                 }
                 Ok(())
             }

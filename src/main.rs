@@ -17,7 +17,7 @@ use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
 use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
 use handoff_csi::backend::file::FileBackend;
-use handoff_csi::backend::nvmet::{KernelConfigFs, Nvmet, PortConfig};
+use handoff_csi::backend::nvmet::{KernelConfigFs, Nvmet, PortConfig, RemoteConfigFs};
 use handoff_csi::backend::nvmet_file::NvmetBackend;
 use handoff_csi::backend::rds::{RdsBackend, RdsSettings};
 use handoff_csi::backend::routeros::NQN_PREFIX as ROUTEROS_NQN_PREFIX;
@@ -246,19 +246,41 @@ fn open_backend(config: &Config) -> Result<Arc<dyn Backend>, BoxError> {
         BackendKind::Nvmet => {
             let n = &config.nvme;
             let address = n.nvmet_address.expect("validated: --nvmet-address");
-            let target = Nvmet::new(
-                KernelConfigFs,
-                n.nvmet_configfs.clone(),
-                PortConfig {
-                    id: n.nvmet_port_id,
-                    address: address.to_string(),
-                    port: n.nvmet_port,
-                    family: if address.is_ipv4() { "ipv4" } else { "ipv6" },
-                },
-                &n.nvme_nqn_prefix,
-            );
+            let port = PortConfig {
+                id: n.nvmet_port_id,
+                address: address.to_string(),
+                port: n.nvmet_port,
+                family: if address.is_ipv4() { "ipv4" } else { "ipv6" },
+            };
             let files: Arc<dyn Backend> = Arc::new(FileBackend::open(&config.data_dir)?);
-            Arc::new(NvmetBackend::new(files, target))
+            let root = n.nvmet_configfs.clone();
+            match &n.nvmet_ssh_address {
+                None => Arc::new(NvmetBackend::new(
+                    files,
+                    Nvmet::new(KernelConfigFs, root, port, &n.nvme_nqn_prefix),
+                )),
+                Some(ssh) => {
+                    let shell = SshShell::new(SshTarget {
+                        address: ssh.clone(),
+                        user: n.nvmet_ssh_user.clone(),
+                        credentials: Credentials::KeyFile(
+                            n.nvmet_ssh_key_file.clone().expect("validated: key file"),
+                        ),
+                        host_key: HostKeyPolicy::Pinned(
+                            n.nvmet_ssh_host_key
+                                .iter()
+                                .map(|k| k.parse())
+                                .collect::<Result<_, _>>()?,
+                        ),
+                        timeout: Duration::from_secs(30),
+                    });
+                    let fs = RemoteConfigFs::new(Arc::new(shell));
+                    Arc::new(NvmetBackend::new(
+                        files,
+                        Nvmet::new(fs, root, port, &n.nvme_nqn_prefix),
+                    ))
+                }
+            }
         }
         BackendKind::Rds => {
             let r = &config.rds;

@@ -267,3 +267,110 @@ async fn real_kernel_export_connect_io_and_fence() {
     b.delete_volume(&v.id).await.unwrap();
     let _ = std::fs::remove_dir(format!("/sys/kernel/config/nvmet/ports/{port_id}"));
 }
+
+/// nvmet's configfs on another host, through the shell commands the SSH variant sends;
+/// here the "remote" shell is a local `sh -c`, so quoting meets a real shell.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_configfs_commands_work_in_a_real_shell_and_quote_safely() {
+    use std::sync::Arc;
+
+    use handoff_csi::backend::nvmet::{ConfigFs, Nvmet, PortConfig, RemoteConfigFs};
+    use handoff_csi::backend::ssh::{CommandShell, ShellError};
+    use handoff_csi::ids::VolumeId;
+
+    struct LocalShell;
+    #[async_trait::async_trait]
+    impl CommandShell for LocalShell {
+        async fn run(&self, command: &str) -> Result<String, ShellError> {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .output()
+                .await
+                .map_err(|e| ShellError::Session(e.to_string()))?;
+            Ok(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("nvmet");
+    let v = VolumeId::generate();
+    let nqn = format!("{PREFIX}{v}");
+    let sub = root.join("subsystems").join(&nqn);
+    // What configfs makes by itself when a subsystem or port is created (the port here
+    // stands for one set up before).
+    for d in [
+        sub.join("namespaces"),
+        sub.join("allowed_hosts"),
+        root.join("hosts"),
+        root.join("ports/1/subsystems"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let exported = tokio::task::spawn_blocking({
+        let (root, v) = (root.clone(), v.clone());
+        let fs = RemoteConfigFs::new(Arc::new(LocalShell));
+        move || {
+            let t = Nvmet::new(
+                fs,
+                root,
+                PortConfig {
+                    id: 1,
+                    address: "10.0.0.2".into(),
+                    port: 4420,
+                    family: "ipv4",
+                },
+                PREFIX,
+            );
+            t.export(&v, &v.uuid(), Path::new("/data/volumes/x.img"), 600)
+                .unwrap();
+            t.allow_host(&v, &host("node-a")).unwrap();
+            t.allow_host(&v, &host("node-b")).unwrap();
+            t.deny_host(&v, &host("node-a"), true).unwrap();
+            // Exporting again does not rewrite the enabled namespace.
+            t.export(&v, &v.uuid(), Path::new("/elsewhere.img"), 600)
+                .unwrap();
+            t.is_exported(&v)
+        }
+    })
+    .await
+    .unwrap();
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    assert_eq!(read(sub.join("attr_allow_any_host")), "0");
+    assert_eq!(
+        read(sub.join("namespaces/1/device_path")),
+        "/data/volumes/x.img"
+    );
+    assert_eq!(read(sub.join("namespaces/1/enable")), "1");
+    assert!(sub.join("allowed_hosts").join(host("node-b")).is_symlink());
+    assert!(!sub.join("allowed_hosts").join(host("node-a")).exists());
+    assert!(root.join("ports/1/subsystems").join(&nqn).is_symlink());
+    assert!(exported);
+
+    // Quoting: a hostile value is written verbatim and runs nothing.
+    let evil = "x'; touch pwned; echo '$(id) `id`";
+    let target = dir.path().join("value");
+    let canary = std::env::current_dir().unwrap().join("pwned");
+    tokio::task::spawn_blocking({
+        let target = target.clone();
+        let fs = RemoteConfigFs::new(Arc::new(LocalShell));
+        move || fs.write(&target, evil).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(read(target), evil);
+    assert!(!canary.exists(), "the value ran as a command");
+    // A failing command is an error with what it printed, not a silent success.
+    let err = tokio::task::spawn_blocking({
+        let missing = dir.path().join("no/such/dir");
+        let fs = RemoteConfigFs::new(Arc::new(LocalShell));
+        move || fs.mkdir(&missing).unwrap_err()
+    })
+    .await
+    .unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+}

@@ -84,6 +84,108 @@ impl ConfigFs for KernelConfigFs {
     }
 }
 
+/// nvmet's configfs on a storage host reached over SSH: each operation one shell
+/// command, every path and value single-quoted. Runs on a blocking thread (as the
+/// local one does) and waits there for the asynchronous shell.
+pub struct RemoteConfigFs {
+    shell: std::sync::Arc<dyn crate::backend::ssh::CommandShell>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for RemoteConfigFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoteConfigFs")
+    }
+}
+
+/// `'…'` for a POSIX shell: the only character needing care inside is `'` itself.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+impl RemoteConfigFs {
+    /// Must be created inside the runtime the shell's connection lives on.
+    pub fn new(shell: std::sync::Arc<dyn crate::backend::ssh::CommandShell>) -> Self {
+        RemoteConfigFs {
+            shell,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Runs `command`; a non-zero exit comes back as an error with what it printed.
+    fn run(&self, command: String) -> std::io::Result<String> {
+        // The marker line carries the exit status: shells print nothing on success.
+        let wrapped = format!("{command}; echo \"handoff-status=$?\"");
+        let out = self
+            .runtime
+            .block_on(self.shell.run(&wrapped))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (body, status) = out
+            .trim_end()
+            .rsplit_once("handoff-status=")
+            .ok_or_else(|| std::io::Error::other(format!("no exit status in {out:?}")))?;
+        match status.trim() {
+            "0" => Ok(body.to_owned()),
+            code => {
+                let text = body.trim();
+                let kind = if text.contains("No such file") {
+                    std::io::ErrorKind::NotFound
+                } else {
+                    std::io::ErrorKind::Other
+                };
+                Err(std::io::Error::new(kind, format!("exit {code}: {text}")))
+            }
+        }
+    }
+
+    fn path(p: &Path) -> String {
+        sh_quote(&p.display().to_string())
+    }
+}
+
+impl ConfigFs for RemoteConfigFs {
+    fn mkdir(&self, path: &Path) -> std::io::Result<()> {
+        self.run(format!("mkdir -- {} 2>&1", Self::path(path)))
+            .map(drop)
+    }
+    fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
+        self.run(format!(
+            "printf '%s' {} > {} 2>&1",
+            sh_quote(value),
+            Self::path(path)
+        ))
+        .map(drop)
+    }
+    fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()> {
+        self.run(format!(
+            "ln -s -- {} {} 2>&1",
+            Self::path(target),
+            Self::path(link)
+        ))
+        .map(drop)
+    }
+    fn unlink(&self, link: &Path) -> std::io::Result<()> {
+        self.run(format!("rm -- {} 2>&1", Self::path(link)))
+            .map(drop)
+    }
+    fn rmdir(&self, path: &Path) -> std::io::Result<()> {
+        self.run(format!("rmdir -- {} 2>&1", Self::path(path)))
+            .map(drop)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        let p = Self::path(path);
+        self.run(format!("test -e {p} || test -L {p}")).is_ok()
+    }
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        self.run(format!("cat -- {} 2>&1", Self::path(path)))
+    }
+    fn list(&self, dir: &Path) -> Vec<String> {
+        self.run(format!("ls -1A -- {} 2>/dev/null", Self::path(dir)))
+            .map(|out| out.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("nvmet {op} {path:?}: {source}")]
 pub struct NvmetError {
