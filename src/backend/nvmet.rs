@@ -374,19 +374,25 @@ impl<F: ConfigFs> Nvmet<F> {
     /// removing the link alone does not. nvmet has no per-host disconnect, so the
     /// subsystem is unlinked from the port (every controller of it drops) and linked
     /// again: allowed hosts reconnect by themselves, the denied one is refused.
+    ///
+    /// Eviction comes first, while the host is still listed, so a retry after a failure
+    /// anywhere in between evicts again; hosts reconnect only after their
+    /// reconnect_delay (seconds), long after the permission is gone. A host that holds
+    /// no permission is left alone: nothing of the others is disturbed.
     pub fn deny_host(&self, volume: &VolumeId, host: &str, evict: bool) -> Result<(), NvmetError> {
         if !component(host) {
             return Ok(());
         }
-        self.unlink(&self.subsystem(volume).join("allowed_hosts").join(host))?;
+        let permission = self.subsystem(volume).join("allowed_hosts").join(host);
+        if !self.fs.exists(&permission) {
+            return Ok(());
+        }
         if evict {
             let link = self.port_link(volume);
-            if self.fs.exists(&link) {
-                self.unlink(&link)?;
-                self.link(&self.subsystem(volume), &link)?;
-            }
+            self.unlink(&link)?;
+            self.link(&self.subsystem(volume), &link)?;
         }
-        Ok(())
+        self.unlink(&permission)
     }
 
     /// Whether the volume has a subsystem here.
@@ -607,18 +613,23 @@ pub(crate) mod tests {
             t.fs.take(),
             [format!("unlink subsystems/{nqn}/allowed_hosts/{host}")]
         );
-        // Deny with evict also cycles the port link so the live controller drops.
+        // Deny with evict also cycles the port link so the live controller drops, and
+        // does so while the host is still listed (a retry evicts again).
         t.allow_host(&v, host).unwrap();
         t.fs.take();
         t.deny_host(&v, host, true).unwrap();
         assert_eq!(
             t.fs.take(),
             [
-                format!("unlink subsystems/{nqn}/allowed_hosts/{host}"),
                 format!("unlink ports/1/subsystems/{nqn}"),
                 format!("link ports/1/subsystems/{nqn} -> subsystems/{nqn}"),
+                format!("unlink subsystems/{nqn}/allowed_hosts/{host}"),
             ]
         );
+        // A host without permission (a repeated unpublish): nobody is disturbed.
+        t.deny_host(&v, host, true).unwrap();
+        t.deny_host(&v, "nqn.never-allowed", true).unwrap();
+        assert!(t.fs.take().is_empty());
         // Host names that are not one path component never reach configfs.
         assert!(t.allow_host(&v, "../../etc").is_err());
         assert!(t.allow_host(&v, "").is_err());

@@ -276,9 +276,9 @@ mod tests {
         assert_eq!(
             b.target_ops(),
             [
-                format!("unlink {sub}/allowed_hosts/{host}"),
                 format!("unlink ports/1/subsystems/{subsystem_nqn}"),
                 format!("link ports/1/subsystems/{subsystem_nqn} -> {sub}"),
+                format!("unlink {sub}/allowed_hosts/{host}"),
             ]
         );
     }
