@@ -565,3 +565,174 @@ async fn the_driver_refuses_rds_flags_that_would_skip_host_key_checks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--rds-host-key"), "{err}");
 }
+
+async fn rds_driver(router: &FakeRouter) -> support::Driver {
+    support::Driver::start_with(support::DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--backend".into(),
+            "rds".into(),
+            "--rds-address".into(),
+            router.addr.to_string(),
+            "--rds-user".into(),
+            USER.into(),
+            "--rds-key-file".into(),
+            router.client_key_file.display().to_string(),
+            "--rds-host-key".into(),
+            router.host_fingerprint(),
+            "--rds-volume-dir".into(),
+            DIR.into(),
+            "--rds-attempts".into(),
+            "2".into(),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
+/// The Controller service's other RPCs on `rds`: snapshots and restores, expansion,
+/// capacity, health, and the status codes a full or unreachable router gives.
+#[tokio::test]
+async fn the_volume_lifecycle_over_csi_on_rds() {
+    use handoff_csi::csi;
+    use handoff_csi::csi::volume_content_source::{SnapshotSource, Type as Source};
+    use support::{code, create_request, rwo_block};
+    use tonic::Code;
+
+    let router = FakeRouter::start(10 * GIB).await;
+    let d = rds_driver(&router).await;
+    let mut c = d.controller().await;
+    let v = c
+        .create_volume(create_request("disk-1", 64 << 20, rwo_block()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+
+    // Capacity: the pool disk's free space, as the router reports it.
+    let cap = c
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    // RouterOS prints it rounded to 0.1 GiB.
+    let expected = (10 * GIB - (64 << 20)) as i64;
+    assert!(
+        (cap - expected).abs() <= (GIB / 10) as i64,
+        "{cap} vs {expected}"
+    );
+
+    // Snapshot, then restore into a bigger volume.
+    let snap = c
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: "snap-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.size_bytes, 64 << 20);
+    let listed = c
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    let mut req = create_request("restored-1", 128 << 20, rwo_block());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Source::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 128 << 20);
+    assert!(restored.content_source.is_some());
+
+    // Grow online; shrinking is OutOfRange.
+    let expand = |bytes: i64| csi::ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(rwo_block()),
+        ..Default::default()
+    };
+    let grown = c
+        .controller_expand_volume(expand(96 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 96 << 20);
+    assert_eq!(
+        code(c.controller_expand_volume(expand(32 << 20)).await),
+        Code::OutOfRange
+    );
+
+    // Health: a disk removed behind the driver's back is abnormal.
+    let get = |id: &str| csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    let ok = c
+        .controller_get_volume(get(&v.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.status.unwrap().volume_condition.unwrap().abnormal);
+    router
+        .state
+        .lock()
+        .disks
+        .retain(|d| d.get("slot") != Some(&format!("\"{}\"", restored.volume_id)));
+    assert_eq!(
+        code(c.controller_get_volume(get(&restored.volume_id)).await),
+        Code::NotFound
+    );
+
+    // A full router: ResourceExhausted, and nothing half-made is left behind.
+    let before = router.state.lock().disks.len();
+    assert_eq!(
+        code(
+            c.create_volume(create_request("too-big", 100 << 30, rwo_block()))
+                .await
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(router.state.lock().disks.len(), before);
+
+    // Snapshot and volume deletion are idempotent.
+    let del_snap = csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    };
+    c.delete_snapshot(del_snap.clone()).await.unwrap();
+    c.delete_snapshot(del_snap).await.unwrap();
+
+    // The router unreachable: Unavailable (retryable), Probe not ready.
+    router.state.lock().down = true;
+    let status = c
+        .create_volume(create_request("while-down", 64 << 20, rwo_block()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let probe = d.identity().await.probe(csi::ProbeRequest {}).await;
+    assert!(
+        probe
+            .as_ref()
+            .map_or(true, |p| p.get_ref().ready != Some(true)),
+        "{probe:?}"
+    );
+}

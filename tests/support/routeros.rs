@@ -39,6 +39,8 @@ pub struct RouterState {
     pub logins: usize,
     /// The next this many commands print nothing and exit with status 1.
     pub silent_failures: usize,
+    /// Unreachable: sessions break, new connections are closed at once.
+    pub down: bool,
 }
 
 pub struct FakeRouter {
@@ -104,6 +106,9 @@ impl FakeRouter {
         let (st, client_pub) = (state.clone(), client.public_key().clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                if st.lock().down {
+                    continue; // dropped: the connection closes
+                }
                 let _ = stream.set_nodelay(true);
                 let handler = Handler {
                     state: st.clone(),
@@ -226,6 +231,9 @@ impl server::Handler for Handler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(data).into_owned();
+        if self.state.lock().down {
+            return Err(russh::Error::Disconnect);
+        }
         let delay = {
             let mut s = self.state.lock();
             s.in_flight += 1;
