@@ -356,6 +356,18 @@ async fn a_host_key_that_does_not_match_is_refused_before_login() {
 }
 
 #[tokio::test]
+async fn an_unusable_private_key_is_not_retried() {
+    let router = FakeRouter::start(GIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = support::routeros::write_file(dir.path(), "key", "not a key");
+    let b = backend_with(&router, pinned(&router), Credentials::KeyFile(bad));
+    let err = b.probe().await.unwrap_err();
+    assert!(matches!(err, BackendError::TargetRefused(_)), "{err}");
+    assert!(err.to_string().contains("private key"), "{err}");
+    assert_eq!(router.state.lock().logins, 0);
+}
+
+#[tokio::test]
 async fn a_refused_login_is_not_retried() {
     let router = FakeRouter::start(GIB).await;
     let b = backend_with(

@@ -26,6 +26,8 @@ pub enum ShellError {
     HostKey { address: String, seen: String },
     #[error("{address} refused the login of {user:?}: check the user, key or password")]
     Auth { address: String, user: String },
+    #[error("cannot use the private key {path}: {reason}")]
+    Key { path: String, reason: String },
     #[error("the command did not finish within {0:?}")]
     Timeout(Duration),
     #[error("the SSH session broke: {0}")]
@@ -35,7 +37,10 @@ pub enum ShellError {
 impl ShellError {
     /// Worth another attempt on a fresh connection: never a key or login refusal.
     pub fn transient(&self) -> bool {
-        !matches!(self, ShellError::HostKey { .. } | ShellError::Auth { .. })
+        !matches!(
+            self,
+            ShellError::HostKey { .. } | ShellError::Auth { .. } | ShellError::Key { .. }
+        )
     }
 }
 
@@ -196,9 +201,11 @@ impl SshShell {
                 .await
                 .map_err(session)?,
             Credentials::KeyFile(path) => {
-                let key = russh::keys::load_secret_key(path, None).map_err(|e| {
-                    ShellError::Session(format!("private key {}: {e}", path.display()))
-                })?;
+                let key =
+                    russh::keys::load_secret_key(path, None).map_err(|e| ShellError::Key {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
                 let hash = handle
                     .best_supported_rsa_hash()
                     .await
@@ -253,7 +260,15 @@ impl CommandShell for SshShell {
     async fn run(&self, command: &str) -> Result<String, ShellError> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(|h| h.is_closed()) {
-            *conn = Some(self.connect().await?);
+            // Bounded as a whole: a server that stalls the login is no better than one
+            // that never answers.
+            let connected = tokio::time::timeout(self.target.timeout, self.connect())
+                .await
+                .map_err(|_| ShellError::Connect {
+                    address: self.target.address.clone(),
+                    reason: format!("no login within {:?}", self.target.timeout),
+                })??;
+            *conn = Some(connected);
         }
         let handle = conn.as_ref().expect("connected above");
         let result =
