@@ -6,9 +6,12 @@
 //!
 //! `cargo bench --bench attachments [-- --volumes N --in-flight N]`
 
+#[path = "support/args.rs"]
+mod args;
 #[path = "../tests/support/fake_kube.rs"]
 mod fake_kube;
 
+use args::arg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,15 +29,6 @@ use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::kube::{ANNOTATION_NODES, ANNOTATION_STATE};
 
 const DRIVER: &str = "handoff.csi.dev";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn throughput(
     label: &str,

@@ -7,9 +7,12 @@
 //!
 //! `cargo bench --bench rds [-- --rounds N]`
 
+#[path = "support/args.rs"]
+mod args;
 #[path = "../tests/support/routeros.rs"]
 mod routeros;
 
+use args::arg;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,15 +23,6 @@ use handoff_csi::backend::{Backend, CapacityRange, CreateVolume, StoredCapabilit
 use handoff_csi::capability::AccessMode;
 use handoff_csi::ids::VolumeName;
 use routeros::{FakeRouter, USER};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

@@ -463,28 +463,15 @@ async fn volumes_of_the_go_driver_are_adopted() {
 #[tokio::test]
 async fn the_driver_serves_rds_volumes_over_csi() {
     use handoff_csi::csi;
-    use support::{block_cap, create_request, publish_request, Driver, DriverOptions};
+    use support::{block_cap, create_request, publish_request};
     let rwx = || block_cap(csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter);
 
     let router = FakeRouter::start(100 * GIB).await;
-    let d = Driver::start_with(DriverOptions {
-        mode: "controller",
-        extra_args: vec![
-            "--backend".into(),
-            "rds".into(),
-            "--rds-address".into(),
-            router.addr.to_string(),
-            "--rds-user".into(),
-            USER.into(),
-            "--rds-key-file".into(),
-            router.client_key_file.display().to_string(),
-            "--rds-host-key".into(),
-            router.host_key_line(),
-            "--rds-nvme-address".into(),
-            "10.0.0.9".into(),
-        ],
-        ..Default::default()
-    })
+    let d = rds_driver(
+        &router,
+        router.host_key_line(),
+        &["--rds-nvme-address", "10.0.0.9"],
+    )
     .await;
     let mut c = d.controller().await;
     let name = "pvc-0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3";
@@ -578,25 +565,28 @@ async fn the_driver_refuses_rds_flags_that_would_skip_host_key_checks() {
     assert!(err.contains("--rds-host-key"), "{err}");
 }
 
-async fn rds_driver(router: &FakeRouter) -> support::Driver {
+/// The binary as an `rds` controller talking to `router`, pinned to `host_key` (a key
+/// line or a fingerprint), with `extra` flags.
+async fn rds_driver(router: &FakeRouter, host_key: String, extra: &[&str]) -> support::Driver {
+    let mut args: Vec<String> = [
+        "--backend",
+        "rds",
+        "--rds-address",
+        &router.addr.to_string(),
+        "--rds-user",
+        USER,
+        "--rds-key-file",
+        &router.client_key_file.display().to_string(),
+        "--rds-host-key",
+        &host_key,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
     support::Driver::start_with(support::DriverOptions {
         mode: "controller",
-        extra_args: vec![
-            "--backend".into(),
-            "rds".into(),
-            "--rds-address".into(),
-            router.addr.to_string(),
-            "--rds-user".into(),
-            USER.into(),
-            "--rds-key-file".into(),
-            router.client_key_file.display().to_string(),
-            "--rds-host-key".into(),
-            router.host_fingerprint(),
-            "--rds-volume-dir".into(),
-            DIR.into(),
-            "--rds-attempts".into(),
-            "2".into(),
-        ],
+        extra_args: args,
         ..Default::default()
     })
     .await
@@ -612,7 +602,12 @@ async fn the_volume_lifecycle_over_csi_on_rds() {
     use tonic::Code;
 
     let router = FakeRouter::start(10 * GIB).await;
-    let d = rds_driver(&router).await;
+    let d = rds_driver(
+        &router,
+        router.host_fingerprint(),
+        &["--rds-volume-dir", DIR, "--rds-attempts", "2"],
+    )
+    .await;
     let mut c = d.controller().await;
     let v = c
         .create_volume(create_request("disk-1", 64 << 20, rwo_block()))
@@ -747,4 +742,50 @@ async fn the_volume_lifecycle_over_csi_on_rds() {
             .map_or(true, |p| p.get_ref().ready != Some(true)),
         "{probe:?}"
     );
+}
+
+/// Skipping host-key verification is possible only by its own flag, and says so loudly.
+#[test]
+fn skipping_host_key_verification_is_logged_as_a_warning() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let password = support::routeros::write_file(dir.path(), "password", "x");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["--mode", "controller", "--backend", "rds"])
+        .args([
+            "--rds-address",
+            "192.0.2.1:22",
+            "--rds-insecure-skip-host-key-check",
+        ])
+        .arg("--rds-password-file")
+        .arg(&password)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+        .args(["--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let warning = (0..200).find_map(|_| {
+        let line = rx.recv_timeout(Duration::from_millis(100)).ok()?;
+        line.contains("host key verification is OFF")
+            .then_some(line)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = warning.expect("no warning about host key verification");
+    assert!(line.contains("\"WARN\""), "{line}");
 }

@@ -200,6 +200,22 @@ pub struct SnapshotRecord {
     pub created_at: DateTime<Utc>,
 }
 
+impl SnapshotRecord {
+    /// CSI idempotency: a repeated CreateSnapshot of the same name gets this snapshot back
+    /// only if it is of the same source.
+    pub fn reuse_for(self, req: &CreateSnapshot) -> Result<SnapshotRecord, BackendError> {
+        if self.source_volume == req.source {
+            Ok(self)
+        } else {
+            Err(BackendError::SnapshotNameConflict {
+                name: req.name.to_string(),
+                existing: self.id,
+                source_volume: self.source_volume,
+            })
+        }
+    }
+}
+
 /// Health of a volume's data as the backend sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
@@ -223,6 +239,19 @@ pub struct VolumeRecord {
 impl VolumeRecord {
     /// CSI idempotency: a repeated CreateVolume with the same name gets this volume back
     /// only if it is compatible with what is asked now; otherwise the reason.
+    /// A repeated CreateVolume of the same name: this volume, or the conflict naming what
+    /// differs.
+    pub fn reuse_for(self, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
+        match self.incompatibility(req) {
+            None => Ok(self),
+            Some(difference) => Err(BackendError::NameConflict {
+                name: req.name.to_string(),
+                existing: self.id,
+                difference,
+            }),
+        }
+    }
+
     pub fn incompatibility(&self, req: &CreateVolume) -> Option<String> {
         if !req.capacity.contains(self.capacity_bytes) {
             return Some(format!(

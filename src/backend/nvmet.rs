@@ -521,9 +521,10 @@ pub(crate) mod tests {
         }
     }
 
-    const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
+    pub(crate) const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
 
-    fn target() -> Nvmet<FakeConfigFs> {
+    /// A target on the recording fake: configfs at /cfg/nvmet, port 1 on 10.0.0.2:4420.
+    pub(crate) fn target() -> Nvmet<FakeConfigFs> {
         Nvmet::new(
             FakeConfigFs::default(),
             PathBuf::from("/cfg/nvmet"),

@@ -12,7 +12,7 @@ use super::{
     Backend, BackendError, Condition, CreateSnapshot, CreateVolume, Fencing, SnapshotRecord,
     VolumeRecord,
 };
-use crate::controller::params::{VolumeParams, CTRL_LOSS_TMO_DEFAULT};
+use crate::controller::params::ctrl_loss_tmo;
 use crate::export::{node_host_nqn, ExportInfo};
 use crate::ids::{NodeId, SnapshotId, VolumeId};
 
@@ -59,13 +59,6 @@ impl<F: ConfigFs> NvmetBackend<F> {
     }
 }
 
-fn ctrl_loss_tmo(volume: &VolumeRecord) -> u32 {
-    let raw = volume.parameters.clone().into_iter().collect();
-    VolumeParams::try_from(&raw)
-        .map(|p| p.ctrl_loss_tmo)
-        .unwrap_or(CTRL_LOSS_TMO_DEFAULT)
-}
-
 #[async_trait]
 impl<F: ConfigFs> Backend for NvmetBackend<F> {
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
@@ -107,27 +100,14 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
     ) -> Result<ExportInfo, BackendError> {
         let image = self.image(self.files.export(volume, node).await?)?;
         let (v, uuid, tmo) = (volume.id.clone(), volume.id.uuid(), ctrl_loss_tmo(volume));
-        let export = self
+        let mut export = self
             .on_target(move |t| t.export(&v, &uuid, &image, tmo))
             .await?;
-        Ok(match export {
-            ExportInfo::NvmeTcp {
-                address,
-                port,
-                subsystem_nqn,
-                namespace_uuid,
-                ctrl_loss_tmo,
-                ..
-            } => ExportInfo::NvmeTcp {
-                address,
-                port,
-                subsystem_nqn,
-                namespace_uuid,
-                ctrl_loss_tmo,
-                host_nqn: Some(node_host_nqn(node)),
-            },
-            other => other,
-        })
+        // The node connects as the host the ACL admits.
+        if let ExportInfo::NvmeTcp { host_nqn, .. } = &mut export {
+            *host_nqn = Some(node_host_nqn(node));
+        }
+        Ok(export)
     }
 
     fn fencing(&self) -> Fencing {
@@ -186,31 +166,21 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::file::FileBackend;
-    use super::super::nvmet::tests::FakeConfigFs;
-    use super::super::nvmet::PortConfig;
+    use super::super::nvmet::tests::{target, FakeConfigFs, PREFIX};
     use super::super::{CapacityRange, StoredCapability, MIB};
     use super::*;
     use crate::capability::AccessMode;
     use crate::ids::VolumeName;
 
-    const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
-
     async fn backend() -> (tempfile::TempDir, NvmetBackend<FakeConfigFs>) {
         let dir = tempfile::tempdir().unwrap();
         let files = Arc::new(FileBackend::open(dir.path()).unwrap());
-        let fs = FakeConfigFs::default();
-        fs.mkdir(&PathBuf::from("/cfg/nvmet/subsystems")).unwrap();
-        let target = Nvmet::new(
-            fs,
-            PathBuf::from("/cfg/nvmet"),
-            PortConfig {
-                id: 1,
-                address: "10.0.0.2".into(),
-                port: 4420,
-                family: "ipv4",
-            },
-            PREFIX,
-        );
+        let target = target();
+        // nvmet is loaded: configfs has its groups.
+        target
+            .fs()
+            .mkdir(&PathBuf::from("/cfg/nvmet/subsystems"))
+            .unwrap();
         let b = NvmetBackend::new(files, target);
         b.target_ops();
         (dir, b)
@@ -321,18 +291,10 @@ mod tests {
     async fn probe_says_when_nvmet_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         let files = Arc::new(FileBackend::open(dir.path()).unwrap());
-        let target = Nvmet::new(
-            FakeConfigFs::default(),
-            PathBuf::from("/cfg/nvmet"),
-            PortConfig {
-                id: 1,
-                address: "10.0.0.2".into(),
-                port: 4420,
-                family: "ipv4",
-            },
-            PREFIX,
-        );
-        let err = NvmetBackend::new(files, target).probe().await.unwrap_err();
+        let err = NvmetBackend::new(files, target())
+            .probe()
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("modules"), "{err}");
     }
 

@@ -22,7 +22,7 @@ use super::{
     SnapshotRecord, StoredCapability, VolumeRecord,
 };
 use crate::capability::AccessMode;
-use crate::controller::params::{VolumeParams, CTRL_LOSS_TMO_DEFAULT};
+use crate::controller::params::ctrl_loss_tmo;
 use crate::export::ExportInfo;
 use crate::ids::{NodeId, SnapshotId, VolumeId};
 
@@ -302,8 +302,14 @@ impl RdsBackend {
         Ok(existing.unwrap_or_else(VolumeId::generate))
     }
 
-    async fn remove(&self, slot: &str, file_path: &str) -> Result<(), BackendError> {
-        for command in routeros::remove(slot, file_path)
+    /// Removes a disk and its file, wherever the disk says the file is (the default path
+    /// when the disk is gone already, for a file left behind).
+    async fn remove(&self, slot: &str) -> Result<(), BackendError> {
+        let file_path = match self.disk(slot).await? {
+            Some(d) if !d.file_path.is_empty() => d.file_path,
+            _ => self.spec(slot, 0, "").file_path(),
+        };
+        for command in routeros::remove(slot, &file_path)
             .map_err(|e| BackendError::TargetRefused(e.to_string()))?
         {
             match self.run(&command).await {
@@ -330,14 +336,7 @@ impl Backend for RdsBackend {
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeRecord, BackendError> {
         let id = self.id_for(req.name.as_str()).await?;
         if let Some(existing) = self.disk(id.as_str()).await?.and_then(|d| d.volume()) {
-            return match existing.incompatibility(req) {
-                None => Ok(existing),
-                Some(difference) => Err(BackendError::NameConflict {
-                    name: req.name.to_string(),
-                    existing: existing.id,
-                    difference,
-                }),
-            };
+            return existing.reuse_for(req);
         }
         let size = req.capacity.resolve()?;
         let source_disk = match &req.source {
@@ -405,11 +404,7 @@ impl Backend for RdsBackend {
     }
 
     async fn delete_volume(&self, id: &VolumeId) -> Result<(), BackendError> {
-        let path = match self.disk(id.as_str()).await? {
-            Some(d) if !d.file_path.is_empty() => d.file_path,
-            _ => self.spec(id.as_str(), 0, "").file_path(),
-        };
-        self.remove(id.as_str(), &path).await
+        self.remove(id.as_str()).await
     }
 
     async fn get_volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, BackendError> {
@@ -479,10 +474,6 @@ impl Backend for RdsBackend {
                 volume.id
             )));
         }
-        let raw = volume.parameters.clone().into_iter().collect();
-        let ctrl_loss_tmo = VolumeParams::try_from(&raw)
-            .map(|p| p.ctrl_loss_tmo)
-            .unwrap_or(CTRL_LOSS_TMO_DEFAULT);
         Ok(ExportInfo::NvmeTcp {
             address: self.settings.nvme_address.clone(),
             port: disk.port.unwrap_or(self.settings.nvme_port),
@@ -492,7 +483,7 @@ impl Backend for RdsBackend {
             // RouterOS does not print its namespaces' UUIDs: the node takes the
             // subsystem's one namespace.
             namespace_uuid: String::new(),
-            ctrl_loss_tmo,
+            ctrl_loss_tmo: ctrl_loss_tmo(volume),
             host_nqn: None,
         })
     }
@@ -546,15 +537,7 @@ impl Backend for RdsBackend {
             .filter_map(Disk::snapshot)
             .find(|s| s.name == req.name.as_str())
         {
-            return if existing.source_volume == req.source {
-                Ok(existing)
-            } else {
-                Err(BackendError::SnapshotNameConflict {
-                    name: req.name.to_string(),
-                    existing: existing.id,
-                    source_volume: existing.source_volume,
-                })
-            };
+            return existing.reuse_for(req);
         }
         let source = disks
             .iter()
@@ -589,11 +572,7 @@ impl Backend for RdsBackend {
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
-        let path = match self.disk(id.as_str()).await? {
-            Some(d) if !d.file_path.is_empty() => d.file_path,
-            _ => self.spec(id.as_str(), 0, "").file_path(),
-        };
-        self.remove(id.as_str(), &path).await
+        self.remove(id.as_str()).await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, BackendError> {

@@ -16,6 +16,12 @@ pub const CTRL_LOSS_TMO_KEY: &str = "nvmeCtrlLossTmo";
 pub const CTRL_LOSS_TMO_DEFAULT: u32 = 600;
 const CTRL_LOSS_TMO_RANGE: std::ops::RangeInclusive<u32> = 10..=86_400;
 
+/// The NVMe/TCP `ctrl_loss_tmo` of a volume: its StorageClass's, else the default (a
+/// volume adopted from another driver has no parameters of ours).
+pub fn ctrl_loss_tmo(volume: &crate::backend::VolumeRecord) -> u32 {
+    VolumeParams::of(volume).map_or(CTRL_LOSS_TMO_DEFAULT, |p| p.ctrl_loss_tmo)
+}
+
 /// How nodes reach the volume's image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DataPlane {
@@ -143,6 +149,12 @@ fn parse_migration_timeout(value: &str) -> Result<Duration, ParamError> {
 }
 
 impl VolumeParams {
+    /// The parameters `volume` was created with (validated then).
+    pub fn of(volume: &crate::backend::VolumeRecord) -> Result<Self, ParamError> {
+        let raw: HashMap<String, String> = volume.parameters.clone().into_iter().collect();
+        Self::try_from(&raw)
+    }
+
     /// Static per-volume facts the node and later calls see in volume_context.
     pub fn volume_context(&self) -> HashMap<String, String> {
         HashMap::from([(

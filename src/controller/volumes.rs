@@ -20,8 +20,7 @@ pub const TOPOLOGY_KEY: &str = "topology.handoff.csi.dev/pool";
 
 /// The typed parameters of a stored volume (validated when it was created).
 pub(super) fn stored_params(volume: &VolumeRecord) -> Result<VolumeParams, Error> {
-    let raw: HashMap<String, String> = volume.parameters.clone().into_iter().collect();
-    Ok(VolumeParams::try_from(&raw)?)
+    Ok(VolumeParams::of(volume)?)
 }
 
 fn content_source(src: &Option<csi::VolumeContentSource>) -> Result<Option<ContentSource>, Error> {

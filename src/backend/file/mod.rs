@@ -214,14 +214,7 @@ fn create_blocking(layout: &Layout, req: &CreateVolume) -> Result<VolumeRecord, 
         |id| id.as_str(),
     )?;
     if let Some(existing) = load_record(layout, &id)? {
-        return match existing.incompatibility(req) {
-            None => Ok(existing),
-            Some(difference) => Err(BackendError::NameConflict {
-                name: req.name.to_string(),
-                existing: existing.id,
-                difference,
-            }),
-        };
+        return existing.reuse_for(req);
     }
 
     // Reserved but not yet complete (fresh, or a crash mid-create): finish it.

@@ -39,15 +39,7 @@ pub(super) fn create(
         |id| id.as_str(),
     )?;
     if let Some(existing) = load(layout, &id)? {
-        return if existing.source_volume == req.source {
-            Ok(existing)
-        } else {
-            Err(BackendError::SnapshotNameConflict {
-                name: req.name.to_string(),
-                existing: existing.id,
-                source_volume: existing.source_volume,
-            })
-        };
+        return existing.reuse_for(req);
     }
     let image = layout.snapshot_image(&id);
     durable::remove(&image).map_err(io_err("remove partial snapshot", &image))?;
