@@ -20,6 +20,8 @@ use handoff_csi::attachment::events::LogSink;
 use handoff_csi::attachment::state::{AttachmentState, NodeAttachment, PublishRequest};
 use handoff_csi::attachment::store::{AttachmentStore, FileStore, MemoryStore};
 use handoff_csi::attachment::{AttachmentManager, Policy};
+use handoff_csi::backend::StoredCapability;
+use handoff_csi::capability::AccessMode;
 use handoff_csi::capability::Sharing;
 use handoff_csi::ids::{NodeId, VolumeId};
 use handoff_csi::kube::cache::ClusterCache;
@@ -63,11 +65,15 @@ async fn throughput(
                     let req = |n: &NodeId| PublishRequest {
                         node_id: n.clone(),
                         readonly: false,
+                        access: StoredCapability {
+                            mode: AccessMode::MultiNodeMultiWriter,
+                            block: true,
+                        },
                     };
-                    m.publish(id, Sharing::Rwx, Duration::from_secs(300), req(&a))
+                    m.publish(id, Duration::from_secs(300), req(&a))
                         .await
                         .unwrap();
-                    m.publish(id, Sharing::Rwx, Duration::from_secs(300), req(&b))
+                    m.publish(id, Duration::from_secs(300), req(&b))
                         .await
                         .unwrap();
                     m.unpublish(id, &a).await.unwrap();
@@ -111,6 +117,8 @@ async fn rebuild(volumes: usize) {
                 node_id: NodeId::parse(n).unwrap(),
                 attached_at: chrono::Utc::now(),
                 readonly: false,
+                access: None,
+                fencing: false,
             });
             fake.put(
                 "volumeattachments",

@@ -122,7 +122,8 @@ fn store_code(e: &StoreError) -> Code {
         // Nothing was persisted and nothing changed: the CO may retry.
         StoreError::Io { .. } | StoreError::Unavailable(_) => Code::Unavailable,
         StoreError::Conflict { .. } | StoreError::Stale { .. } => Code::Aborted,
-        StoreError::Corrupt { .. } => Code::Internal,
+        // A person must look at the record: retrying changes nothing.
+        StoreError::Corrupt { .. } | StoreError::Quarantined { .. } => Code::FailedPrecondition,
     }
 }
 
@@ -132,16 +133,23 @@ fn attach_code(e: &AttachError) -> Code {
             PublishRefusal::HeldElsewhere { .. }
             | PublishRefusal::MigrationLimit { .. }
             | PublishRefusal::MigrationTimedOut { .. }
-            | PublishRefusal::SharedWithOtherWorkloads { .. } => Code::FailedPrecondition,
+            | PublishRefusal::SharedWithOtherWorkloads { .. }
+            | PublishRefusal::ModeMismatch { .. }
+            | PublishRefusal::SingleWriter { .. }
+            | PublishRefusal::Unfenced { .. }
+            | PublishRefusal::RwoConflict { .. } => Code::FailedPrecondition,
             PublishRefusal::ReadOnlyRequired { .. } => Code::InvalidArgument,
             // CSI: published to this node already, but incompatibly.
-            PublishRefusal::ReadonlyMismatch { .. } => Code::AlreadyExists,
+            PublishRefusal::ReadonlyMismatch { .. }
+            | PublishRefusal::PublishedDifferently { .. } => Code::AlreadyExists,
         },
         AttachError::Busy(_) => Code::Aborted,
         AttachError::Store(s) => store_code(s),
         // The Kubernetes API could not be asked: retry later.
         AttachError::Cluster(_) => Code::Unavailable,
         AttachError::UnknownNode(_) => Code::NotFound,
+        // The target could not be reached or refused: nothing was freed, retry.
+        AttachError::Fence(_) => Code::Unavailable,
     }
 }
 

@@ -27,6 +27,7 @@ use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
     LogFormat, NbdClientArgs, OutputFormat, TargetArgs,
 };
+use handoff_csi::controller::fence::PlaneFence;
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
 use handoff_csi::ids::NodeId;
@@ -371,7 +372,12 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             grace_period: config.attach_grace_period,
             allow_rwx_block_sharing: config.allow_rwx_block_sharing,
         };
-        let attachments = Arc::new(AttachmentManager::load(store, cluster, events, policy).await?);
+        let fence = Arc::new(PlaneFence::new(backend.clone(), nbd.clone()));
+        let attachments = Arc::new(
+            AttachmentManager::load(store, cluster, events, policy)
+                .await?
+                .with_fence(fence),
+        );
         spawn_reconciler(attachments.clone(), config.reconcile_interval);
         checks.push(HealthCheck::Backend(backend.clone()));
         let service = ControllerService::new(

@@ -297,6 +297,10 @@ impl EventSink for Metrics {
                 }
             }
             AttachEvent::StateRepaired { .. } => self.state_repairs.inc(),
+            AttachEvent::ClusterConflict { .. } => self
+                .attach_conflicts
+                .with_label_values(&["cluster_conflict"])
+                .inc(),
             AttachEvent::Fenced { ok, .. } => self
                 .fences
                 .with_label_values(&[if *ok { "ok" } else { "failed" }])

@@ -21,6 +21,8 @@ pub struct AttachmentObject {
     pub node: NodeId,
     /// status.attached: the attacher saw ControllerPublish succeed.
     pub attached: bool,
+    /// When the object was created: the order nodes joined in.
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// VolumeAttachments grouped by volume.
@@ -40,6 +42,11 @@ pub trait ClusterView: Send + Sync + 'static {
     async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError>;
     /// Every VolumeAttachment of this driver, or `None` when the cluster cannot say.
     async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError>;
+    /// The same, read from the source of truth now (not a watch cache that may lag or
+    /// be stuck): what a holder may be cleared on.
+    async fn confirmed_attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        self.attachments().await
+    }
     /// Who uses the volume, asked when `target` would become its second node while
     /// `holder` has it: the VMI and its running migration, and (when `check_pods`) the
     /// pods using its claim that do not belong to that VM.

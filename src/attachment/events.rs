@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use chrono::{DateTime, Utc};
 
@@ -85,6 +85,12 @@ pub enum AttachEvent {
         added: Vec<NodeId>,
         removed: Vec<NodeId>,
     },
+    /// The cluster shows a volume on more nodes than its mode allows (found at rebuild):
+    /// new publishes are refused until all but the allowed are detached.
+    ClusterConflict {
+        volume: VolumeId,
+        nodes: Vec<NodeId>,
+    },
     /// A node that lost its attachment was cut off at the target (`connections`
     /// dropped); `ok` is false when the fence did not complete (the unpublish fails).
     Fenced {
@@ -123,6 +129,7 @@ impl AttachEvent {
             | AttachEvent::MigrationEnded { volume, .. }
             | AttachEvent::MigrationOverdue { volume, .. }
             | AttachEvent::StateRepaired { volume, .. }
+            | AttachEvent::ClusterConflict { volume, .. }
             | AttachEvent::Fenced { volume, .. } => Some(volume),
             AttachEvent::MigrationStarted(m) | AttachEvent::MigrationMatched(m) => Some(&m.volume),
             AttachEvent::Restored { .. } => None,
@@ -206,6 +213,9 @@ impl EventSink for LogSink {
                 removed,
             } => {
                 warn!(volume_id = %volume, added = ?added, removed = ?removed, "attachment state repaired from VolumeAttachments")
+            }
+            AttachEvent::ClusterConflict { volume, nodes } => {
+                error!(volume_id = %volume, nodes = ?nodes, "the cluster shows the volume on more nodes than its access mode allows; new publishes are refused until it is resolved")
             }
             AttachEvent::Fenced {
                 volume,

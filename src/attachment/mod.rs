@@ -3,7 +3,9 @@
 
 pub mod cluster;
 pub mod events;
+pub mod fence;
 pub mod rebuild;
+pub mod reconcile;
 pub mod report;
 pub mod state;
 pub mod store;
@@ -15,6 +17,8 @@ use chrono::{DateTime, Utc};
 
 use self::cluster::{ClusterError, ClusterView};
 use self::events::{ActiveMigration, AttachEvent, EventSink};
+use self::fence::{FenceError, FenceReport, NoFence, NodeFence};
+use self::reconcile::{decide_reconcile, reconcile_candidates, Evidence};
 use self::state::{
     decide_publish, decide_unpublish, migration_outcome, AttachmentState, DeadlineBasis,
     EndedMigration, PublishContext, PublishDecision, PublishRefusal, PublishRequest,
@@ -37,6 +41,9 @@ pub enum AttachError {
     Cluster(#[from] ClusterError),
     #[error("node {0} does not exist in the cluster")]
     UnknownNode(NodeId),
+    /// The holder keeps its slot (marked "fencing"); the reconciler retries.
+    #[error("{0}; the node stays recorded as attached until the fence is confirmed (retried by the reconciler and by the next unpublish)")]
+    Fence(#[from] FenceError),
 }
 
 /// What a successful publish did.
@@ -47,6 +54,8 @@ pub enum PublishOutcome {
     HandedOff,
     StaleHolderCleared,
     MigrationStarted,
+    /// Published again to a node whose unpublish was waiting for its fence.
+    Reclaimed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +95,7 @@ pub struct AttachmentManager {
     store: Arc<dyn AttachmentStore>,
     cluster: Arc<dyn ClusterView>,
     events: Arc<dyn EventSink>,
+    fence: Arc<dyn NodeFence>,
     policy: Policy,
     locks: OperationLocks,
 }
@@ -103,7 +113,13 @@ fn conflict_kind(refusal: &PublishRefusal) -> Option<&'static str> {
         PublishRefusal::MigrationLimit { .. } => Some("migration_limit"),
         PublishRefusal::MigrationTimedOut { .. } => Some("migration_timed_out"),
         PublishRefusal::SharedWithOtherWorkloads { .. } => Some("shared_with_other_workloads"),
-        PublishRefusal::ReadOnlyRequired { .. } | PublishRefusal::ReadonlyMismatch { .. } => None,
+        PublishRefusal::Unfenced { .. } => Some("unfenced_holder"),
+        PublishRefusal::RwoConflict { .. } => Some("rwo_conflict"),
+        PublishRefusal::SingleWriter { .. } => Some("single_writer"),
+        PublishRefusal::ReadOnlyRequired { .. }
+        | PublishRefusal::ReadonlyMismatch { .. }
+        | PublishRefusal::PublishedDifferently { .. }
+        | PublishRefusal::ModeMismatch { .. } => None,
     }
 }
 
@@ -118,7 +134,7 @@ impl AttachmentManager {
     ) -> Result<Self, AttachError> {
         let loaded = store.load_all().await?;
         let states =
-            rebuild::cross_check(loaded, cluster.as_ref(), store.as_ref(), events.as_ref()).await?;
+            rebuild::cross_check(loaded, cluster.as_ref(), store.as_ref(), events.as_ref()).await;
         events.emit(&AttachEvent::Restored {
             volumes: states.len(),
             migrations: states.iter().filter_map(active_migration).collect(),
@@ -127,38 +143,55 @@ impl AttachmentManager {
             store,
             cluster,
             events,
+            fence: Arc::new(NoFence),
             policy,
             locks: OperationLocks::new(),
         })
     }
 
-    /// Notes in the volume's state that `node` was fenced, while the volume stays
-    /// attached elsewhere (an idle volume has no record to note it in). Bookkeeping only:
-    /// a busy volume is skipped rather than failing the caller.
-    pub async fn record_fence(
+    /// The data plane that cuts off a node leaving the volume (before its slot is freed).
+    pub fn with_fence(mut self, fence: Arc<dyn NodeFence>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Cuts `node` off at the data plane before it leaves `state`. On failure the node
+    /// is marked "fencing" in the store (best effort: it is still recorded as a holder
+    /// either way), so nothing else is admitted in its place.
+    async fn fence_holder(
         &self,
-        volume: &VolumeId,
+        state: &AttachmentState,
         node: &NodeId,
-        method: crate::backend::Fencing,
-    ) -> Result<(), AttachError> {
-        let Ok(_guard) = self.lock_volume(volume) else {
-            tracing::debug!(volume_id = %volume, node_id = %node, "volume busy; fence not noted in its state");
-            return Ok(());
-        };
-        for _ in 0..STALE_RETRIES {
-            let Some(mut state) = self.store.load(volume).await? else {
-                return Ok(());
-            };
-            if state.nodes.iter().any(|a| &a.node_id == node) {
-                return Ok(()); // attached again meanwhile
+    ) -> Result<FenceReport, AttachError> {
+        match self.fence.fence(&state.volume_id, node).await {
+            Ok(report) => {
+                if report.method != crate::backend::Fencing::None {
+                    self.events.emit(&AttachEvent::Fenced {
+                        volume: state.volume_id.clone(),
+                        node: node.clone(),
+                        connections: report.connections,
+                        ok: true,
+                    });
+                }
+                Ok(report)
             }
-            state.record_fence(node, Utc::now(), method);
-            match self.commit(&state).await {
-                Err(StoreError::Stale { .. }) => continue,
-                other => return Ok(other?),
+            Err(e) => {
+                tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %e, "fence failed; the node keeps its slot");
+                self.events.emit(&AttachEvent::Fenced {
+                    volume: state.volume_id.clone(),
+                    node: node.clone(),
+                    connections: 0,
+                    ok: false,
+                });
+                let mut marked = state.clone();
+                if marked.mark_fencing(node) {
+                    if let Err(se) = self.store.save(&marked).await {
+                        tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %se, "could not mark the node as fencing; it stays recorded as attached");
+                    }
+                }
+                Err(e.into())
             }
         }
-        Ok(())
     }
 
     /// Reports an effect decided outside the manager (a fence at the data plane).
@@ -202,7 +235,6 @@ impl AttachmentManager {
     pub async fn publish(
         &self,
         volume: &VolumeId,
-        sharing: Sharing,
         migration_timeout: Duration,
         req: PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
@@ -210,10 +242,7 @@ impl AttachmentManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .try_publish(volume, sharing, migration_timeout, &req)
-                .await
-            {
+            match self.try_publish(volume, migration_timeout, &req).await {
                 Err(AttachError::Store(StoreError::Stale { object }))
                     if attempt < STALE_RETRIES =>
                 {
@@ -234,10 +263,10 @@ impl AttachmentManager {
     async fn try_publish(
         &self,
         volume: &VolumeId,
-        sharing: Sharing,
         migration_timeout: Duration,
         req: &PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
+        let sharing = req.access.mode.sharing();
         let current =
             self.store.load(volume).await?.unwrap_or_else(|| {
                 AttachmentState::new(volume.clone(), sharing, migration_timeout)
@@ -290,6 +319,7 @@ impl AttachmentManager {
         let (next, outcome, event) = match decision {
             PublishDecision::AlreadyAttached => return Ok(PublishOutcome::AlreadyAttached),
             PublishDecision::Attached(next) => (next, PublishOutcome::Attached, None),
+            PublishDecision::Reclaimed(next) => (next, PublishOutcome::Reclaimed, None),
             PublishDecision::HandedOff { from, next } => (
                 next,
                 PublishOutcome::HandedOff,
@@ -299,15 +329,23 @@ impl AttachmentManager {
                     to: node.clone(),
                 }),
             ),
-            PublishDecision::StaleHolderCleared { holder, next } => (
-                next,
-                PublishOutcome::StaleHolderCleared,
-                Some(AttachEvent::StaleHolderCleared {
-                    volume: volume.clone(),
-                    holder,
-                    to: node.clone(),
-                }),
-            ),
+            PublishDecision::StaleHolderCleared { holder, next } => {
+                // Its Node is gone, but its last connection may not be: cut it first.
+                let report = self.fence_holder(&current, &holder).await?;
+                let mut next = next;
+                if report.method != crate::backend::Fencing::None {
+                    next.record_fence(&holder, ctx.now, report.method);
+                }
+                (
+                    next,
+                    PublishOutcome::StaleHolderCleared,
+                    Some(AttachEvent::StaleHolderCleared {
+                        volume: volume.clone(),
+                        holder,
+                        to: node.clone(),
+                    }),
+                )
+            }
             PublishDecision::MigrationStarted(next) => {
                 let started = active_migration(&next).map(AttachEvent::MigrationStarted);
                 (next, PublishOutcome::MigrationStarted, started)
@@ -348,14 +386,20 @@ impl AttachmentManager {
             return Ok(());
         };
         let now = Utc::now();
-        let (next, event) = match decide_unpublish(&current, node, now, self.policy.grace_period) {
-            UnpublishDecision::NotAttached => return Ok(()),
-            UnpublishDecision::Detached(next) => (next, None),
-            UnpublishDecision::MigrationEnded { next, ended } => {
-                let event = self.migration_ended(volume, &current, ended, now).await?;
-                (next, Some(event))
-            }
-        };
+        let (mut next, event) =
+            match decide_unpublish(&current, node, now, self.policy.grace_period) {
+                UnpublishDecision::NotAttached => return Ok(()),
+                UnpublishDecision::Detached(next) => (next, None),
+                UnpublishDecision::MigrationEnded { next, ended } => {
+                    let event = self.migration_ended(volume, &current, ended, now).await?;
+                    (next, Some(event))
+                }
+            };
+        // Fence before free: the slot is given up only once the target cut the node off.
+        let report = self.fence_holder(&current, node).await?;
+        if report.method != crate::backend::Fencing::None {
+            next.record_fence(node, now, report.method);
+        }
         self.commit(&next).await?;
         self.events.emit(&AttachEvent::Detached {
             volume: volume.clone(),
@@ -426,9 +470,10 @@ impl AttachmentManager {
         Ok(true)
     }
 
-    /// One reconciler pass: report overdue migrations once, drop expired release
-    /// records, and clear attachments the cluster says are gone. Volumes busy with an
-    /// RPC are skipped and looked at next time; a stale write is retried next pass.
+    /// One reconciler pass: retry pending fences, clear holders the cluster shows gone
+    /// (fenced first, on evidence only), report overdue migrations once and drop expired
+    /// release records. Volumes busy with an RPC are skipped and looked at next time; a
+    /// stale write is retried next pass.
     pub async fn reconcile(&self, min_age: Duration) -> Result<ReconcileReport, AttachError> {
         let mut report = ReconcileReport::default();
         let ids: Vec<VolumeId> = self
@@ -438,119 +483,142 @@ impl AttachmentManager {
             .into_iter()
             .map(|s| s.volume_id)
             .collect();
-        let objects = self.cluster.attachments().await?.map(cluster::index);
+        // A fresh read, not a watch cache that may be stuck: a missing object clears a
+        // holder only when the API server itself says so.
+        let objects = match self.cluster.confirmed_attachments().await {
+            Ok(objects) => objects.map(cluster::index),
+            Err(e) => {
+                tracing::warn!(error = %e, "VolumeAttachments could not be read; no holder is cleared for a missing object this pass");
+                None
+            }
+        };
         for id in ids {
             let Ok(_guard) = self.lock_volume(&id) else {
                 report.skipped_busy += 1;
                 continue;
             };
-            let Some(mut state) = self.store.load(&id).await? else {
-                continue;
-            };
-            let now = Utc::now();
-            let before = state.clone();
-            let holders: Vec<NodeId> = state.node_ids().cloned().collect();
-            let mut stale = self.cluster.gone_nodes(&holders).await?;
-            if let Some(objects) = objects.as_ref() {
-                let objects: Vec<&NodeId> = objects
-                    .get(&id)
-                    .into_iter()
-                    .flatten()
-                    .map(|o| &o.node)
-                    .collect();
-                let old_enough = |n: &NodeId| {
-                    state.nodes.iter().any(|a| {
-                        &a.node_id == n
-                            && elapsed_since(Some(a.attached_at), now).is_some_and(|d| d >= min_age)
-                    })
-                };
-                stale.extend(
-                    holders
-                        .iter()
-                        .filter(|n| !objects.contains(n) && old_enough(n))
-                        .cloned(),
-                );
-            }
-            stale.sort();
-            stale.dedup();
-            for node in &stale {
-                state.nodes.retain(|a| &a.node_id != node);
-            }
-            // A migration with one side gone ends the way Kubernetes will take it: the
-            // remaining node is the primary.
-            let ended = match (before.nodes.as_slice(), state.nodes.as_slice()) {
-                ([source, target], [remaining]) if before.sharing == Sharing::Rwx => {
-                    Some(EndedMigration {
-                        source: source.node_id.clone(),
-                        target: target.node_id.clone(),
-                        started: before.migration_started_at,
-                        migration: before.migration.clone(),
-                        source_left: remaining.node_id == target.node_id,
-                    })
-                }
-                _ => None,
-            };
-            if state.nodes.len() < 2 {
-                state.migration_started_at = None;
-                state.migration = None;
-                state.deadline_basis = None;
-                state.migration_overdue = false;
-            }
-            let matched = self.match_late(&mut state).await?;
-            let overdue = state.past_deadline(now) && !state.migration_overdue;
-            if overdue {
-                state.migration_overdue = true;
-            }
-            let idle = state.is_idle(now, self.policy.grace_period);
-            if state == before && !idle {
-                continue;
-            }
-            let ended_event = match ended {
-                Some(ended) => Some(self.migration_ended(&id, &before, ended, now).await?),
-                None => None,
-            };
-            match self.commit(&state).await {
+            match self
+                .reconcile_volume(&id, objects.as_ref(), min_age, &mut report)
+                .await
+            {
                 Ok(()) => {}
-                Err(StoreError::Stale { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            if matched {
-                if let Some(m) = active_migration(&state) {
-                    self.events.emit(&AttachEvent::MigrationMatched(m));
+                Err(AttachError::Store(StoreError::Stale { .. })) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %id, error = %e, "reconcile of volume failed; retried next pass");
+                    report.failed += 1;
                 }
-            }
-            if overdue {
-                self.events.emit(&AttachEvent::MigrationOverdue {
-                    volume: id.clone(),
-                    source: state.nodes[0].node_id.clone(),
-                    target: state.nodes[1].node_id.clone(),
-                    migration: state.migration.clone(),
-                    timeout_secs: state.migration_timeout_secs,
-                });
-                report.overdue += 1;
-            }
-            if let Some(e) = ended_event {
-                self.events.emit(&e);
-            }
-            for node in stale {
-                report.cleared.push((id.clone(), node.clone()));
-                if let Some(to) = state.nodes.first() {
-                    self.events.emit(&AttachEvent::StaleHolderCleared {
-                        volume: id.clone(),
-                        holder: node.clone(),
-                        to: to.node_id.clone(),
-                    });
-                }
-                self.events.emit(&AttachEvent::Detached {
-                    volume: id.clone(),
-                    node,
-                });
-            }
-            if idle {
-                report.reclaimed += 1;
             }
         }
         Ok(report)
+    }
+
+    async fn reconcile_volume(
+        &self,
+        id: &VolumeId,
+        objects: Option<&cluster::AttachmentIndex>,
+        min_age: Duration,
+        report: &mut ReconcileReport,
+    ) -> Result<(), AttachError> {
+        let Some(state) = self.store.load(id).await? else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let holders: Vec<NodeId> = state.node_ids().cloned().collect();
+        let gone = self.cluster.gone_nodes(&holders).await?;
+        let va_nodes: Option<Vec<NodeId>> = objects.map(|o| {
+            o.get(id)
+                .into_iter()
+                .flatten()
+                .map(|o| o.node.clone())
+                .collect()
+        });
+        let evidence = Evidence {
+            gone_nodes: &gone,
+            va_nodes: va_nodes.as_deref(),
+        };
+        let candidates = reconcile_candidates(&state, &evidence, now, min_age);
+        let (mut cleared, mut unfenced) = (Vec::new(), Vec::new());
+        for node in candidates {
+            match self.fence.fence(id, &node).await {
+                Ok(r) => {
+                    if r.method != crate::backend::Fencing::None {
+                        self.events.emit(&AttachEvent::Fenced {
+                            volume: id.clone(),
+                            node: node.clone(),
+                            connections: r.connections,
+                            ok: true,
+                        });
+                    }
+                    cleared.push((node, r.method));
+                }
+                Err(e) => {
+                    tracing::warn!(volume_id = %id, node_id = %node, error = %e, "fence retry failed; the node keeps its slot");
+                    self.events.emit(&AttachEvent::Fenced {
+                        volume: id.clone(),
+                        node: node.clone(),
+                        connections: 0,
+                        ok: false,
+                    });
+                    report.unfenced += 1;
+                    unfenced.push(node);
+                }
+            }
+        }
+        let before = state;
+        let cleared_nodes: Vec<NodeId> = cleared.iter().map(|(n, _)| n.clone()).collect();
+        let decision = decide_reconcile(&before, &cleared_nodes, &unfenced, now);
+        let mut next = decision.next;
+        for (node, method) in &cleared {
+            if *method != crate::backend::Fencing::None {
+                next.record_fence(node, now, *method);
+            }
+        }
+        let matched = self.match_late(&mut next).await?;
+        let idle = next.is_idle(now, self.policy.grace_period);
+        if next == before && !idle && cleared.is_empty() {
+            return Ok(());
+        }
+        let ended_event = match decision.ended {
+            Some(ended) => Some(self.migration_ended(id, &before, ended, now).await?),
+            None => None,
+        };
+        self.commit(&next).await?;
+        if matched {
+            if let Some(m) = active_migration(&next) {
+                self.events.emit(&AttachEvent::MigrationMatched(m));
+            }
+        }
+        if decision.overdue {
+            self.events.emit(&AttachEvent::MigrationOverdue {
+                volume: id.clone(),
+                source: next.nodes[0].node_id.clone(),
+                target: next.nodes[1].node_id.clone(),
+                migration: next.migration.clone(),
+                timeout_secs: next.migration_timeout_secs,
+            });
+            report.overdue += 1;
+        }
+        if let Some(e) = ended_event {
+            self.events.emit(&e);
+        }
+        for node in cleared_nodes {
+            report.cleared.push((id.clone(), node.clone()));
+            if let Some(to) = next.nodes.first() {
+                self.events.emit(&AttachEvent::StaleHolderCleared {
+                    volume: id.clone(),
+                    holder: node.clone(),
+                    to: to.node_id.clone(),
+                });
+            }
+            self.events.emit(&AttachEvent::Detached {
+                volume: id.clone(),
+                node,
+            });
+        }
+        if idle {
+            report.reclaimed += 1;
+        }
+        Ok(())
     }
 }
 
@@ -560,6 +628,10 @@ pub struct ReconcileReport {
     pub overdue: usize,
     pub reclaimed: usize,
     pub skipped_busy: usize,
+    /// Fences that failed again (their nodes keep their slots).
+    pub unfenced: usize,
+    /// Volumes whose pass failed (retried next time).
+    pub failed: usize,
 }
 
 /// Runs `reconcile` every `interval` until the returned task is dropped/aborted.
@@ -573,10 +645,11 @@ pub fn spawn_reconciler(
         loop {
             tick.tick().await;
             match manager.reconcile(interval * 2).await {
-                Ok(r) if r.cleared.is_empty() && r.overdue == 0 => {}
+                Ok(r) if r.cleared.is_empty() && r.overdue == 0 && r.unfenced == 0 => {}
                 Ok(r) => tracing::info!(
                     cleared = r.cleared.len(),
                     overdue = r.overdue,
+                    unfenced = r.unfenced,
                     reclaimed = r.reclaimed,
                     "reconciled attachments"
                 ),

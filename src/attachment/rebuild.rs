@@ -7,7 +7,6 @@ use super::cluster::{index, AttachmentObject, ClusterView};
 use super::events::{AttachEvent, EventSink};
 use super::state::{AttachmentState, NodeAttachment, DEFAULT_MIGRATION_TIMEOUT};
 use super::store::AttachmentStore;
-use super::AttachError;
 use crate::capability::Sharing;
 use crate::ids::NodeId;
 
@@ -15,10 +14,51 @@ use crate::ids::NodeId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repair {
     pub next: AttachmentState,
-    /// attached=true in the cluster but missing from the store: appended, in that order.
+    /// attached=true in the cluster but missing from the store: appended, in the order
+    /// their objects were created.
     pub added: Vec<NodeId>,
-    /// In the store but without any VolumeAttachment: dropped.
+    /// In the store but without any VolumeAttachment: kept, marked for fencing (the
+    /// reconciler cuts them off before their slots are freed).
     pub removed: Vec<NodeId>,
+}
+
+/// A node joining from a VolumeAttachment: when it was created, and the volume's rule
+/// for read-only.
+fn joined(sharing: Sharing, o: &AttachmentObject, now: DateTime<Utc>) -> NodeAttachment {
+    NodeAttachment {
+        node_id: o.node.clone(),
+        attached_at: o.created.unwrap_or(now),
+        readonly: sharing == Sharing::Rox,
+        access: None,
+        fencing: false,
+    }
+}
+
+/// Attached objects, oldest first: that is the order the nodes joined in, so the
+/// migration source comes first whatever order the API server listed them.
+fn by_age(objects: &[AttachmentObject]) -> Vec<&AttachmentObject> {
+    let mut attached: Vec<&AttachmentObject> = objects.iter().filter(|o| o.attached).collect();
+    attached.sort_by(|a, b| (a.created, &a.node).cmp(&(b.created, &b.node)));
+    attached
+}
+
+/// The bookkeeping that follows from who holds the volume: a migration starts when its
+/// target joined; more holders than the volume's mode allows is a conflict, refused
+/// until resolved, never adopted as several writers.
+fn settle(next: &mut AttachmentState) {
+    let live = next.nodes.iter().filter(|a| !a.fencing).count();
+    next.conflict = match next.sharing {
+        Sharing::Rwo => live > 1,
+        Sharing::Rwx => live > 2,
+        Sharing::Rox => false,
+    };
+    match (next.sharing, next.nodes.as_slice()) {
+        (Sharing::Rwx, [_, target]) if next.migration_started_at.is_none() => {
+            next.migration_started_at = Some(target.attached_at)
+        }
+        (_, n) if n.len() < 2 => next.clear_migration(),
+        _ => {}
+    }
 }
 
 /// Pure: repairs `state` against the VolumeAttachments of its volume. A node with a
@@ -31,38 +71,25 @@ pub fn repair(
 ) -> Option<Repair> {
     let mut next = state.clone();
     let removed: Vec<NodeId> = state
-        .node_ids()
-        .filter(|n| !objects.iter().any(|o| &o.node == *n))
-        .cloned()
-        .collect();
-    next.nodes.retain(|a| !removed.contains(&a.node_id));
-    let added: Vec<NodeId> = objects
+        .nodes
         .iter()
-        .filter(|o| o.attached && !state.node_ids().any(|n| n == &o.node))
-        .map(|o| o.node.clone())
+        .filter(|a| !a.fencing && !objects.iter().any(|o| o.node == a.node_id))
+        .map(|a| a.node_id.clone())
         .collect();
-    for node in &added {
-        next.nodes.push(NodeAttachment {
-            node_id: node.clone(),
-            attached_at: now,
-            readonly: false,
-        });
+    for node in &removed {
+        next.mark_fencing(node);
+    }
+    let mut added = Vec::new();
+    for o in by_age(objects) {
+        if !state.node_ids().any(|n| n == &o.node) {
+            next.nodes.push(joined(state.sharing, o, now));
+            added.push(o.node.clone());
+        }
     }
     if added.is_empty() && removed.is_empty() {
         return None;
     }
-    match (state.sharing, next.nodes.len()) {
-        (Sharing::Rwx, 2) if next.migration_started_at.is_none() => {
-            next.migration_started_at = Some(now)
-        }
-        (_, n) if n < 2 => {
-            next.migration_started_at = None;
-            next.migration = None;
-            next.deadline_basis = None;
-            next.migration_overdue = false;
-        }
-        _ => {}
-    }
+    settle(&mut next);
     Some(Repair {
         next,
         added,
@@ -70,94 +97,142 @@ pub fn repair(
     })
 }
 
+/// What rebuilding one volume came to.
+enum Rebuilt {
+    Kept(AttachmentState),
+    Repaired(Repair),
+    Adopted(AttachmentState),
+}
+
+/// Bounded retries for a transient failure during start-up: one object's trouble must
+/// not keep the rest of the controller from starting.
+const REBUILD_ATTEMPTS: u32 = 4;
+
+async fn save_with_retry(store: &dyn AttachmentStore, state: &AttachmentState) -> bool {
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 1..=REBUILD_ATTEMPTS {
+        match store.save(state).await {
+            Ok(()) => return true,
+            Err(e) if attempt == REBUILD_ATTEMPTS => {
+                tracing::error!(volume_id = %state.volume_id, error = %e, "repaired attachment state could not be stored; the reconciler looks at it again");
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %state.volume_id, error = %e, attempt, "storing repaired attachment state failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    false
+}
+
+async fn attachments_with_retry(cluster: &dyn ClusterView) -> Option<Vec<AttachmentObject>> {
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 1..=REBUILD_ATTEMPTS {
+        match cluster.attachments().await {
+            Ok(objects) => return objects,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "VolumeAttachments unavailable for the start-up cross-check");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    tracing::error!("starting without the VolumeAttachment cross-check; the reconciler does it once they can be read");
+    None
+}
+
 pub async fn cross_check(
     loaded: Vec<AttachmentState>,
     cluster: &dyn ClusterView,
     store: &dyn AttachmentStore,
     events: &dyn EventSink,
-) -> Result<Vec<AttachmentState>, AttachError> {
-    let Some(objects) = cluster.attachments().await? else {
-        return Ok(loaded);
+) -> Vec<AttachmentState> {
+    let Some(objects) = attachments_with_retry(cluster).await else {
+        return loaded;
     };
     let mut by_volume = index(objects);
     let now = Utc::now();
-    let mut states = Vec::with_capacity(loaded.len());
+    let mut rebuilt = Vec::with_capacity(loaded.len());
     for state in loaded {
         let objects = by_volume.remove(&state.volume_id).unwrap_or_default();
-        match repair(&state, &objects, now) {
-            None => states.push(state),
-            Some(r) => {
-                tracing::warn!(
-                    volume_id = %state.volume_id,
-                    added = ?r.added,
-                    removed = ?r.removed,
-                    "stored attachment state disagreed with VolumeAttachments; repaired"
-                );
-                store.save(&r.next).await?;
-                events.emit(&AttachEvent::StateRepaired {
-                    volume: state.volume_id.clone(),
-                    added: r.added,
-                    removed: r.removed,
-                });
-                states.push(r.next);
-            }
-        }
+        rebuilt.push(match repair(&state, &objects, now) {
+            None => Rebuilt::Kept(state),
+            Some(r) => Rebuilt::Repaired(r),
+        });
     }
     // Attached in the cluster, unknown to the store: volumes of the driver this one
     // replaced (the Go RDS driver kept its own annotations), or state lost with a store.
-    // Adopted with the mode of their PV, so the rules hold for them from the start;
-    // reported only when the PV does not say.
+    // Adopted with the mode of their PV, so the rules hold for them from the start.
     for (volume, objects) in by_volume {
-        let attached: Vec<NodeId> = objects
-            .into_iter()
-            .filter(|o| o.attached)
-            .map(|o| o.node)
-            .collect();
-        if attached.is_empty() {
+        if !objects.iter().any(|o| o.attached) {
             continue;
         }
-        let Some(sharing) = cluster.sharing_of(&volume).await? else {
-            tracing::warn!(volume_id = %volume, nodes = ?attached, "VolumeAttachments report attached but no attachment state exists, and the PV's access mode is unknown");
-            events.emit(&AttachEvent::StateRepaired {
-                volume,
-                added: Vec::new(),
-                removed: Vec::new(),
-            });
-            continue;
-        };
-        let adopted = adopt(&volume, sharing, &attached, now);
-        tracing::warn!(volume_id = %volume, nodes = ?attached, ?sharing, "adopted attachments known only from VolumeAttachments");
-        store.save(&adopted).await?;
-        events.emit(&AttachEvent::StateRepaired {
-            volume,
-            added: attached,
-            removed: Vec::new(),
-        });
-        states.push(adopted);
+        match cluster.sharing_of(&volume).await {
+            Ok(Some(sharing)) => {
+                rebuilt.push(Rebuilt::Adopted(adopt(&volume, sharing, &objects, now)))
+            }
+            Ok(None) => {
+                tracing::warn!(volume_id = %volume, "VolumeAttachments report attached but no attachment state exists, and the PV's access mode is unknown");
+                events.emit(&AttachEvent::StateRepaired {
+                    volume,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                });
+            }
+            Err(e) => {
+                tracing::error!(volume_id = %volume, error = %e, "cannot adopt attachments known only from VolumeAttachments");
+            }
+        }
     }
-    Ok(states)
+    let mut states = Vec::with_capacity(rebuilt.len());
+    for r in rebuilt {
+        let (state, added, removed) = match r {
+            Rebuilt::Kept(state) => {
+                states.push(state);
+                continue;
+            }
+            Rebuilt::Repaired(r) => (r.next, r.added, r.removed),
+            Rebuilt::Adopted(state) => {
+                let added = state.node_ids().cloned().collect();
+                (state, added, Vec::new())
+            }
+        };
+        tracing::warn!(volume_id = %state.volume_id, ?added, ?removed, conflict = state.conflict,
+            "stored attachment state disagreed with VolumeAttachments; repaired");
+        if !save_with_retry(store, &state).await {
+            continue;
+        }
+        if state.conflict {
+            events.emit(&AttachEvent::ClusterConflict {
+                volume: state.volume_id.clone(),
+                nodes: state.node_ids().cloned().collect(),
+            });
+        }
+        events.emit(&AttachEvent::StateRepaired {
+            volume: state.volume_id.clone(),
+            added,
+            removed,
+        });
+        states.push(state);
+    }
+    states
 }
 
-/// Pure: the state of a volume the cluster says is attached to `nodes` (in the order the
-/// cluster lists them) and that the store does not know.
+/// Pure: the state of a volume the cluster says is attached through `objects` and that
+/// the store does not know.
 pub fn adopt(
     volume: &crate::ids::VolumeId,
     sharing: Sharing,
-    nodes: &[NodeId],
+    objects: &[AttachmentObject],
     now: DateTime<Utc>,
 ) -> AttachmentState {
     let mut state = AttachmentState::new(volume.clone(), sharing, DEFAULT_MIGRATION_TIMEOUT);
-    state.nodes = nodes
-        .iter()
-        .map(|n| NodeAttachment {
-            node_id: n.clone(),
-            attached_at: now,
-            readonly: sharing == Sharing::Rox,
-        })
+    state.nodes = by_age(objects)
+        .into_iter()
+        .map(|o| joined(sharing, o, now))
         .collect();
-    if sharing == Sharing::Rwx && state.nodes.len() == 2 {
-        state.migration_started_at = Some(now);
-    }
+    settle(&mut state);
     state
 }
 
@@ -176,6 +251,14 @@ mod tests {
             volume: v.clone(),
             node: node(n),
             attached,
+            created: None,
+        }
+    }
+
+    fn obj_at(v: &VolumeId, n: &str, secs_ago: i64) -> AttachmentObject {
+        AttachmentObject {
+            created: Some(Utc::now() - chrono::Duration::seconds(secs_ago)),
+            ..obj(v, n, true)
         }
     }
 
@@ -186,6 +269,8 @@ mod tests {
                 node_id: node(n),
                 attached_at: Utc::now(),
                 readonly: false,
+                access: None,
+                fencing: false,
             });
         }
         s
@@ -207,14 +292,66 @@ mod tests {
     }
 
     #[test]
-    fn nodes_without_volume_attachment_are_dropped_order_kept() {
+    fn nodes_without_volume_attachment_are_marked_for_fencing_not_freed() {
         let mut s = state(Sharing::Rwx, &["a", "b"]);
         s.migration_started_at = Some(Utc::now());
         let v = s.volume_id.clone();
         let r = repair(&s, &[obj(&v, "b", true)], Utc::now()).unwrap();
         assert_eq!(r.removed, vec![node("a")]);
-        assert_eq!(r.next.node_ids().collect::<Vec<_>>(), [&node("b")]);
-        assert!(r.next.migration_started_at.is_none());
+        // Fence before free: the slot stays taken until the reconciler cut it off.
+        assert_eq!(r.next.nodes.len(), 2);
+        assert!(r.next.nodes[0].fencing && !r.next.nodes[1].fencing);
+        assert_eq!(r.next.unfenced().collect::<Vec<_>>(), [&node("a")]);
+    }
+
+    #[test]
+    fn rox_nodes_stay_read_only_through_repair_and_adoption() {
+        let s = state(Sharing::Rox, &["a"]);
+        let v = s.volume_id.clone();
+        let r = repair(&s, &[obj(&v, "a", true), obj(&v, "b", true)], Utc::now()).unwrap();
+        assert!(
+            r.next.nodes[1].readonly,
+            "a read-only node never becomes a writer"
+        );
+        let adopted = adopt(&v, Sharing::Rox, &[obj(&v, "c", true)], Utc::now());
+        assert!(adopted.nodes.iter().all(|a| a.readonly));
+    }
+
+    #[test]
+    fn rwx_order_and_migration_start_come_from_creation_times() {
+        let v = VolumeId::generate();
+        // Listed newest first, as a hash map or the API server may.
+        let objects = [obj_at(&v, "target", 10), obj_at(&v, "source", 600)];
+        for _ in 0..6 {
+            let s = adopt(&v, Sharing::Rwx, &objects, Utc::now());
+            assert_eq!(
+                s.node_ids().collect::<Vec<_>>(),
+                [&node("source"), &node("target")]
+            );
+            assert_eq!(Some(s.nodes[1].attached_at), objects[0].created);
+            assert_eq!(s.migration_started_at, objects[0].created);
+        }
+    }
+
+    #[test]
+    fn rwo_on_two_nodes_is_a_conflict_not_two_writers() {
+        let v = VolumeId::generate();
+        let s = adopt(
+            &v,
+            Sharing::Rwo,
+            &[obj_at(&v, "a", 60), obj_at(&v, "b", 5)],
+            Utc::now(),
+        );
+        assert!(s.conflict);
+        let single = state(Sharing::Rwo, &["a"]);
+        let v = single.volume_id.clone();
+        let r = repair(
+            &single,
+            &[obj(&v, "a", true), obj(&v, "b", true)],
+            Utc::now(),
+        )
+        .unwrap();
+        assert!(r.next.conflict);
     }
 
     #[test]

@@ -226,6 +226,8 @@ mod tests {
                 node_id: NodeId::parse(n).unwrap(),
                 attached_at: now,
                 readonly: false,
+                access: None,
+                fencing: false,
             });
         }
         s.migration_started_at = Some(now - chrono::Duration::seconds(started_secs_ago));

@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Fencing;
-use crate::capability::Sharing;
+use crate::backend::{Fencing, StoredCapability};
+use crate::capability::{AccessMode, Sharing};
 use crate::ids::{NodeId, VolumeId};
 
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
@@ -18,6 +18,14 @@ pub struct NodeAttachment {
     pub attached_at: DateTime<Utc>,
     #[serde(default)]
     pub readonly: bool,
+    /// The access mode and type it was published with (absent in records written before
+    /// it was kept): a repeated publish with another one is a different request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<StoredCapability>,
+    /// Unpublished, but the data plane has not confirmed the fence yet: it still counts
+    /// as a holder, and the reconciler retries the fence.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fencing: bool,
 }
 
 /// The last RWO holder, kept for the grace period after its detach.
@@ -122,6 +130,10 @@ pub struct AttachmentState {
     /// Nodes fenced at the target while the volume stayed attached elsewhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fenced: Vec<Fenced>,
+    /// The cluster showed this single-node volume attached to several nodes at once
+    /// (found at rebuild): new publishes are refused until all but one are detached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
     /// Which stored version this state was read at, opaque to everything but the store
     /// (a PV's resourceVersion): a write based on an older read is refused as stale.
     #[serde(skip)]
@@ -141,6 +153,7 @@ impl AttachmentState {
             migration_overdue: false,
             released: None,
             fenced: Vec::new(),
+            conflict: false,
             stored_version: None,
         }
     }
@@ -159,7 +172,7 @@ impl AttachmentState {
     }
 
     /// Ends the migration bookkeeping (one node left).
-    fn clear_migration(&mut self) {
+    pub(crate) fn clear_migration(&mut self) {
         self.migration_started_at = None;
         self.migration = None;
         self.deadline_basis = None;
@@ -190,6 +203,22 @@ impl AttachmentState {
         self.fenced.drain(..excess);
     }
 
+    /// Holders whose fence is not confirmed yet.
+    pub fn unfenced(&self) -> impl Iterator<Item = &NodeId> {
+        self.nodes.iter().filter(|a| a.fencing).map(|a| &a.node_id)
+    }
+
+    /// Marks `node` as waiting for its fence (it keeps its slot until confirmed).
+    pub fn mark_fencing(&mut self, node: &NodeId) -> bool {
+        match self.nodes.iter_mut().find(|a| &a.node_id == node) {
+            Some(a) if !a.fencing => {
+                a.fencing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Nothing attached and nothing worth remembering: the record can go.
     pub fn is_idle(&self, now: DateTime<Utc>, grace: Duration) -> bool {
         self.nodes.is_empty() && self.recent_release(now, grace).is_none()
@@ -201,6 +230,8 @@ impl AttachmentState {
 pub struct PublishRequest {
     pub node_id: NodeId,
     pub readonly: bool,
+    /// The capability asked for.
+    pub access: StoredCapability,
 }
 
 /// Facts from outside the state that the rules need.
@@ -232,6 +263,9 @@ pub struct Workload {
 pub enum PublishDecision {
     /// Already attached to this node with the same readonly flag: nothing to persist.
     AlreadyAttached,
+    /// Published again to a node whose unpublish had not finished its fence: it holds the
+    /// volume again as before.
+    Reclaimed(AttachmentState),
     /// Attached as the first (primary) node.
     Attached(AttachmentState),
     /// RWO moved from a holder released within the grace period.
@@ -278,6 +312,46 @@ pub enum PublishRefusal {
         existing: bool,
         requested: bool,
     },
+    #[error("volume {volume} is already published to node {node} as {existing}; unpublish it before publishing it as {requested}")]
+    PublishedDifferently {
+        volume: VolumeId,
+        node: NodeId,
+        existing: String,
+        requested: String,
+    },
+    #[error("volume {volume} is attached to {holders} with access mode {attached:?}; a publish with {requested:?} contradicts it (all nodes of a volume use one access mode)")]
+    ModeMismatch {
+        volume: VolumeId,
+        holders: String,
+        attached: Sharing,
+        requested: AccessMode,
+    },
+    #[error("volume {volume} is MULTI_NODE_SINGLE_WRITER and node {writer} already writes to it; publish further nodes with readonly=true")]
+    SingleWriter { volume: VolumeId, writer: NodeId },
+    #[error("volume {volume} was unpublished from node {node}, but the storage target has not confirmed that node is cut off; no other node is attached until it is (the fence is retried; check the storage host and the controller log)")]
+    Unfenced { volume: VolumeId, node: NodeId },
+    #[error("volume {volume} is single-node but the cluster shows it attached to {nodes}; no new publish is accepted until all but one of those VolumeAttachments are deleted (check which node really runs the workload)")]
+    RwoConflict { volume: VolumeId, nodes: String },
+}
+
+fn describe(access: &Option<StoredCapability>, readonly: bool) -> String {
+    let ro = if readonly { ", readonly" } else { "" };
+    match access {
+        Some(a) => format!(
+            "{:?} {}{ro}",
+            a.mode,
+            if a.block { "block" } else { "mount" }
+        ),
+        None => format!("(unrecorded mode){ro}"),
+    }
+}
+
+fn holder_list(state: &AttachmentState) -> String {
+    state
+        .node_ids()
+        .map(NodeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn decide_publish(
@@ -286,22 +360,54 @@ pub fn decide_publish(
     ctx: &PublishContext,
 ) -> Result<PublishDecision, PublishRefusal> {
     if let Some(i) = state.position(&req.node_id) {
-        let existing = state.nodes[i].readonly;
-        return if existing == req.readonly {
-            Ok(PublishDecision::AlreadyAttached)
-        } else {
-            Err(PublishRefusal::ReadonlyMismatch {
-                volume: state.volume_id.clone(),
-                node: req.node_id.clone(),
-                existing,
-                requested: req.readonly,
-            })
-        };
+        return republish(state, i, req);
     }
-    if state.sharing == Sharing::Rox && !req.readonly {
-        return Err(PublishRefusal::ReadOnlyRequired {
-            volume: state.volume_id.clone(),
+    let volume = || state.volume_id.clone();
+    if let Some(node) = state.unfenced().next() {
+        return Err(PublishRefusal::Unfenced {
+            volume: volume(),
+            node: node.clone(),
         });
+    }
+    if state.conflict && !state.nodes.is_empty() {
+        return Err(PublishRefusal::RwoConflict {
+            volume: volume(),
+            nodes: holder_list(state),
+        });
+    }
+    let requested = req.access.mode.sharing();
+    if !state.nodes.is_empty() && requested != state.sharing {
+        return Err(PublishRefusal::ModeMismatch {
+            volume: volume(),
+            holders: holder_list(state),
+            attached: state.sharing,
+            requested: req.access.mode,
+        });
+    }
+    // MULTI_NODE_SINGLE_WRITER: one writer, any other node read-only.
+    let single_writer = |a: &NodeAttachment| {
+        a.access
+            .is_some_and(|c| c.mode == AccessMode::MultiNodeSingleWriter)
+    };
+    let writer = state.nodes.iter().find(|a| {
+        !a.readonly && (single_writer(a) || req.access.mode == AccessMode::MultiNodeSingleWriter)
+    });
+    if let (Some(w), false) = (writer, req.readonly) {
+        return Err(PublishRefusal::SingleWriter {
+            volume: volume(),
+            writer: w.node_id.clone(),
+        });
+    }
+    let state = &if state.nodes.is_empty() && state.sharing != requested {
+        // Nothing attached: the next holder's mode decides (a release record stays).
+        let mut s = state.clone();
+        s.sharing = requested;
+        s
+    } else {
+        state.clone()
+    };
+    if state.sharing == Sharing::Rox && !req.readonly {
+        return Err(PublishRefusal::ReadOnlyRequired { volume: volume() });
     }
     let attach = |from: &AttachmentState| {
         let mut next = from.clone();
@@ -312,6 +418,8 @@ pub fn decide_publish(
             node_id: req.node_id.clone(),
             attached_at: ctx.now,
             readonly: req.readonly,
+            access: Some(req.access),
+            fencing: false,
         });
         next
     };
@@ -381,6 +489,39 @@ pub fn decide_publish(
             }
         }
     }
+}
+
+/// A publish to a node that already holds the volume: idempotent only for the same
+/// request (CSI: same volume, node and capability; otherwise ALREADY_EXISTS).
+fn republish(
+    state: &AttachmentState,
+    i: usize,
+    req: &PublishRequest,
+) -> Result<PublishDecision, PublishRefusal> {
+    let existing = &state.nodes[i];
+    if existing.readonly != req.readonly {
+        return Err(PublishRefusal::ReadonlyMismatch {
+            volume: state.volume_id.clone(),
+            node: req.node_id.clone(),
+            existing: existing.readonly,
+            requested: req.readonly,
+        });
+    }
+    // A record without the mode (written before it was kept) is taken at its word.
+    if existing.access.is_some_and(|a| a != req.access) {
+        return Err(PublishRefusal::PublishedDifferently {
+            volume: state.volume_id.clone(),
+            node: req.node_id.clone(),
+            existing: describe(&existing.access, existing.readonly),
+            requested: describe(&Some(req.access), req.readonly),
+        });
+    }
+    if !existing.fencing {
+        return Ok(PublishDecision::AlreadyAttached);
+    }
+    let mut next = state.clone();
+    next.nodes[i].fencing = false;
+    Ok(PublishDecision::Reclaimed(next))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -506,7 +647,7 @@ pub fn decide_unpublish(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GRACE: Duration = Duration::from_secs(30);
@@ -522,6 +663,8 @@ mod tests {
                 node_id: node(n),
                 attached_at: Utc::now(),
                 readonly: sharing == Sharing::Rox,
+                access: None,
+                fencing: false,
             });
         }
         if sharing == Sharing::Rwx && nodes.len() == 2 {
@@ -537,6 +680,16 @@ mod tests {
             migration_timeout: DEFAULT_MIGRATION_TIMEOUT,
             ..PublishContext::default()
         }
+    }
+
+    /// The capability a volume of `sharing` is published with in these tests.
+    pub(crate) fn access_for(sharing: Sharing) -> StoredCapability {
+        let mode = match sharing {
+            Sharing::Rwo => AccessMode::SingleNodeWriter,
+            Sharing::Rwx => AccessMode::MultiNodeMultiWriter,
+            Sharing::Rox => AccessMode::MultiNodeReaderOnly,
+        };
+        StoredCapability { mode, block: true }
     }
 
     fn vmim(name: &str) -> MigrationRef {
@@ -559,6 +712,7 @@ mod tests {
             &PublishRequest {
                 node_id: node(n),
                 readonly,
+                access: access_for(s.sharing),
             },
             ctx,
         )

@@ -25,12 +25,15 @@ pub enum StoreError {
     Stale { object: String },
     #[error("{object} kept changing under {attempts} attempts; retry")]
     Conflict { object: String, attempts: u32 },
-    #[error("attachment record {path:?} is unreadable: {source}")]
+    #[error("attachment record {path:?} is unreadable ({source}); the volume is not published until a person repairs or removes the record (then restart the controller so VolumeAttachments are adopted)")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    /// One object the driver cannot decide on; the rest of the volumes carry on.
+    #[error("volume {volume} is quarantined: {reason}")]
+    Quarantined { volume: VolumeId, reason: String },
 }
 
 #[async_trait]
@@ -96,9 +99,13 @@ impl AttachmentStore for FileStore {
                     continue; // temp files of an interrupted write
                 }
                 let bytes = fs::read(&path).map_err(io("read", &path))?;
-                let state = serde_json::from_slice(&bytes)
-                    .map_err(|source| StoreError::Corrupt { path, source })?;
-                states.push(state);
+                // One unreadable record must not stop the others: it is refused per
+                // volume by `load`.
+                match serde_json::from_slice(&bytes) {
+                    Ok(state) => states.push(state),
+                    Err(e) => tracing::error!(path = %path.display(), error = %e,
+                        "attachment record is unreadable; its volume is quarantined"),
+                }
             }
             Ok(states)
         })
@@ -182,6 +189,8 @@ mod tests {
                 node_id: NodeId::parse(n).unwrap(),
                 attached_at: Utc::now(),
                 readonly: false,
+                access: None,
+                fencing: false,
             });
         }
         s.migration_started_at = Some(Utc::now());
@@ -196,13 +205,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corrupt_records_are_reported_not_dropped() {
+    async fn a_corrupt_record_quarantines_its_volume_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        fs::write(dir.path().join("attachments/vol-x.json"), b"{").unwrap();
-        assert!(matches!(
-            store.load_all().await,
-            Err(StoreError::Corrupt { .. })
-        ));
+        let bad = VolumeId::generate();
+        fs::write(dir.path().join(format!("attachments/{bad}.json")), b"{").unwrap();
+        let good = AttachmentState::new(
+            VolumeId::generate(),
+            Sharing::Rwo,
+            crate::attachment::state::DEFAULT_MIGRATION_TIMEOUT,
+        );
+        store.save(&good).await.unwrap();
+        assert_eq!(store.load_all().await.unwrap(), vec![good]);
+        let err = store.load(&bad).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("repairs or removes"), "{err}");
     }
 }

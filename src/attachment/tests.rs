@@ -15,10 +15,11 @@ fn node(n: &str) -> NodeId {
     NodeId::parse(n).unwrap()
 }
 
-fn req(n: &str) -> PublishRequest {
+fn req(n: &str, sharing: Sharing) -> PublishRequest {
     PublishRequest {
         node_id: node(n),
-        readonly: false,
+        readonly: sharing == Sharing::Rox,
+        access: super::state::tests::access_for(sharing),
     }
 }
 
@@ -58,7 +59,7 @@ async fn publish(
     sharing: Sharing,
     n: &str,
 ) -> Result<PublishOutcome, AttachError> {
-    m.publish(v, sharing, DEFAULT_MIGRATION_TIMEOUT, req(n))
+    m.publish(v, DEFAULT_MIGRATION_TIMEOUT, req(n, sharing))
         .await
 }
 
@@ -246,6 +247,8 @@ impl AttachmentStore for FlakyStore {
                 node_id: other,
                 attached_at: Utc::now(),
                 readonly: false,
+                access: None,
+                fencing: false,
             });
             self.inner.save(&theirs).await?;
             return Err(StoreError::Stale {
@@ -381,6 +384,7 @@ async fn attachments_of_a_replaced_driver_are_adopted_at_start() {
                 volume: v.clone(),
                 node: node(n),
                 attached: true,
+                created: None,
             })
             .collect(),
     );
@@ -426,10 +430,10 @@ async fn reconciler_reports_overdue_migrations_once_and_never_detaches_them() {
     let (m, sink) =
         manager_with(store.clone(), Arc::new(Standalone), Duration::from_secs(30)).await;
     let v = VolumeId::generate();
-    m.publish(&v, Sharing::Rwx, Duration::from_secs(30), req("a"))
+    m.publish(&v, Duration::from_secs(30), req("a", Sharing::Rwx))
         .await
         .unwrap();
-    m.publish(&v, Sharing::Rwx, Duration::from_secs(30), req("b"))
+    m.publish(&v, Duration::from_secs(30), req("b", Sharing::Rwx))
         .await
         .unwrap();
     // Age the migration past its deadline.
@@ -475,16 +479,19 @@ async fn reconciler_clears_nodes_the_cluster_lost() {
             volume: v1.clone(),
             node: node("a"),
             attached: true,
+            created: None,
         },
         AttachmentObject {
             volume: v1.clone(),
             node: node("b"),
             attached: true,
+            created: None,
         },
         AttachmentObject {
             volume: v2.clone(),
             node: node("c"),
             attached: true,
+            created: None,
         },
     ]);
     assert!(m
@@ -525,6 +532,7 @@ async fn rebuild_repairs_state_from_volume_attachments() {
         volume: v.clone(),
         node: node("b"),
         attached: true,
+        created: None,
     }]);
     let (m, sink) = {
         let sink = Arc::new(RecordingSink::default());
@@ -533,15 +541,19 @@ async fn rebuild_repairs_state_from_volume_attachments() {
             .unwrap();
         (m, sink)
     };
-    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("b")]);
+    // Fence before free: a keeps its slot, marked, until the reconciler cut it off.
+    assert_eq!(
+        m.attached_nodes(&v).await.unwrap(),
+        vec![node("a"), node("b")]
+    );
+    let stored = store.load_all().await.unwrap();
+    assert!(stored[0].nodes[0].fencing, "repair persisted");
     assert!(sink.take().iter().any(
         |e| matches!(e, AttachEvent::StateRepaired { removed, .. } if removed == &vec![node("a")])
     ));
-    assert_eq!(
-        store.load_all().await.unwrap()[0].nodes.len(),
-        1,
-        "repair persisted"
-    );
+    let r = m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(r.cleared, vec![(v.clone(), node("a"))]);
+    assert_eq!(m.attached_nodes(&v).await.unwrap(), vec![node("b")]);
 }
 
 /// Reference model: the rules restated as plainly as possible.

@@ -1,6 +1,7 @@
 //! CSI Controller service: thin handlers over the backend and the AttachmentManager.
 //! The bodies live in `volumes.rs` and `snapshots.rs`; this file maps RPCs to them.
 
+pub mod fence;
 pub mod pagination;
 pub mod params;
 mod snapshots;

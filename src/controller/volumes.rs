@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use super::pagination::page;
 use super::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
 use super::ControllerService;
-use crate::attachment::events::AttachEvent;
 use crate::attachment::state::PublishRequest;
 use crate::backend::{
     CapacityRange, ContentSource, CreateVolume, Fencing, StoredCapability, VolumeRecord,
@@ -190,11 +189,11 @@ impl ControllerService {
         self.attachments
             .publish(
                 &volume.id,
-                cap.mode.sharing(),
                 params.migration_timeout,
                 PublishRequest {
                     node_id: node_id.clone(),
                     readonly: req.readonly,
+                    access: StoredCapability::from(&cap),
                 },
             )
             .await?;
@@ -238,8 +237,8 @@ impl ControllerService {
         };
         let _acl = self.acl_lock(&id)?;
         for node in nodes {
+            // The manager fences the node before it frees its slot.
             self.attachments.unpublish(&id, &node).await?;
-            self.fence(&id, &node).await?;
         }
         Ok(csi::ControllerUnpublishVolumeResponse {})
     }
@@ -251,70 +250,6 @@ impl ControllerService {
             return Ok(None);
         }
         Ok(Some(self.names.try_lock(format!("acl {id}"))?))
-    }
-
-    /// Cuts `node` off at the target once its attachment is gone: not OK before.
-    async fn fence(&self, id: &VolumeId, node: &NodeId) -> Result<(), Error> {
-        if self.nbd.is_none() && self.backend.fencing() == Fencing::None {
-            return Ok(());
-        }
-        let plane = match self.backend.get_volume(id).await? {
-            Some(v) => stored_params(&v)?.data_plane,
-            None => return Ok(()),
-        };
-        let nbd = match (plane, &self.nbd) {
-            (DataPlane::Nbd, Some(nbd)) => nbd,
-            (DataPlane::Nbd, None) => return Ok(()),
-            (DataPlane::File, _) => return self.fence_at_backend(id, node).await,
-        };
-        let result = nbd.target.fence(id, node).await;
-        let (connections, ok) = match &result {
-            Ok(n) => (*n, true),
-            Err(_) => (0, false),
-        };
-        if connections > 0 {
-            self.attachments
-                .record_fence(id, node, Fencing::Target)
-                .await?;
-        }
-        if connections > 0 || !ok {
-            self.attachments.report(&AttachEvent::Fenced {
-                volume: id.clone(),
-                node: node.clone(),
-                connections,
-                ok,
-            });
-        }
-        result.map(drop).map_err(Error::from)
-    }
-
-    /// The backend's own fencing: ACL removal with eviction (nvmet), or only a note
-    /// where the target has no host ACL (RDS), so nobody mistakes a detach for a fence.
-    async fn fence_at_backend(&self, id: &VolumeId, node: &NodeId) -> Result<(), Error> {
-        match self.backend.fencing() {
-            Fencing::None => Ok(()),
-            Fencing::Bookkeeping => {
-                self.attachments
-                    .record_fence(id, node, Fencing::Bookkeeping)
-                    .await?;
-                Ok(())
-            }
-            Fencing::Target => {
-                let result = self.backend.deny_node(id, node).await;
-                if result.is_ok() {
-                    self.attachments
-                        .record_fence(id, node, Fencing::Target)
-                        .await?;
-                }
-                self.attachments.report(&AttachEvent::Fenced {
-                    volume: id.clone(),
-                    node: node.clone(),
-                    connections: 0,
-                    ok: result.is_ok(),
-                });
-                result.map_err(Error::from)
-            }
-        }
     }
 
     pub(super) async fn validate(

@@ -58,6 +58,24 @@ pub struct VaEntry {
     pub pv_name: String,
     pub node: NodeId,
     pub attached: bool,
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Kubernetes' timestamp as chrono's.
+pub fn to_chrono(
+    t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
+}
+
+/// Whether `candidate` may replace `current` in a cache: never an older version of the
+/// same object. resourceVersions are compared only when both are numbers (etcd's
+/// revisions); anything else is taken as newer, as the watch delivers in order.
+fn not_older(current: &str, candidate: &str) -> bool {
+    match (current.parse::<u64>(), candidate.parse::<u64>()) {
+        (Ok(c), Ok(n)) => n >= c,
+        _ => true,
+    }
 }
 
 #[derive(Default)]
@@ -70,7 +88,9 @@ struct Ready {
 pub struct ClusterCache {
     driver: String,
     pvs: DashMap<String, PvEntry>,
-    handles: DashMap<VolumeId, String>,
+    /// volumeHandle → PV names; more than one is a misconfiguration the driver refuses
+    /// to decide on.
+    handles: DashMap<VolumeId, std::collections::BTreeSet<String>>,
     /// Node name → out of service (tainted `node.kubernetes.io/out-of-service`).
     nodes: DashMap<String, bool>,
     vas: DashMap<String, VaEntry>,
@@ -91,6 +111,10 @@ fn out_of_service(node: &Node) -> bool {
 }
 
 impl ClusterCache {
+    pub fn driver(&self) -> &str {
+        &self.driver
+    }
+
     pub fn new(driver: &str) -> Arc<Self> {
         Arc::new(ClusterCache {
             driver: driver.to_owned(),
@@ -185,12 +209,27 @@ impl ClusterCache {
             pending,
             |pv| self.pv_entry(pv),
             |pv| pv.name_any(),
-            |name, entry| self.put_pv(name, entry),
+            |name, entry| match entry {
+                // Never move backwards (our own write may already be newer).
+                Some(e) => self.observe_entry(e),
+                None => self.put_pv(name, None),
+            },
             |all| {
+                // A relist may be served from a lagging API server cache: keep what is
+                // newer, drop what is gone.
+                let all: Vec<PvEntry> = all
+                    .into_values()
+                    .map(|e| match self.pvs.get(&e.name) {
+                        Some(old) if !not_older(&old.resource_version, &e.resource_version) => {
+                            old.clone()
+                        }
+                        _ => e,
+                    })
+                    .collect();
                 self.pvs.clear();
                 self.handles.clear();
-                for (name, entry) in all {
-                    self.put_pv(name, Some(entry));
+                for entry in all {
+                    self.put_pv(entry.name.clone(), Some(entry));
                 }
             },
         );
@@ -274,7 +313,7 @@ impl ClusterCache {
         })
     }
 
-    fn va_entry(&self, va: &VolumeAttachment) -> Option<VaEntry> {
+    pub fn va_entry(&self, va: &VolumeAttachment) -> Option<VaEntry> {
         if va.spec.attacher != self.driver {
             return None;
         }
@@ -282,38 +321,63 @@ impl ClusterCache {
             pv_name: va.spec.source.persistent_volume_name.clone()?,
             node: NodeId::parse(&va.spec.node_name).ok()?,
             attached: va.status.as_ref().is_some_and(|s| s.attached),
+            created: va.metadata.creation_timestamp.as_ref().and_then(to_chrono),
         })
     }
 
     fn put_pv(&self, name: String, entry: Option<PvEntry>) {
         if let Some((_, old)) = self.pvs.remove(&name) {
-            self.handles.remove(&old.volume_id);
+            let empty = self
+                .handles
+                .get_mut(&old.volume_id)
+                .is_some_and(|mut names| {
+                    names.remove(&name);
+                    names.is_empty()
+                });
+            if empty {
+                self.handles.remove_if(&old.volume_id, |_, n| n.is_empty());
+            }
         }
         if let Some(entry) = entry {
-            self.handles.insert(entry.volume_id.clone(), name.clone());
+            self.handles
+                .entry(entry.volume_id.clone())
+                .or_default()
+                .insert(name.clone());
             self.pvs.insert(name, entry);
         }
     }
 
-    /// Records a PV returned by our own write, unless the watch already has a newer one.
-    pub fn observe_pv(&self, pv: &PersistentVolume) {
-        if let Some(entry) = self.pv_entry(pv) {
-            let newer = |old: &PvEntry| {
-                let parse = |rv: &str| rv.parse::<u64>().ok();
-                match (parse(&old.resource_version), parse(&entry.resource_version)) {
-                    (Some(o), Some(n)) => n >= o,
-                    _ => true,
-                }
-            };
-            if self.pvs.get(&entry.name).is_none_or(|old| newer(&old)) {
-                self.put_pv(entry.name.clone(), Some(entry));
-            }
+    fn observe_entry(&self, entry: PvEntry) {
+        let keep_old = self
+            .pvs
+            .get(&entry.name)
+            .is_some_and(|old| !not_older(&old.resource_version, &entry.resource_version));
+        if !keep_old {
+            self.put_pv(entry.name.clone(), Some(entry));
         }
     }
 
+    /// Records a PV read or written by us, unless the cache already has a newer one.
+    pub fn observe_pv(&self, pv: &PersistentVolume) {
+        if let Some(entry) = self.pv_entry(pv) {
+            self.observe_entry(entry);
+        }
+    }
+
+    /// The PV of `volume`, when exactly one PV carries its handle.
     pub fn pv_for(&self, volume: &VolumeId) -> Option<PvEntry> {
-        let name = self.handles.get(volume)?.clone();
-        self.pvs.get(&name).map(|e| e.clone())
+        match self.pv_names_for(volume).as_slice() {
+            [name] => self.pvs.get(name).map(|e| e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every PV name carrying `volume` as its handle.
+    pub fn pv_names_for(&self, volume: &VolumeId) -> Vec<String> {
+        self.handles
+            .get(volume)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Waits up to `timeout` for the PV of `volume` to appear in the cache (a PV that
@@ -350,11 +414,13 @@ impl ClusterCache {
     pub fn attachments(&self) -> Vec<(VolumeId, VaEntry)> {
         self.vas
             .iter()
-            .filter_map(|va| {
-                let pv = self.pvs.get(&va.pv_name)?;
-                Some((pv.volume_id.clone(), va.clone()))
-            })
+            .filter_map(|va| Some((self.volume_of(&va.pv_name)?, va.clone())))
             .collect()
+    }
+
+    /// The volume a PV (by name) holds; a PV's handle never changes.
+    pub fn volume_of(&self, pv_name: &str) -> Option<VolumeId> {
+        self.pvs.get(pv_name).map(|pv| pv.volume_id.clone())
     }
 
     /// Resolves once every watch has listed its objects at least once.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
@@ -57,9 +58,37 @@ impl ClusterView for KubeCluster {
                     volume,
                     node: va.node,
                     attached: va.attached,
+                    created: va.created,
                 })
                 .collect(),
         ))
+    }
+
+    async fn confirmed_attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        // A LIST without resourceVersion is served from etcd (a quorum read), whatever
+        // state the VolumeAttachment watch is in.
+        let list = Api::<VolumeAttachment>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| ClusterError(format!("listing VolumeAttachments: {e}")))?;
+        let mut out = Vec::new();
+        for va in &list.items {
+            let Some(entry) = self.cache.va_entry(va) else {
+                continue;
+            };
+            // Unknown PV name: this object may hold a volume the cache has not seen, so
+            // nothing is known to be detached.
+            let Some(volume) = self.cache.volume_of(&entry.pv_name) else {
+                return Ok(None);
+            };
+            out.push(AttachmentObject {
+                volume,
+                node: entry.node,
+                attached: entry.attached,
+                created: entry.created,
+            });
+        }
+        Ok(Some(out))
     }
 
     async fn sharing_of(&self, volume: &VolumeId) -> Result<Option<Sharing>, ClusterError> {

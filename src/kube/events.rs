@@ -88,15 +88,20 @@ fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)>
             "AttachmentStateRepaired",
             format!("stored attachments disagreed with VolumeAttachments: added {added:?}, removed {removed:?}"),
         ),
+        AttachEvent::ClusterConflict { nodes, .. } => (
+            "Warning",
+            "AttachConflictInCluster",
+            format!("VolumeAttachments show this single-writer volume on {nodes:?} at once; no new publish is accepted until all but one are deleted — check which node really runs the workload"),
+        ),
         AttachEvent::Fenced { node, connections, ok: true, .. } => (
             "Normal",
             "NodeFenced",
-            format!("node {node} cut off from the NBD export ({connections} connection(s) dropped); it can no longer read or write the volume"),
+            format!("node {node} cut off at the storage target ({connections} connection(s) dropped); it can no longer read or write the volume"),
         ),
         AttachEvent::Fenced { node, ok: false, .. } => (
             "Warning",
             "FenceFailed",
-            format!("node {node} could not be cut off from the NBD export yet; ControllerUnpublish fails until it is"),
+            format!("node {node} could not be cut off at the storage target yet; it keeps its attachment slot, ControllerUnpublish fails and the fence is retried until it succeeds"),
         ),
         AttachEvent::Attached { .. } | AttachEvent::Detached { .. } | AttachEvent::Restored { .. } => return None,
     })

@@ -155,34 +155,150 @@ impl PvStore {
     }
 }
 
-fn parse(pv: &super::cache::PvEntry) -> Option<AttachmentState> {
-    let raw = pv.attachment.as_ref()?;
+/// The state an annotation holds. An annotation that cannot be read, or that names
+/// another volume, quarantines its volume: deciding without it could admit a second
+/// writer, so publishes are refused with what to do.
+fn parse(pv: &super::cache::PvEntry) -> Result<Option<AttachmentState>, StoreError> {
+    let Some(raw) = pv.attachment.as_ref() else {
+        return Ok(None);
+    };
+    let quarantined = |why: String| {
+        StoreError::Quarantined {
+        volume: pv.volume_id.clone(),
+        reason: format!(
+            "{why}; inspect it with `kubectl get pv {name} -o yaml`, then remove it (`kubectl annotate pv {name} {ANNOTATION_STATE}-`) and restart the controller, which rebuilds the state from VolumeAttachments",
+            name = pv.name
+        ),
+    }
+    };
     match serde_json::from_str::<AttachmentState>(raw) {
         Ok(mut state) if state.volume_id == pv.volume_id => {
             state.stored_version = Some(pv.resource_version.clone());
-            Some(state)
+            Ok(Some(state))
         }
-        Ok(state) => {
-            tracing::error!(pv = %pv.name, claims = %state.volume_id, handle = %pv.volume_id,
-                "attachment annotation names another volume; ignored, VolumeAttachments decide");
-            None
+        Ok(state) => Err(quarantined(format!(
+            "the attachment annotation of PersistentVolume {} names volume {}",
+            pv.name, state.volume_id
+        ))),
+        Err(e) => Err(quarantined(format!(
+            "the attachment annotation of PersistentVolume {} is unreadable ({e})",
+            pv.name
+        ))),
+    }
+}
+
+impl PvStore {
+    /// The PV of `volume` as the API server holds it now (a GET without resourceVersion
+    /// is a quorum read): decisions never rest on a watch cache that may lag.
+    async fn read_fresh(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Option<super::cache::PvEntry>, StoreError> {
+        let mut names = self.cache.pv_names_for(volume);
+        if names.is_empty() {
+            // Just created, or the watch lags: give it a moment, then ask the API server.
+            if self
+                .cache
+                .wait_pv_for(volume, Duration::from_secs(2))
+                .await
+                .is_none()
+            {
+                names = self.list_names(volume).await?;
+            } else {
+                names = self.cache.pv_names_for(volume);
+            }
         }
-        Err(e) => {
-            tracing::error!(pv = %pv.name, error = %e,
-                "attachment annotation is unreadable; ignored, VolumeAttachments decide");
-            None
+        match names.as_slice() {
+            [] => Ok(None),
+            [name] => self.get(volume, name).await,
+            several => Err(StoreError::Quarantined {
+                volume: volume.clone(),
+                reason: format!(
+                    "PersistentVolumes {} all carry volumeHandle {volume}; the driver keeps one attachment record per volume and will not split it — delete the duplicate PersistentVolume (keep the one bound to the workload's claim)",
+                    several.join(", ")
+                ),
+            }),
         }
+    }
+
+    async fn get(
+        &self,
+        volume: &VolumeId,
+        name: &str,
+    ) -> Result<Option<super::cache::PvEntry>, StoreError> {
+        let call = self.api.get_opt(name);
+        let pv = match tokio::time::timeout(self.retry.request_timeout, call).await {
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "reading PersistentVolume {name}: no answer within {:?}",
+                    self.retry.request_timeout
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "reading PersistentVolume {name}: {e}"
+                )))
+            }
+            Ok(Ok(None)) => return Ok(None),
+            Ok(Ok(Some(pv))) => pv,
+        };
+        self.cache.observe_pv(&pv);
+        match self.cache.pv_entry(&pv) {
+            Some(entry) if &entry.volume_id == volume => Ok(Some(entry)),
+            _ => Ok(None),
+        }
+    }
+
+    /// PV names carrying `volume`, by a LIST from the API server (rare: a volume the
+    /// watch has not shown).
+    async fn list_names(&self, volume: &VolumeId) -> Result<Vec<String>, StoreError> {
+        let params = kube::api::ListParams::default();
+        let call = self.api.list(&params);
+        let list = tokio::time::timeout(self.retry.request_timeout * 4, call)
+            .await
+            .map_err(|_| StoreError::Unavailable("listing PersistentVolumes timed out".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("listing PersistentVolumes: {e}")))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|pv| {
+                let e = self.cache.pv_entry(pv)?;
+                (&e.volume_id == volume).then(|| {
+                    self.cache.observe_pv(pv);
+                    e.name
+                })
+            })
+            .collect())
     }
 }
 
 #[async_trait]
 impl AttachmentStore for PvStore {
+    /// From the cache: for start-up and listings, never for a decision (every decision
+    /// loads its volume fresh). Quarantined volumes are logged and left out.
     async fn load_all(&self) -> Result<Vec<AttachmentState>, StoreError> {
-        Ok(self.cache.pvs().iter().filter_map(parse).collect())
+        let mut out = Vec::new();
+        for pv in self.cache.pvs() {
+            if self.cache.pv_names_for(&pv.volume_id).len() > 1 {
+                tracing::error!(pv = %pv.name, volume_id = %pv.volume_id, "several PersistentVolumes carry this volumeHandle; the volume is quarantined");
+                continue;
+            }
+            match parse(&pv) {
+                Ok(Some(state)) => out.push(state),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(pv = %pv.name, error = %e, "attachment annotation quarantined")
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn load(&self, volume: &VolumeId) -> Result<Option<AttachmentState>, StoreError> {
-        Ok(self.cache.pv_for(volume).as_ref().and_then(parse))
+        match self.read_fresh(volume).await? {
+            Some(pv) => parse(&pv),
+            None => Ok(None),
+        }
     }
 
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
