@@ -71,6 +71,17 @@ pub enum Sharing {
     Rox,
 }
 
+impl Sharing {
+    /// How many nodes may hold a volume at once.
+    pub fn max_nodes(self) -> usize {
+        match self {
+            Sharing::Rwo => 1,
+            Sharing::Rwx => 2,
+            Sharing::Rox => usize::MAX,
+        }
+    }
+}
+
 impl AccessMode {
     pub fn sharing(self) -> Sharing {
         match self {

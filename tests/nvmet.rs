@@ -334,7 +334,7 @@ async fn remote_configfs_commands_work_in_a_real_shell_and_quote_safely() {
             // Exporting again does not rewrite the enabled namespace.
             t.export(&v, &v.uuid(), Path::new("/elsewhere.img"), 600)
                 .unwrap();
-            t.is_exported(&v)
+            t.is_exported(&v).unwrap()
         }
     })
     .await

@@ -47,11 +47,7 @@ fn by_age(objects: &[AttachmentObject]) -> Vec<&AttachmentObject> {
 /// until resolved, never adopted as several writers.
 fn settle(next: &mut AttachmentState) {
     let live = next.nodes.iter().filter(|a| !a.fencing).count();
-    next.conflict = match next.sharing {
-        Sharing::Rwo => live > 1,
-        Sharing::Rwx => live > 2,
-        Sharing::Rox => false,
-    };
+    next.conflict = live > next.sharing.max_nodes();
     match (next.sharing, next.nodes.as_slice()) {
         (Sharing::Rwx, [_, target]) if next.migration_started_at.is_none() => {
             next.migration_started_at = Some(target.attached_at)

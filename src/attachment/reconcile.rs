@@ -78,6 +78,8 @@ pub fn decide_reconcile(
     };
     if next.nodes.len() < 2 {
         next.clear_migration();
+    }
+    if next.nodes.len() <= next.sharing.max_nodes() {
         next.conflict = false;
     }
     let overdue = next.past_deadline(now) && !next.migration_overdue;

@@ -499,6 +499,14 @@ fn republish(
     req: &PublishRequest,
 ) -> Result<PublishDecision, PublishRefusal> {
     let existing = &state.nodes[i];
+    // Beyond what the mode allows (the cluster showed more holders than the store
+    // admitted): never granted again, whatever the object says.
+    if state.conflict && i >= state.sharing.max_nodes() {
+        return Err(PublishRefusal::RwoConflict {
+            volume: state.volume_id.clone(),
+            nodes: holder_list(state),
+        });
+    }
     if existing.readonly != req.readonly {
         return Err(PublishRefusal::ReadonlyMismatch {
             volume: state.volume_id.clone(),
@@ -625,6 +633,9 @@ pub fn decide_unpublish(
     };
     let mut next = state.clone();
     next.nodes.remove(i);
+    if next.nodes.len() <= next.sharing.max_nodes() {
+        next.conflict = false;
+    }
     let migrating = state.sharing == Sharing::Rwx && state.nodes.len() == 2;
     if migrating {
         let ended = EndedMigration {
@@ -758,6 +769,122 @@ pub(crate) mod tests {
         assert!(matches!(
             publish(&state(Sharing::Rwo, &["a"]), "a", true),
             Err(PublishRefusal::ReadonlyMismatch { .. })
+        ));
+    }
+
+    fn publish_as(
+        s: &AttachmentState,
+        n: &str,
+        mode: AccessMode,
+        block: bool,
+        readonly: bool,
+    ) -> Result<PublishDecision, PublishRefusal> {
+        decide_publish(
+            s,
+            &PublishRequest {
+                node_id: node(n),
+                readonly,
+                access: StoredCapability { mode, block },
+            },
+            &ctx(),
+        )
+    }
+
+    /// Issue 15 case 7: idempotency is by capability, not by node alone.
+    #[test]
+    fn republish_with_another_capability_is_already_exists() {
+        let PublishDecision::Attached(rwx) = publish_as(
+            &state(Sharing::Rwx, &[]),
+            "a",
+            AccessMode::MultiNodeMultiWriter,
+            true,
+            false,
+        )
+        .unwrap() else {
+            panic!("expected Attached")
+        };
+        // Same node, same capability: idempotent.
+        assert_eq!(
+            publish_as(&rwx, "a", AccessMode::MultiNodeMultiWriter, true, false).unwrap(),
+            PublishDecision::AlreadyAttached
+        );
+        // Same node, another mode or access type: ALREADY_EXISTS.
+        let err = publish_as(&rwx, "a", AccessMode::SingleNodeWriter, true, false).unwrap_err();
+        assert!(
+            matches!(err, PublishRefusal::PublishedDifferently { .. }),
+            "{err}"
+        );
+        let err =
+            publish_as(&rwx, "a", AccessMode::MultiNodeMultiWriter, false, false).unwrap_err();
+        assert!(
+            matches!(err, PublishRefusal::PublishedDifferently { .. }),
+            "{err}"
+        );
+        // Another node with a mode contradicting the attached one: refused, and the
+        // state's mode is never widened or narrowed by it.
+        let err = publish_as(&rwx, "b", AccessMode::SingleNodeWriter, true, false).unwrap_err();
+        assert!(matches!(err, PublishRefusal::ModeMismatch { .. }), "{err}");
+        let PublishDecision::Attached(rwo) = publish_as(
+            &state(Sharing::Rwo, &[]),
+            "a",
+            AccessMode::SingleNodeWriter,
+            true,
+            false,
+        )
+        .unwrap() else {
+            panic!("expected Attached")
+        };
+        let err = publish_as(&rwo, "b", AccessMode::MultiNodeMultiWriter, true, false).unwrap_err();
+        assert!(matches!(err, PublishRefusal::ModeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn multi_node_single_writer_admits_one_writer() {
+        let mnsw = AccessMode::MultiNodeSingleWriter;
+        let PublishDecision::Attached(one) =
+            publish_as(&state(Sharing::Rwx, &[]), "a", mnsw, true, false).unwrap()
+        else {
+            panic!("expected Attached")
+        };
+        let err = publish_as(&one, "b", mnsw, true, false).unwrap_err();
+        assert!(
+            matches!(&err, PublishRefusal::SingleWriter { writer, .. } if writer == &node("a")),
+            "{err}"
+        );
+        assert!(matches!(
+            publish_as(&one, "b", mnsw, true, true),
+            Ok(PublishDecision::MigrationStarted(_))
+        ));
+    }
+
+    #[test]
+    fn an_unfenced_holder_blocks_every_other_node_but_not_its_own_retry() {
+        let mut s = state(Sharing::Rwx, &["a"]);
+        s.mark_fencing(&node("a"));
+        let err = publish(&s, "b", false).unwrap_err();
+        assert!(
+            matches!(&err, PublishRefusal::Unfenced { node: n, .. } if n == &node("a")),
+            "{err}"
+        );
+        let PublishDecision::Reclaimed(next) = publish(&s, "a", false).unwrap() else {
+            panic!("expected the holder to reclaim its slot")
+        };
+        assert!(!next.nodes[0].fencing);
+        let mut rwo = state(Sharing::Rwo, &["a"]);
+        rwo.mark_fencing(&node("a"));
+        assert!(matches!(
+            publish(&rwo, "b", false),
+            Err(PublishRefusal::Unfenced { .. })
+        ));
+    }
+
+    #[test]
+    fn a_cluster_conflict_refuses_new_nodes() {
+        let mut s = state(Sharing::Rwo, &["a", "b"]);
+        s.conflict = true;
+        assert!(matches!(
+            publish(&s, "c", false),
+            Err(PublishRefusal::RwoConflict { .. })
         ));
     }
 

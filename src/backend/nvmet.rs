@@ -15,10 +15,12 @@ pub trait ConfigFs: std::fmt::Debug + Send + Sync + 'static {
     fn symlink(&self, target: &Path, link: &Path) -> std::io::Result<()>;
     fn unlink(&self, link: &Path) -> std::io::Result<()>;
     fn rmdir(&self, path: &Path) -> std::io::Result<()>;
-    fn exists(&self, path: &Path) -> bool;
+    /// Whether `path` exists. An error is "could not ask", never "absent": on the way to a
+    /// fence or a delete that difference decides whether a node can still write.
+    fn exists(&self, path: &Path) -> std::io::Result<bool>;
     fn read(&self, path: &Path) -> std::io::Result<String>;
-    /// Entry names of a directory (empty when it does not exist).
-    fn list(&self, dir: &Path) -> Vec<String>;
+    /// Entry names of a directory (empty when it does not exist; an error otherwise).
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>>;
 }
 
 /// The kernel's configfs (`/sys/kernel/config`): directories made there get their
@@ -68,18 +70,24 @@ impl ConfigFs for KernelConfigFs {
         }
         std::fs::remove_dir(path)
     }
-    fn exists(&self, path: &Path) -> bool {
-        path.symlink_metadata().is_ok()
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        match path.symlink_metadata() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
     fn read(&self, path: &Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
     }
-    fn list(&self, dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        entries
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect()
     }
 }
@@ -172,17 +180,29 @@ impl ConfigFs for RemoteConfigFs {
         self.run(format!("rmdir -- {} 2>&1", Self::path(path)))
             .map(drop)
     }
-    fn exists(&self, path: &Path) -> bool {
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        // The answer is printed, so a lost session or a failing shell is an error, not
+        // "absent".
         let p = Self::path(path);
-        self.run(format!("test -e {p} || test -L {p}")).is_ok()
+        let out = self.run(format!(
+            "if test -e {p} || test -L {p}; then echo present; else echo absent; fi"
+        ))?;
+        match out.trim() {
+            "present" => Ok(true),
+            "absent" => Ok(false),
+            other => Err(std::io::Error::other(format!(
+                "unexpected answer {other:?} to an existence check of {}",
+                path.display()
+            ))),
+        }
     }
     fn read(&self, path: &Path) -> std::io::Result<String> {
         self.run(format!("cat -- {} 2>&1", Self::path(path)))
     }
-    fn list(&self, dir: &Path) -> Vec<String> {
-        self.run(format!("ls -1A -- {} 2>/dev/null", Self::path(dir)))
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        let p = Self::path(dir);
+        self.run(format!("if test -d {p}; then ls -1A -- {p} 2>&1; fi"))
             .map(|out| out.lines().map(str::to_owned).collect())
-            .unwrap_or_default()
     }
 }
 
@@ -251,8 +271,16 @@ impl<F: ConfigFs> Nvmet<F> {
         self.port_dir().join("subsystems").join(self.nqn(volume))
     }
 
+    fn exists(&self, path: &Path) -> Result<bool, NvmetError> {
+        self.fs.exists(path).map_err(|source| NvmetError {
+            op: "stat",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
     fn mkdir(&self, path: &Path) -> Result<(), NvmetError> {
-        if self.fs.exists(path) {
+        if self.exists(path)? {
             return Ok(());
         }
         self.fs.mkdir(path).map_err(|source| NvmetError {
@@ -271,7 +299,7 @@ impl<F: ConfigFs> Nvmet<F> {
     }
 
     fn link(&self, target: &Path, link: &Path) -> Result<(), NvmetError> {
-        if self.fs.exists(link) {
+        if self.exists(link)? {
             return Ok(());
         }
         self.fs.symlink(target, link).map_err(|source| NvmetError {
@@ -282,7 +310,7 @@ impl<F: ConfigFs> Nvmet<F> {
     }
 
     fn unlink(&self, link: &Path) -> Result<(), NvmetError> {
-        if !self.fs.exists(link) {
+        if !self.exists(link)? {
             return Ok(());
         }
         self.fs.unlink(link).map_err(|source| NvmetError {
@@ -293,7 +321,7 @@ impl<F: ConfigFs> Nvmet<F> {
     }
 
     fn rmdir(&self, path: &Path) -> Result<(), NvmetError> {
-        if !self.fs.exists(path) {
+        if !self.exists(path)? {
             return Ok(());
         }
         self.fs.rmdir(path).map_err(|source| NvmetError {
@@ -306,7 +334,7 @@ impl<F: ConfigFs> Nvmet<F> {
     /// The TCP port, created once.
     fn ensure_port(&self) -> Result<(), NvmetError> {
         let dir = self.port_dir();
-        if self.fs.exists(&dir) {
+        if self.exists(&dir)? {
             return Ok(());
         }
         self.mkdir(&dir)?;
@@ -375,34 +403,36 @@ impl<F: ConfigFs> Nvmet<F> {
     /// subsystem is unlinked from the port (every controller of it drops) and linked
     /// again: allowed hosts reconnect by themselves, the denied one is refused.
     ///
-    /// Eviction comes first, while the host is still listed, so a retry after a failure
-    /// anywhere in between evicts again; hosts reconnect only after their
-    /// reconnect_delay (seconds), long after the permission is gone. A host that holds
-    /// no permission is left alone: nothing of the others is disturbed.
+    /// The permission goes first, so the denied host cannot reconnect in the window a
+    /// slow round trip to the storage host opens. With `evict` the port is cycled even
+    /// when the permission was already gone: the caller asks only for a node it still
+    /// counts as a holder, and a retry after a failure between the two steps must
+    /// still drop the live connection.
     pub fn deny_host(&self, volume: &VolumeId, host: &str, evict: bool) -> Result<(), NvmetError> {
         if !component(host) {
             return Ok(());
         }
-        let permission = self.subsystem(volume).join("allowed_hosts").join(host);
-        if !self.fs.exists(&permission) {
-            return Ok(());
+        let sub = self.subsystem(volume);
+        if !self.exists(&sub)? {
+            return Ok(()); // not exported: nobody can be connected
         }
+        self.unlink(&sub.join("allowed_hosts").join(host))?;
         if evict {
             let link = self.port_link(volume);
             self.unlink(&link)?;
-            self.link(&self.subsystem(volume), &link)?;
+            self.link(&sub, &link)?;
         }
-        self.unlink(&permission)
+        Ok(())
     }
 
     /// Whether the volume has a subsystem here.
-    pub fn is_exported(&self, volume: &VolumeId) -> bool {
-        self.fs.exists(&self.subsystem(volume))
+    pub fn is_exported(&self, volume: &VolumeId) -> Result<bool, NvmetError> {
+        self.exists(&self.subsystem(volume))
     }
 
     /// Whether configfs has nvmet at all (the module is loaded).
-    pub fn available(&self) -> bool {
-        self.fs.exists(&self.root.join("subsystems"))
+    pub fn available(&self) -> Result<bool, NvmetError> {
+        self.exists(&self.root.join("subsystems"))
     }
 
     /// Makes connected hosts see a grown image.
@@ -420,12 +450,17 @@ impl<F: ConfigFs> Nvmet<F> {
     pub fn unexport(&self, volume: &VolumeId) -> Result<(), NvmetError> {
         let sub = self.subsystem(volume);
         self.unlink(&self.port_link(volume))?;
-        let hosts = self.fs.list(&sub.join("allowed_hosts"));
+        let allowed = sub.join("allowed_hosts");
+        let hosts = self.fs.list(&allowed).map_err(|source| NvmetError {
+            op: "list",
+            path: allowed.clone(),
+            source,
+        })?;
         for host in hosts.iter().filter(|h| component(h)) {
-            self.unlink(&sub.join("allowed_hosts").join(host))?;
+            self.unlink(&allowed.join(host))?;
         }
         let ns = sub.join("namespaces").join("1");
-        if self.fs.exists(&ns) {
+        if self.exists(&ns)? {
             self.write(&ns.join("enable"), "0")?;
         }
         self.rmdir(&ns)?;
@@ -454,6 +489,8 @@ pub(crate) mod tests {
         ops: Mutex<Vec<String>>,
         present: Mutex<BTreeSet<PathBuf>>,
         values: Mutex<std::collections::BTreeMap<PathBuf, String>>,
+        /// Every question fails, as over a lost SSH session.
+        pub(crate) unreachable: std::sync::atomic::AtomicBool,
     }
 
     impl FakeConfigFs {
@@ -500,8 +537,11 @@ pub(crate) mod tests {
             self.present.lock().remove(path);
             Ok(())
         }
-        fn exists(&self, path: &Path) -> bool {
-            self.present.lock().contains(path)
+        fn exists(&self, path: &Path) -> std::io::Result<bool> {
+            if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("storage host unreachable"));
+            }
+            Ok(self.present.lock().contains(path))
         }
         fn read(&self, path: &Path) -> std::io::Result<String> {
             self.values
@@ -510,14 +550,18 @@ pub(crate) mod tests {
                 .cloned()
                 .ok_or_else(|| std::io::ErrorKind::NotFound.into())
         }
-        fn list(&self, dir: &Path) -> Vec<String> {
-            self.present
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("storage host unreachable"));
+            }
+            Ok(self
+                .present
                 .lock()
                 .iter()
                 .filter(|p| p.parent() == Some(dir))
                 .filter_map(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
-                .collect()
+                .collect())
         }
     }
 
@@ -614,27 +658,46 @@ pub(crate) mod tests {
             t.fs.take(),
             [format!("unlink subsystems/{nqn}/allowed_hosts/{host}")]
         );
-        // Deny with evict also cycles the port link so the live controller drops, and
-        // does so while the host is still listed (a retry evicts again).
+        // Deny with evict removes the permission first (the host cannot reconnect while
+        // the port cycles), then cycles the port link so the live controller drops.
         t.allow_host(&v, host).unwrap();
         t.fs.take();
         t.deny_host(&v, host, true).unwrap();
-        assert_eq!(
-            t.fs.take(),
-            [
-                format!("unlink ports/1/subsystems/{nqn}"),
-                format!("link ports/1/subsystems/{nqn} -> subsystems/{nqn}"),
-                format!("unlink subsystems/{nqn}/allowed_hosts/{host}"),
-            ]
-        );
-        // A host without permission (a repeated unpublish): nobody is disturbed.
+        let cycle = [
+            format!("unlink ports/1/subsystems/{nqn}"),
+            format!("link ports/1/subsystems/{nqn} -> subsystems/{nqn}"),
+        ];
+        let mut want = vec![format!("unlink subsystems/{nqn}/allowed_hosts/{host}")];
+        want.extend(cycle.clone());
+        assert_eq!(t.fs.take(), want);
+        // A retry (the permission already gone after a failure mid-way) evicts again.
         t.deny_host(&v, host, true).unwrap();
-        t.deny_host(&v, "nqn.never-allowed", true).unwrap();
-        assert!(t.fs.take().is_empty());
+        assert_eq!(t.fs.take(), cycle);
         // Host names that are not one path component never reach configfs.
         assert!(t.allow_host(&v, "../../etc").is_err());
         assert!(t.allow_host(&v, "").is_err());
         assert!(t.fs.take().is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_target_is_an_error_never_absent() {
+        let t = target();
+        let v = VolumeId::generate();
+        t.export(&v, "u", Path::new("/i"), 600).unwrap();
+        let host = "nqn.2014-08.org.nvmexpress:uuid:node-a";
+        t.allow_host(&v, host).unwrap();
+        t.fs.unreachable
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            t.deny_host(&v, host, true).is_err(),
+            "a fence that could not ask failed"
+        );
+        assert!(
+            t.unexport(&v).is_err(),
+            "a delete that could not ask failed"
+        );
+        assert!(t.is_exported(&v).is_err());
+        assert!(t.available().is_err());
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
         let record = self.files.expand_volume(id, size).await?;
         let v = id.clone();
         self.on_target(move |t| {
-            if t.is_exported(&v) {
+            if t.is_exported(&v)? {
                 t.resize(&v)?;
             }
             Ok(())
@@ -149,7 +149,8 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
         let target = self.target.clone();
         let available = tokio::task::spawn_blocking(move || target.available())
             .await
-            .expect("nvmet task panicked");
+            .expect("nvmet task panicked")
+            .map_err(|e| BackendError::Target(e.to_string()))?;
         if available {
             Ok(())
         } else {
@@ -246,9 +247,9 @@ mod tests {
         assert_eq!(
             b.target_ops(),
             [
+                format!("unlink {sub}/allowed_hosts/{host}"),
                 format!("unlink ports/1/subsystems/{subsystem_nqn}"),
                 format!("link ports/1/subsystems/{subsystem_nqn} -> {sub}"),
-                format!("unlink {sub}/allowed_hosts/{host}"),
             ]
         );
     }
