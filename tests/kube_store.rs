@@ -455,6 +455,7 @@ async fn random_api_faults_never_yield_unpersisted_oks_or_two_rwo_holders() {
             conflicts: (r % 4) as usize,
             server_errors: ((r >> 8) % 3) as usize,
             latency: Duration::from_millis((r >> 16) % 15),
+            ..Default::default()
         });
         if (r >> 24) % 10 == 0 {
             c.fake.drop_watches();
@@ -589,4 +590,147 @@ async fn volumes_attached_by_a_replaced_driver_are_adopted_at_start() {
         nodes_in(&annotation(&c.fake, "pv-adopt-rwx").unwrap()),
         ["node-a", "node-b"]
     );
+}
+
+fn unpublish(id: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest {
+    csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+fn lag(resource: &str, by: Duration) -> Faults {
+    Faults {
+        watch_lag: [(resource.to_owned(), by)].into(),
+        ..Default::default()
+    }
+}
+
+/// Issue 15 case 1: with the PV watch seconds behind, a publish must not answer "already
+/// attached" from the old event: every OK rests on what the API server holds.
+#[tokio::test]
+async fn a_lagging_pv_watch_never_yields_an_ok_without_state() {
+    let c = start().await;
+    let id = volume(&c, "pv-lag", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.fake
+        .set_faults(lag("persistentvolumes", Duration::from_millis(1500)));
+    // The attacher's object for A exists throughout (only its publish state changes).
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-lag", "node-a", true),
+    );
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    ctl.controller_unpublish_volume(unpublish(&id, "node-a"))
+        .await
+        .unwrap();
+    // The first publish's event lands now, after the unpublish: a cache applying it
+    // without a version check shows A attached again.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    let state = annotation(&c.fake, "pv-lag").expect("the OK publish was stored");
+    assert_eq!(nodes_in(&state), ["node-a"], "every OK is durable");
+    // Once the old events have landed, B is still refused: A holds the volume.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = ctl
+        .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-lag").unwrap()),
+        ["node-a"]
+    );
+}
+
+/// Issue 15 case 2: a VolumeAttachment watch stuck silently must not make the reconciler
+/// strip a live holder.
+#[tokio::test]
+async fn a_stuck_volume_attachment_watch_never_clears_a_live_holder() {
+    let c = start().await;
+    let id = volume(&c, "pv-stuck", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    c.fake.set_faults(Faults {
+        stalled: ["volumeattachments".to_owned()].into(),
+        ..Default::default()
+    });
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-stuck", "node-a", true),
+    );
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    // Reconcile interval 1 s, minimum age 2 s: several passes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-stuck").expect("state kept")),
+        ["node-a"]
+    );
+    let r = ctl
+        .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+}
+
+/// Issue 15 case 3: two PVs with one volumeHandle are refused, not split.
+#[tokio::test]
+async fn two_pvs_with_one_volume_handle_are_quarantined() {
+    let c = start().await;
+    let id = volume(&c, "pv-dup-1", rwo_block()).await;
+    c.fake
+        .put("persistentvolumes", fake_kube::pv("pv-dup-2", DRIVER, &id));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ctl = c.driver.controller().await;
+    for n in ["node-a", "node-b"] {
+        let status = ctl
+            .controller_publish_volume(publish_request(&id, n, rwo_block()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        let m = status.message();
+        assert!(m.contains("pv-dup-1") && m.contains("pv-dup-2"), "{m}");
+    }
+    assert!(annotation(&c.fake, "pv-dup-1").is_none());
+    assert!(annotation(&c.fake, "pv-dup-2").is_none());
+}
+
+/// Issue 15 case 6: one unreadable annotation on an attached volume neither stops the
+/// controller nor blocks other volumes; its own publishes say how to repair it.
+#[tokio::test]
+async fn an_unreadable_annotation_quarantines_one_volume_and_the_controller_starts() {
+    let c = start().await;
+    let bad = volume(&c, "pv-bad", rwo_block()).await;
+    let good = volume(&c, "pv-good", rwo_block()).await;
+    // The bad volume is attached to node-a, and its record is then damaged.
+    let mut pv = c.fake.get("persistentvolumes", "pv-bad").unwrap();
+    pv["metadata"]["annotations"] = serde_json::json!({"handoff.csi.dev/attachment": "{not json"});
+    c.fake.put("persistentvolumes", pv);
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-bad", "node-a", true),
+    );
+    // A replica starting now must come up (it used to exit 1 on this object).
+    let second = start_controller(&c.fake, Some(c.driver.data_dir())).await;
+    for d in [&c.driver, &second] {
+        let mut ctl = d.controller().await;
+        let status = ctl
+            .controller_publish_volume(publish_request(&bad, "node-b", rwo_block()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("kubectl annotate pv pv-bad"),
+            "{status:?}"
+        );
+    }
+    let mut ctl = second.controller().await;
+    ctl.controller_publish_volume(publish_request(&good, "node-a", rwo_block()))
+        .await
+        .unwrap();
 }

@@ -31,6 +31,12 @@ pub struct Faults {
     pub server_errors: usize,
     /// Added before every non-watch answer.
     pub latency: Duration,
+    /// Per resource: every watch event of it is delivered this much later (in order),
+    /// as from an API server whose watch cache lags under load.
+    pub watch_lag: HashMap<String, Duration>,
+    /// Resources whose watches deliver nothing while listed: a watch stuck silently
+    /// (the connection stays open, no error, no bookmark).
+    pub stalled: std::collections::HashSet<String>,
 }
 
 type Key = (String, String, String); // resource, namespace, name
@@ -222,6 +228,7 @@ async fn list_or_watch_ns(
 }
 
 fn watch(inner: Arc<Inner>, resource: String, since: u64) -> Response {
+    let resource_name = resource.clone();
     // Subscribe before reading history so nothing falls between the two.
     let live = inner.live.subscribe();
     let mut epoch = inner.watch_epoch.subscribe();
@@ -253,8 +260,23 @@ fn watch(inner: Arc<Inner>, resource: String, since: u64) -> Response {
             }
         }
     });
+    let faults_of = inner.clone();
+    let resource_of = resource_name.clone();
     let stream = replay
         .chain(live)
+        .then(move |e| {
+            let (inner, resource) = (faults_of.clone(), resource_of.clone());
+            async move {
+                let lag = inner.faults.lock().watch_lag.get(&resource).copied();
+                if let Some(lag) = lag {
+                    tokio::time::sleep(lag).await;
+                }
+                while inner.faults.lock().stalled.contains(&resource) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                e
+            }
+        })
         .map(|e| e.map(|v| Bytes::from(format!("{v}\n"))))
         .take_until(async move {
             let _ = epoch.changed().await;
