@@ -481,6 +481,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         config.socket_mode,
         services,
         stopped(stop_rx),
+        server::DRAIN_GRACE,
     )
     .await?;
     Ok(())

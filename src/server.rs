@@ -81,13 +81,45 @@ fn bind_private(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Serv
     Ok(listener)
 }
 
-/// Serves until `shutdown` resolves, then lets in-flight RPCs finish.
+/// How long in-flight RPCs get after a shutdown signal before every connection is cut:
+/// tonic's own drain waits for each connection to close, so one silent client could
+/// hold the process forever.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `serving` (already told to stop by `shutdown`) and cuts it off `grace` after
+/// the signal.
+async fn bounded_drain<E>(
+    serving: impl Future<Output = Result<(), E>>,
+    fired: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Result<(), E> {
+    let cut = async move {
+        let mut fired = fired;
+        let _ = fired.wait_for(|f| *f).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = serving => result,
+        () = cut => {
+            warn!(grace = ?grace, "connections still open after the drain grace period; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight RPCs finish for up to `grace`.
 pub async fn serve(
     endpoint: &Endpoint,
     socket_mode: u32,
     services: Services,
     shutdown: impl Future<Output = ()> + Send,
+    grace: std::time::Duration,
 ) -> Result<(), ServerError> {
+    let (fire, fired) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = fire.send(true);
+    };
     let router = Server::builder()
         .add_service(IdentityServer::new(services.identity))
         .add_optional_service(services.controller.map(ControllerServer::new))
@@ -96,9 +128,9 @@ pub async fn serve(
         Endpoint::Unix(path) => {
             let listener = bind_private(path, socket_mode)?;
             info!(socket = %path.display(), "serving CSI");
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await;
+            let serving =
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            let result = bounded_drain(serving, fired, grace).await;
             let _ = std::fs::remove_file(path);
             info!("server stopped, socket removed");
             Ok(result?)
@@ -108,9 +140,9 @@ pub async fn serve(
                 .await
                 .map_err(|e| io("bind", Path::new(&addr.to_string()))(e))?;
             warn!(%addr, "serving CSI over TCP: for debugging only, there is no authentication");
-            Ok(router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await?)
+            let serving =
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+            Ok(bounded_drain(serving, fired, grace).await?)
         }
     }
 }
@@ -136,6 +168,58 @@ mod tests {
         let _again = bind_private(&path, 0o660).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
+    }
+
+    /// Issue 15 case 19: a client that opened HTTP/2 and went silent cannot hold shutdown.
+    #[tokio::test]
+    async fn a_silent_client_cannot_hold_shutdown() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csi.sock");
+        let services = Services {
+            identity: IdentityService::new(
+                "test.csi".into(),
+                false,
+                Vec::new(),
+                crate::metrics::Metrics::new(),
+            ),
+            controller: None,
+            node: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let endpoint = Endpoint::Unix(path.clone());
+        let server = tokio::spawn(async move {
+            serve(
+                &endpoint,
+                0o600,
+                services,
+                async {
+                    let _ = stopped.await;
+                },
+                std::time::Duration::from_millis(300),
+            )
+            .await
+        });
+        let mut silent = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        silent
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        stop.send(()).unwrap();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("shutdown is bounded even with a silent client connected");
+        result.unwrap().unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        assert!(!path.exists(), "socket removed");
+        drop(silent);
     }
 
     #[test]

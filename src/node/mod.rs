@@ -48,20 +48,32 @@ fn host_path(field: &'static str, raw: &str, root: &Path) -> Result<PathBuf, Err
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return Err(invalid("must be an absolute path without '..'"));
     }
-    // The deepest existing ancestor, resolved, must still be under the root (or above it,
-    // when the root itself does not exist yet): no symlink leads out.
-    let resolved = path
-        .ancestors()
-        .find_map(|a| std::fs::canonicalize(a).ok())
-        .unwrap_or_default();
-    if !path.starts_with(root) || !(resolved.starts_with(root) || root.starts_with(&resolved)) {
-        return Err(Error::InvalidField {
-            field,
-            reason: format!(
-                "must be under the kubelet directory {} (--kubelet-dir)",
-                root.display()
-            ),
-        });
+    let outside = || Error::InvalidField {
+        field,
+        reason: format!(
+            "must be under the kubelet directory {} (--kubelet-dir), also after resolving symlinks",
+            root.display()
+        ),
+    };
+    if !path.starts_with(root) {
+        return Err(outside());
+    }
+    // Component by component below the root: every prefix that exists must resolve
+    // under the root, so no symlink (to an ancestor or elsewhere) leads out.
+    let mut prefix = root.to_path_buf();
+    for part in path.strip_prefix(root).map_err(|_| outside())?.components() {
+        prefix.push(part);
+        match std::fs::canonicalize(&prefix) {
+            Ok(resolved) if resolved.starts_with(root) => {}
+            Ok(_) => return Err(outside()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => {
+                return Err(invalid(&format!(
+                    "cannot resolve {}: {e}",
+                    prefix.display()
+                )))
+            }
+        }
     }
     Ok(path.to_path_buf())
 }
@@ -396,5 +408,25 @@ mod tests {
         )
         .is_err());
         assert!(host_path("target_path", &format!("{}/fine/x", root.display()), &root).is_ok());
+        // Issue 15 case 20: a symlink to an ancestor of the root (here "/") is refused,
+        // itself and everything below it, existing or not.
+        std::os::unix::fs::symlink("/", root.join("up")).unwrap();
+        let parent = root.parent().unwrap().display().to_string();
+        std::os::unix::fs::symlink(&parent, root.join("up-one")).unwrap();
+        for bad in ["up", "up/x", "up/etc/new-dir", "up-one", "up-one/y"] {
+            assert!(
+                host_path("target_path", &format!("{}/{bad}", root.display()), &root).is_err(),
+                "{bad}"
+            );
+        }
+        // A symlink that stays inside is fine.
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("inside")).unwrap();
+        assert!(host_path(
+            "target_path",
+            &format!("{}/inside/x", root.display()),
+            &root
+        )
+        .is_ok());
     }
 }
