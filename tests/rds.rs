@@ -314,6 +314,16 @@ async fn transient_failures_are_retried_and_others_are_not() {
     router.state.lock().silent_failures = 3;
     let err = b.get_volume(&v.id).await.unwrap_err();
     assert!(err.to_string().contains("exited with status 1"), "{err}");
+
+    // Issue 15 case 17: a channel closed without an exit status is not a success, even
+    // with output (partial); the command is retried, and fails when it keeps happening.
+    router.take_commands();
+    router.state.lock().cut_without_status = 1;
+    assert!(b.get_volume(&v.id).await.unwrap().is_some(), "retried");
+    assert_eq!(router.take_commands().len(), 2);
+    router.state.lock().cut_without_status = 3;
+    let err = b.get_volume(&v.id).await.unwrap_err();
+    assert!(err.to_string().contains("without an exit status"), "{err}");
 }
 
 #[tokio::test]

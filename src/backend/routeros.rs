@@ -189,11 +189,32 @@ pub fn show(slot: &str) -> Result<String, RosError> {
     ))
 }
 
+/// Whether a line is printed data (a `print` legend, an item, a comment, a field), not a
+/// reply of the command's own: error words inside data (a disk's comment saying
+/// "error") say nothing about the command.
+fn is_data(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("Flags:")
+        || t.starts_with("Columns:")
+        || t.starts_with(";;;")
+        || t.chars().next().is_some_and(|c| c.is_ascii_digit())
+        || t.split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('=') && !w.starts_with('='))
+}
+
 /// Classifies RouterOS's answer to a command: empty or informational output is success.
+/// Only the command's own reply, its first line unless that is printed data, is read.
 pub fn check_output(output: &str) -> Result<(), RosError> {
-    let text = output.trim();
+    let reply = output
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .filter(|l| !is_data(l))
+        .unwrap_or_default();
+    let text = reply;
     let lower = text.to_ascii_lowercase();
-    let first = || text.lines().next().unwrap_or_default().to_owned();
+    let first = || text.to_owned();
     if lower.contains("not enough space") || lower.contains("no space") {
         Err(RosError::NoSpace(first()))
     } else if lower.contains("no such item") || lower.contains("not found") {
@@ -438,6 +459,9 @@ mod tests {
     #[test]
     fn errors_are_classified_for_retries() {
         assert_eq!(check_output(""), Ok(()));
+        // Issue 15 case 17: error words in another disk's comment are data, not a reply.
+        let listing = "Flags: X - disabled, B - block-device\n 0 B ;;; import error not found last week\n     slot=\"pvc-a\" type=file\n 1   slot=\"x\" comment=\"error\"\n";
+        assert_eq!(check_output(listing), Ok(()));
         assert_eq!(check_output("  \n"), Ok(()));
         let space = check_output("failure: not enough space on disk").unwrap_err();
         assert!(matches!(space, RosError::NoSpace(_)) && !space.retryable());

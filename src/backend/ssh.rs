@@ -245,12 +245,19 @@ impl SshShell {
             }
         }
         let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
-        // A failure that printed nothing must not read as success.
         match status {
-            Some(code) if code != 0 && text.trim().is_empty() => {
-                Ok(format!("failure: the command exited with status {code}"))
-            }
-            _ => Ok(text),
+            Some(0) => Ok(text),
+            // A failure, whatever it printed (and if it printed nothing, still a failure).
+            Some(code) => Ok(format!(
+                "failure: the command exited with status {code}: {}",
+                text.trim()
+            )),
+            // The channel closed before the command said how it ended: what it printed
+            // may be partial, and "no error seen" is not "done".
+            None => Err(ShellError::Session(
+                "the channel closed without an exit status; the command may not have finished"
+                    .into(),
+            )),
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct RouterState {
     pub silent_failures: usize,
     /// Unreachable: sessions break, new connections are closed at once.
     pub down: bool,
+    /// The next this many commands run, print half their output and close the channel
+    /// without an exit status (a session cut mid-command).
+    pub cut_without_status: usize,
 }
 
 pub struct FakeRouter {
@@ -247,6 +250,17 @@ impl server::Handler for Handler {
             let mut s = self.state.lock();
             s.in_flight -= 1;
             s.commands.push(command.clone());
+            if s.cut_without_status > 0 {
+                s.cut_without_status -= 1;
+                let out = execute(&mut s, &command);
+                let half = out.len() / 2;
+                drop(s);
+                session.channel_success(channel)?;
+                session.data(channel, out.as_bytes()[..half].to_vec())?;
+                session.eof(channel)?;
+                session.close(channel)?;
+                return Ok(());
+            }
             if s.silent_failures > 0 {
                 s.silent_failures -= 1;
                 (String::new(), 1)
