@@ -5,7 +5,8 @@
 //! target admits never hold an RWO volume twice or an RWX volume three times, an OK
 //! unpublish left its node cut off, and an OK publish is in the store.
 //!
-//! `HANDOFF_SCHEDULES` (default 2000) and `HANDOFF_SCHEDULE_SEED` run more or replay one.
+//! `HANDOFF_SCHEDULES` (default 2000), `HANDOFF_SCHEDULE_BASE` (first seed),
+//! `HANDOFF_SCHEDULE_STEPS` (default 40) run more, and `HANDOFF_SCHEDULE_SEED` replays one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -419,22 +420,31 @@ async fn run_schedule(seed: u64, steps: usize) -> Result<(), String> {
 // Paused time: the rebuild's back-off under injected store failures costs no wall time.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn randomized_schedules_never_admit_a_second_writer() {
-    let schedules: u64 = std::env::var("HANDOFF_SCHEDULES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .map(|s| s.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+            .unwrap_or(default)
+    };
+    let (schedules, base, steps) = (
+        env("HANDOFF_SCHEDULES", 2000),
+        env("HANDOFF_SCHEDULE_BASE", 0xC0FFEE),
+        env("HANDOFF_SCHEDULE_STEPS", 40) as usize,
+    );
     let seeds: Vec<u64> = match std::env::var("HANDOFF_SCHEDULE_SEED") {
-        Ok(s) => vec![s.parse().expect("HANDOFF_SCHEDULE_SEED is a number")],
-        Err(_) => (0..schedules).map(|i| 0xC0FFEE + i).collect(),
+        Ok(_) => vec![env("HANDOFF_SCHEDULE_SEED", 0)],
+        Err(_) => (0..schedules).map(|i| base + i).collect(),
     };
     let started = std::time::Instant::now();
     for &seed in &seeds {
-        if let Err(report) = run_schedule(seed, 40).await {
-            panic!("{report}");
+        if let Err(report) = run_schedule(seed, steps).await {
+            panic!(
+                "{report}\n(replay: HANDOFF_SCHEDULE_SEED={seed} HANDOFF_SCHEDULE_STEPS={steps})"
+            );
         }
     }
     println!(
-        "{} schedules of 40 steps, no violation, {:.1} s",
+        "{} schedules of {steps} steps, no violation, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );

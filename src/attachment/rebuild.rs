@@ -46,8 +46,8 @@ fn by_age(objects: &[AttachmentObject]) -> Vec<&AttachmentObject> {
 /// target joined; more holders than the volume's mode allows is a conflict, refused
 /// until resolved, never adopted as several writers.
 fn settle(next: &mut AttachmentState) {
-    let live = next.nodes.iter().filter(|a| !a.fencing).count();
-    next.conflict = live > next.sharing.max_nodes();
+    // A node waiting for its fence is not cut off yet: it counts.
+    next.conflict = next.nodes.len() > next.sharing.max_nodes();
     match (next.sharing, next.nodes.as_slice()) {
         (Sharing::Rwx, [_, target]) if next.migration_started_at.is_none() => {
             next.migration_started_at = Some(target.attached_at)
