@@ -41,7 +41,17 @@ pub fn render_table(states: &[AttachmentState], now: DateTime<Utc>) -> String {
         let _ = writeln!(out, "(no attachments)");
     }
     for r in states.iter().map(|s| VolumeReport::new(s, now)) {
-        let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+        let nodes: Vec<String> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                if n.fencing {
+                    format!("{} (FENCING: not cut off yet)", n.node)
+                } else {
+                    n.node.clone()
+                }
+            })
+            .collect();
         let mut nodes = match (nodes.is_empty(), &r.released_by) {
             (true, Some(n)) => format!("(released by {n})"),
             _ => nodes.join(" → "),
@@ -114,6 +124,8 @@ pub struct NodeReport {
     pub role: &'static str,
     pub attached_at: DateTime<Utc>,
     pub readonly: bool,
+    /// Unpublished, fence not confirmed yet: still able to write.
+    pub fencing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -148,6 +160,7 @@ impl VolumeReport {
                 },
                 attached_at: n.attached_at,
                 readonly: n.readonly,
+                fencing: n.fencing,
             })
             .collect();
         let migration = match (
@@ -296,5 +309,19 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&render_json(&[s], now)).unwrap();
         assert_eq!(v["volumes"][0]["fenced"][0]["method"], "bookkeeping");
+    }
+
+    #[test]
+    fn a_node_waiting_for_its_fence_is_shown_as_such() {
+        let now = Utc::now();
+        let mut s = migrating(now, 10);
+        s.mark_fencing(&NodeId::parse("node-a").unwrap());
+        let table = render_table(&[s.clone()], now);
+        assert!(
+            table.contains("node-a (FENCING: not cut off yet)"),
+            "{table}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&render_json(&[s], now)).unwrap();
+        assert_eq!(v["volumes"][0]["nodes"][0]["fencing"], true);
     }
 }
