@@ -329,10 +329,12 @@ async fn rebuild_repairs_state_from_volume_attachments() {
         fake_kube::volume_attachment(DRIVER, "pv-repair", "node-b", true),
     );
     c.driver.crash_and_restart().await;
-    assert_eq!(
-        nodes_in(&annotation(&c.fake, "pv-repair").unwrap()),
-        ["node-b"]
-    );
+    // Fence before free: node-a is marked for fencing at rebuild, and the reconciler
+    // cuts it off before it leaves the record.
+    wait_for("node-a fenced and cleared", || {
+        annotation(&c.fake, "pv-repair").is_some_and(|s| nodes_in(&s) == ["node-b"])
+    })
+    .await;
     wait_for("AttachmentStateRepaired event", || {
         c.fake
             .events()
