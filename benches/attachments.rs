@@ -142,12 +142,33 @@ async fn rebuild(volumes: usize) {
         setup.elapsed().as_secs_f64()
     );
 
+    let started = Instant::now();
+    let (m, synced) = kube_manager(&fake, Policy::default()).await;
+    let total = started.elapsed();
+    let states = m.snapshot().await.unwrap();
+    assert_eq!(states.len(), volumes);
+    assert_eq!(
+        states.iter().filter(|s| s.nodes.len() == 2).count(),
+        volumes / 10
+    );
+    println!(
+        "rebuild: {volumes} PVs + {} VolumeAttachments from the fake API server: watches synced in {:.2} s, state rebuilt and cross-checked in {:.2} s total",
+        volumes + volumes / 10,
+        synced.as_secs_f64(),
+        total.as_secs_f64()
+    );
+}
+
+/// A manager on the PV store of `fake`, as the controller builds it; also how long the
+/// watches took to sync.
+async fn kube_manager(fake: &fake_kube::FakeKube, policy: Policy) -> (AttachmentManager, Duration) {
     let kubeconfig =
         std::env::temp_dir().join(format!("handoff-bench-kubeconfig-{}", std::process::id()));
     fake.write_kubeconfig(&kubeconfig);
     std::env::set_var("KUBECONFIG", &kubeconfig);
     let started = Instant::now();
     let client = kube::Client::try_default().await.unwrap();
+    let _ = std::fs::remove_file(kubeconfig);
     let cache = ClusterCache::new(DRIVER);
     cache.spawn_watches(client.clone());
     assert!(
@@ -164,24 +185,11 @@ async fn rebuild(volumes: usize) {
         store,
         Arc::new(KubeCluster::new(cache, KubevirtCache::new(150), client)),
         Arc::new(LogSink),
-        Policy::default(),
+        policy,
     )
     .await
     .unwrap();
-    let total = started.elapsed();
-    let states = m.snapshot().await.unwrap();
-    assert_eq!(states.len(), volumes);
-    assert_eq!(
-        states.iter().filter(|s| s.nodes.len() == 2).count(),
-        volumes / 10
-    );
-    println!(
-        "rebuild: {volumes} PVs + {} VolumeAttachments from the fake API server: watches synced in {:.2} s, state rebuilt and cross-checked in {:.2} s total",
-        volumes + volumes / 10,
-        synced.as_secs_f64(),
-        total.as_secs_f64()
-    );
-    let _ = std::fs::remove_file(kubeconfig);
+    (m, synced)
 }
 
 async fn publish_latency(api_latency: Duration, rounds: usize) {
@@ -198,32 +206,11 @@ async fn publish_latency(api_latency: Duration, rounds: usize) {
         "volumeattachments",
         fake_kube::volume_attachment(DRIVER, "pv-lat", "node-a", true),
     );
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "handoff-bench-kubeconfig-lat-{}",
-        std::process::id()
-    ));
-    fake.write_kubeconfig(&kubeconfig);
-    std::env::set_var("KUBECONFIG", &kubeconfig);
-    let client = kube::Client::try_default().await.unwrap();
-    let cache = ClusterCache::new(DRIVER);
-    cache.spawn_watches(client.clone());
-    assert!(cache.wait_ready(Duration::from_secs(30)).await);
-    let store = Arc::new(PvStore::new(
-        kube::Api::all(client.clone()),
-        cache.clone(),
-        RetryPolicy::default(),
-    ));
-    let m = AttachmentManager::load(
-        store,
-        Arc::new(KubeCluster::new(cache, KubevirtCache::new(150), client)),
-        Arc::new(LogSink),
-        Policy {
-            grace_period: Duration::ZERO,
-            ..Policy::default()
-        },
-    )
-    .await
-    .unwrap();
+    let policy = Policy {
+        grace_period: Duration::ZERO,
+        ..Policy::default()
+    };
+    let (m, _) = kube_manager(&fake, policy).await;
     fake.set_faults(fake_kube::Faults {
         latency: api_latency,
         ..Default::default()
@@ -264,7 +251,6 @@ async fn publish_latency(api_latency: Duration, rounds: usize) {
         pct(&mut repeat, 0.5),
         pct(&mut repeat, 0.99),
     );
-    let _ = std::fs::remove_file(kubeconfig);
 }
 
 fn main() {

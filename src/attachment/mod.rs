@@ -155,6 +155,30 @@ impl AttachmentManager {
         self
     }
 
+    /// Asks the data plane to cut `node` off, and reports what came of it.
+    async fn fence_reported(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<FenceReport, FenceError> {
+        let result = self.fence.fence(volume, node).await;
+        let (connections, ok) = match &result {
+            Ok(r) if r.method == crate::backend::Fencing::None => return result,
+            Ok(r) => (r.connections, true),
+            Err(e) => {
+                tracing::warn!(volume_id = %volume, node_id = %node, error = %e, "fence failed; the node keeps its slot");
+                (0, false)
+            }
+        };
+        self.events.emit(&AttachEvent::Fenced {
+            volume: volume.clone(),
+            node: node.clone(),
+            connections,
+            ok,
+        });
+        result
+    }
+
     /// Cuts `node` off at the data plane before it leaves `state`. On failure the node
     /// is marked "fencing" in the store (best effort: it is still recorded as a holder
     /// either way), so nothing else is admitted in its place.
@@ -163,40 +187,17 @@ impl AttachmentManager {
         state: &AttachmentState,
         node: &NodeId,
     ) -> Result<FenceReport, AttachError> {
-        match self.fence.fence(&state.volume_id, node).await {
-            Ok(report) => {
-                if report.method != crate::backend::Fencing::None {
-                    self.events.emit(&AttachEvent::Fenced {
-                        volume: state.volume_id.clone(),
-                        node: node.clone(),
-                        connections: report.connections,
-                        ok: true,
-                    });
-                }
-                Ok(report)
-            }
-            Err(e) => {
-                tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %e, "fence failed; the node keeps its slot");
-                self.events.emit(&AttachEvent::Fenced {
-                    volume: state.volume_id.clone(),
-                    node: node.clone(),
-                    connections: 0,
-                    ok: false,
-                });
-                let mut marked = state.clone();
-                if marked.mark_fencing(node) {
-                    if let Err(se) = self.store.save(&marked).await {
-                        tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %se, "could not mark the node as fencing; it stays recorded as attached");
-                    }
-                }
-                Err(e.into())
+        let e = match self.fence_reported(&state.volume_id, node).await {
+            Ok(report) => return Ok(report),
+            Err(e) => e,
+        };
+        let mut marked = state.clone();
+        if marked.mark_fencing(node) {
+            if let Err(se) = self.store.save(&marked).await {
+                tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %se, "could not mark the node as fencing; it stays recorded as attached");
             }
         }
-    }
-
-    /// Reports an effect decided outside the manager (a fence at the data plane).
-    pub fn report(&self, event: &AttachEvent) {
-        self.events.emit(event);
+        Err(e.into())
     }
 
     /// Serialises any operation on the volume (publish, unpublish, delete).
@@ -333,9 +334,7 @@ impl AttachmentManager {
                 // Its Node is gone, but its last connection may not be: cut it first.
                 let report = self.fence_holder(&current, &holder).await?;
                 let mut next = next;
-                if report.method != crate::backend::Fencing::None {
-                    next.record_fence(&holder, ctx.now, report.method);
-                }
+                next.record_fence(&holder, ctx.now, report.method);
                 (
                     next,
                     PublishOutcome::StaleHolderCleared,
@@ -397,9 +396,7 @@ impl AttachmentManager {
             };
         // Fence before free: the slot is given up only once the target cut the node off.
         let report = self.fence_holder(&current, node).await?;
-        if report.method != crate::backend::Fencing::None {
-            next.record_fence(node, now, report.method);
-        }
+        next.record_fence(node, now, report.method);
         self.commit(&next).await?;
         self.events.emit(&AttachEvent::Detached {
             volume: volume.clone(),
@@ -539,26 +536,9 @@ impl AttachmentManager {
         let candidates = reconcile_candidates(&state, &evidence, now, min_age);
         let (mut cleared, mut unfenced) = (Vec::new(), Vec::new());
         for node in candidates {
-            match self.fence.fence(id, &node).await {
-                Ok(r) => {
-                    if r.method != crate::backend::Fencing::None {
-                        self.events.emit(&AttachEvent::Fenced {
-                            volume: id.clone(),
-                            node: node.clone(),
-                            connections: r.connections,
-                            ok: true,
-                        });
-                    }
-                    cleared.push((node, r.method));
-                }
-                Err(e) => {
-                    tracing::warn!(volume_id = %id, node_id = %node, error = %e, "fence retry failed; the node keeps its slot");
-                    self.events.emit(&AttachEvent::Fenced {
-                        volume: id.clone(),
-                        node: node.clone(),
-                        connections: 0,
-                        ok: false,
-                    });
+            match self.fence_reported(id, &node).await {
+                Ok(r) => cleared.push((node, r.method)),
+                Err(_) => {
                     report.unfenced += 1;
                     unfenced.push(node);
                 }
@@ -569,13 +549,11 @@ impl AttachmentManager {
         let decision = decide_reconcile(&before, &cleared_nodes, &unfenced, now);
         let mut next = decision.next;
         for (node, method) in &cleared {
-            if *method != crate::backend::Fencing::None {
-                next.record_fence(node, now, *method);
-            }
+            next.record_fence(node, now, *method);
         }
         let matched = self.match_late(&mut next).await?;
         let idle = next.is_idle(now, self.policy.grace_period);
-        if next == before && !idle && cleared.is_empty() {
+        if next == before && !idle {
             return Ok(());
         }
         let ended_event = match decision.ended {

@@ -28,7 +28,7 @@ pub fn reconcile_candidates(
     min_age: Duration,
 ) -> Vec<NodeId> {
     let old_enough = |at: DateTime<Utc>| (now - at).to_std().is_ok_and(|d| d >= min_age);
-    let mut out: Vec<NodeId> = state
+    state
         .nodes
         .iter()
         .filter(|a| {
@@ -39,9 +39,7 @@ pub fn reconcile_candidates(
                     .is_some_and(|va| !va.contains(&a.node_id) && old_enough(a.attached_at))
         })
         .map(|a| a.node_id.clone())
-        .collect();
-    out.dedup();
-    out
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -191,8 +191,12 @@ impl AttachmentState {
             .filter(|r| now <= r.detached_at + grace)
     }
 
-    /// Records that `node` was cut off at the target (newest last, bounded).
+    /// Records that `node` was cut off at the target (newest last, bounded); nothing for
+    /// a data plane with nothing to cut.
     pub fn record_fence(&mut self, node: &NodeId, at: DateTime<Utc>, method: Fencing) {
+        if method == Fencing::None {
+            return;
+        }
         self.fenced.retain(|f| &f.node_id != node);
         self.fenced.push(Fenced {
             node_id: node.clone(),
@@ -398,14 +402,16 @@ pub fn decide_publish(
             writer: w.node_id.clone(),
         });
     }
-    let state = &if state.nodes.is_empty() && state.sharing != requested {
-        // Nothing attached: the next holder's mode decides (a release record stays).
-        let mut s = state.clone();
-        s.sharing = requested;
-        s
-    } else {
-        state.clone()
-    };
+    let adjusted: std::borrow::Cow<'_, AttachmentState> =
+        if state.nodes.is_empty() && state.sharing != requested {
+            // Nothing attached: the next holder's mode decides (a release record stays).
+            let mut s = state.clone();
+            s.sharing = requested;
+            std::borrow::Cow::Owned(s)
+        } else {
+            std::borrow::Cow::Borrowed(state)
+        };
+    let state = adjusted.as_ref();
     if state.sharing == Sharing::Rox && !req.readonly {
         return Err(PublishRefusal::ReadOnlyRequired { volume: volume() });
     }
