@@ -669,11 +669,35 @@ async fn a_target_on_a_storage_host_is_fenced_over_signed_http() {
     let mut b = connect(&ctx_b).await.unwrap();
 
     // A fence request without the key's signature is refused and changes nothing.
+    let now = chrono::Utc::now();
     let forged = format!(
-        r#"{{"volume":"{id}","node":"node-b","token":"{}"}}"#,
+        r#"{{"volume":"{id}","node":"node-b","at":{},"nonce":"n1","token":"{}"}}"#,
+        now.timestamp_nanos_opt().unwrap(),
         "0".repeat(64)
     );
     assert_eq!(post_fence(&fence_addr, &forged).await, 403);
+    b.write(4096, &[8u8; 4096], true).await.unwrap();
+    // Issue 15 case 15: a signed request is accepted once; replayed, or far from the
+    // target's clock, it is refused.
+    let key = handoff_csi::nbd::authority::ExportKey::load(&key_file).unwrap();
+    let vid = handoff_csi::ids::VolumeId::parse(&id).unwrap();
+    let c = handoff_csi::ids::NodeId::parse("node-c").unwrap();
+    let signed = |at: chrono::DateTime<chrono::Utc>, nonce: &str| {
+        format!(
+            r#"{{"volume":"{id}","node":"node-c","at":{},"nonce":"{nonce}","token":"{}"}}"#,
+            at.timestamp_nanos_opt().unwrap(),
+            key.fence_token(&vid, &c, at, nonce)
+        )
+    };
+    let genuine = signed(now, "nonce-1");
+    assert_eq!(post_fence(&fence_addr, &genuine).await, 200);
+    assert_eq!(post_fence(&fence_addr, &genuine).await, 403, "replayed");
+    let old = now - chrono::Duration::seconds(600);
+    assert_eq!(
+        post_fence(&fence_addr, &signed(old, "nonce-2")).await,
+        403,
+        "stale"
+    );
     b.write(4096, &[8u8; 4096], true).await.unwrap();
 
     // The controller fences A at the remote target before its ControllerUnpublish is OK.

@@ -364,7 +364,7 @@ pub fn decide_publish(
     ctx: &PublishContext,
 ) -> Result<PublishDecision, PublishRefusal> {
     if let Some(i) = state.position(&req.node_id) {
-        return republish(state, i, req);
+        return republish(state, i, req, ctx.now);
     }
     let volume = || state.volume_id.clone();
     if let Some(node) = state.unfenced().next() {
@@ -503,6 +503,7 @@ fn republish(
     state: &AttachmentState,
     i: usize,
     req: &PublishRequest,
+    now: DateTime<Utc>,
 ) -> Result<PublishDecision, PublishRefusal> {
     let existing = &state.nodes[i];
     // Beyond what the mode allows (the cluster showed more holders than the store
@@ -533,8 +534,11 @@ fn republish(
     if !existing.fencing {
         return Ok(PublishDecision::AlreadyAttached);
     }
+    // A new attachment: the old one may already be fenced at a target that remembers
+    // it (NBD), so it gets a new identity (and with it a new export secret).
     let mut next = state.clone();
     next.nodes[i].fencing = false;
+    next.nodes[i].attached_at = now;
     Ok(PublishDecision::Reclaimed(next))
 }
 

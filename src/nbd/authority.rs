@@ -4,7 +4,6 @@
 //! in the attachment state, a re-publish returns the same publish_context, and a new
 //! attachment gets a new secret.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,110 +22,185 @@ type HmacSha256 = Hmac<Sha256>;
 const KEY_LEN: usize = 32;
 const TOKEN_HEX: usize = 64;
 
-/// The controller's export-signing key (32 random bytes, file mode 0600). Replicas that
-/// may serve the same exports share it (a mounted Secret).
-pub struct ExportKey([u8; KEY_LEN]);
+/// The controller's export-signing keys (32 random bytes each, file mode 0600). Replicas
+/// and targets that serve the same exports share the file (a mounted Secret). The first
+/// key signs; every key verifies, so a key can be rotated without breaking live
+/// attachments: put the new key first, and drop the old one once the attachments made
+/// under it have ended.
+pub struct ExportKey(Vec<[u8; KEY_LEN]>);
 
 impl std::fmt::Debug for ExportKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ExportKey(..)")
+        write!(f, "ExportKey({} key(s))", self.0.len())
     }
+}
+
+fn parse_keys(path: &Path, b: &[u8]) -> std::io::Result<ExportKey> {
+    if b.is_empty() || b.len() % KEY_LEN != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} must hold one or more {KEY_LEN}-byte keys (it has {} bytes)",
+                path.display(),
+                b.len()
+            ),
+        ));
+    }
+    Ok(ExportKey(
+        b.chunks_exact(KEY_LEN)
+            .map(|c| c.try_into().expect("exact chunks"))
+            .collect(),
+    ))
 }
 
 impl ExportKey {
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        ExportKey(bytes)
+        ExportKey(vec![bytes])
     }
 
     pub fn generate() -> Self {
         let mut b = [0u8; KEY_LEN];
         b[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         b[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        ExportKey(b)
+        ExportKey(vec![b])
     }
 
-    /// Reads the key, creating it (0600, exclusively) when the file does not exist.
+    /// Reads the keys, creating one (0600, written to a temporary file, synced, then
+    /// linked into place) when the file does not exist: a crash or a full disk never
+    /// leaves a short key behind.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
         match std::fs::read(path) {
-            Ok(b) => {
-                let bytes: [u8; KEY_LEN] = b.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} must hold exactly {KEY_LEN} bytes", path.display()),
-                    )
-                })?;
-                Ok(ExportKey(bytes))
-            }
+            Ok(b) => parse_keys(path, &b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate();
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)?;
-                f.write_all(&key.0)?;
-                f.sync_all()?;
-                Ok(key)
+                if crate::durable::create_exclusive(path, &key.0[0])? {
+                    Ok(key)
+                } else {
+                    // Another process created it first: use theirs.
+                    Self::load(path)
+                }
             }
             Err(e) => Err(e),
         }
     }
 
-    fn mac(&self, volume: &VolumeId, node: &NodeId, attached_at: DateTime<Utc>) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(volume.as_str().as_bytes());
-        mac.update(b"\0");
-        mac.update(node.as_str().as_bytes());
-        mac.update(b"\0");
-        mac.update(
-            &attached_at
-                .timestamp_nanos_opt()
-                .unwrap_or_default()
-                .to_be_bytes(),
-        );
-        mac
-    }
-
-    /// Reads an existing key (a target on another host must use the controller's).
+    /// Reads existing keys (a target on another host must use the controller's).
     pub fn load(path: &Path) -> std::io::Result<Self> {
-        let b = std::fs::read(path)?;
-        let bytes: [u8; KEY_LEN] = b.as_slice().try_into().map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} must hold exactly {KEY_LEN} bytes", path.display()),
-            )
-        })?;
-        Ok(ExportKey(bytes))
+        parse_keys(path, &std::fs::read(path)?)
     }
 
-    fn fence_mac(&self, volume: &VolumeId, node: &NodeId) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(b"fence\0");
-        mac.update(volume.as_str().as_bytes());
-        mac.update(b"\0");
-        mac.update(node.as_str().as_bytes());
+    fn hmac(key: &[u8; KEY_LEN], parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                mac.update(b"\0");
+            }
+            mac.update(p);
+        }
         mac
     }
 
-    /// Proves a fence request comes from a holder of the key (the controller).
-    pub fn fence_token(&self, volume: &VolumeId, node: &NodeId) -> String {
-        hex(&self.fence_mac(volume, node).finalize().into_bytes())
+    fn sign(&self, parts: &[&[u8]]) -> String {
+        hex(&Self::hmac(&self.0[0], parts).finalize().into_bytes())
     }
 
-    pub fn verify_fence(&self, volume: &VolumeId, node: &NodeId, token: &str) -> bool {
-        unhex(token).is_some_and(|tag| self.fence_mac(volume, node).verify_slice(&tag).is_ok())
+    /// Constant-time comparison against every key.
+    fn verify_parts(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.0
+            .iter()
+            .any(|k| Self::hmac(k, parts).verify_slice(tag).is_ok())
+    }
+
+    fn attachment_parts<'a>(
+        volume: &'a VolumeId,
+        node: &'a NodeId,
+        at: &'a [u8; 8],
+    ) -> [&'a [u8]; 3] {
+        [volume.as_str().as_bytes(), node.as_str().as_bytes(), at]
+    }
+
+    fn nanos(at: DateTime<Utc>) -> [u8; 8] {
+        at.timestamp_nanos_opt().unwrap_or_default().to_be_bytes()
+    }
+
+    /// Proves a fence request comes from a holder of the key (the controller), for this
+    /// volume, node, time and nonce: a recorded request cannot be replayed elsewhere or
+    /// later.
+    pub fn fence_token(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+        at: DateTime<Utc>,
+        nonce: &str,
+    ) -> String {
+        let at = Self::nanos(at);
+        self.sign(&[
+            b"fence",
+            volume.as_str().as_bytes(),
+            node.as_str().as_bytes(),
+            &at,
+            nonce.as_bytes(),
+        ])
+    }
+
+    pub fn verify_fence(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+        at: DateTime<Utc>,
+        nonce: &str,
+        token: &str,
+    ) -> bool {
+        let at = Self::nanos(at);
+        unhex(token).is_some_and(|tag| {
+            self.verify_parts(
+                &[
+                    b"fence",
+                    volume.as_str().as_bytes(),
+                    node.as_str().as_bytes(),
+                    &at,
+                    nonce.as_bytes(),
+                ],
+                &tag,
+            )
+        })
+    }
+
+    /// Authenticates a fence reply: a forged "done" would free a slot while the node
+    /// can still write.
+    pub fn fence_reply_mac(&self, nonce: &str, connections: usize) -> String {
+        self.sign(&[
+            b"fence-reply",
+            nonce.as_bytes(),
+            &(connections as u64).to_be_bytes(),
+        ])
+    }
+
+    pub fn verify_fence_reply(&self, nonce: &str, connections: usize, mac: &str) -> bool {
+        unhex(mac).is_some_and(|tag| {
+            self.verify_parts(
+                &[
+                    b"fence-reply",
+                    nonce.as_bytes(),
+                    &(connections as u64).to_be_bytes(),
+                ],
+                &tag,
+            )
+        })
     }
 
     /// The export name a node uses for this attachment: `<volume id>.<64 hex>`.
     pub fn export_name(&self, volume: &VolumeId, node: &NodeId, at: DateTime<Utc>) -> String {
-        let tag = self.mac(volume, node, at).finalize().into_bytes();
-        format!("{volume}.{}", hex(&tag))
+        let at = Self::nanos(at);
+        format!(
+            "{volume}.{}",
+            self.sign(&Self::attachment_parts(volume, node, &at))
+        )
     }
 
     fn verify(&self, volume: &VolumeId, node: &NodeId, at: DateTime<Utc>, tag: &[u8]) -> bool {
-        // Constant-time comparison.
-        self.mac(volume, node, at).verify_slice(tag).is_ok()
+        let at = Self::nanos(at);
+        self.verify_parts(&Self::attachment_parts(volume, node, &at), tag)
     }
 }
 
@@ -193,7 +267,8 @@ impl ExportAuthority for AttachmentAuthority {
         let holder = state
             .nodes
             .iter()
-            .find(|a| self.key.verify(&volume, &a.node_id, a.attached_at, &tag))
+            // An unpublished node awaiting its fence holds its slot, not its access.
+            .find(|a| !a.fencing && self.key.verify(&volume, &a.node_id, a.attached_at, &tag))
             .ok_or(Refusal::Denied)?;
         let path = match self
             .backend
@@ -219,10 +294,9 @@ impl ExportAuthority for AttachmentAuthority {
 
     async fn still_valid(&self, grant: &Grant) -> bool {
         match self.attachments.load(&grant.volume).await {
-            Ok(Some(state)) => state
-                .nodes
-                .iter()
-                .any(|a| a.node_id == grant.node && a.attached_at == grant.attached_at),
+            Ok(Some(state)) => state.nodes.iter().any(|a| {
+                !a.fencing && a.node_id == grant.node && a.attached_at == grant.attached_at
+            }),
             _ => false,
         }
     }
@@ -274,12 +348,23 @@ mod tests {
             NodeId::parse("node-a").unwrap(),
             NodeId::parse("node-b").unwrap(),
         );
-        let t = key.fence_token(&v, &a);
-        assert!(key.verify_fence(&v, &a, &t));
-        assert!(!key.verify_fence(&v, &b, &t));
-        assert!(!key.verify_fence(&VolumeId::generate(), &a, &t));
-        assert!(!ExportKey::generate().verify_fence(&v, &a, &t));
-        assert!(!key.verify_fence(&v, &a, "zz"));
+        let (at, nonce) = (Utc::now(), "n-1");
+        let t = key.fence_token(&v, &a, at, nonce);
+        assert!(key.verify_fence(&v, &a, at, nonce, &t));
+        assert!(!key.verify_fence(&v, &b, at, nonce, &t));
+        assert!(!key.verify_fence(&VolumeId::generate(), &a, at, nonce, &t));
+        assert!(!key.verify_fence(&v, &a, at, "n-2", &t), "another nonce");
+        let later = at + chrono::Duration::seconds(1);
+        assert!(!key.verify_fence(&v, &a, later, nonce, &t), "another time");
+        assert!(!ExportKey::generate().verify_fence(&v, &a, at, nonce, &t));
+        assert!(!key.verify_fence(&v, &a, at, nonce, "zz"));
+        let mac = key.fence_reply_mac(nonce, 2);
+        assert!(key.verify_fence_reply(nonce, 2, &mac));
+        assert!(!key.verify_fence_reply(nonce, 0, &mac), "a forged count");
+        assert!(
+            !key.verify_fence_reply("n-2", 2, &mac),
+            "another request's reply"
+        );
     }
 
     #[test]
@@ -292,7 +377,44 @@ mod tests {
         assert_eq!(k1.0, k2.0);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         std::fs::write(&path, b"short").unwrap();
         assert!(ExportKey::load_or_create(&path).is_err());
+        std::fs::write(&path, b"").unwrap();
+        assert!(
+            ExportKey::load_or_create(&path).is_err(),
+            "an empty key file is refused"
+        );
+    }
+
+    /// Issue 15 case 16: rotation keeps live attachments working.
+    #[test]
+    fn a_rotated_key_still_verifies_names_made_under_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd-export.key");
+        let old = ExportKey::load_or_create(&path).unwrap();
+        let (v, a, at) = (
+            VolumeId::generate(),
+            NodeId::parse("node-a").unwrap(),
+            Utc::now(),
+        );
+        let name = old.export_name(&v, &a, at);
+        let new = ExportKey::generate();
+        let mut rotated = new.0[0].to_vec();
+        rotated.extend_from_slice(&old.0[0]);
+        std::fs::write(&path, rotated).unwrap();
+        let both = ExportKey::load(&path).unwrap();
+        let (_, tag) = parse_export_name(&name).unwrap();
+        assert!(
+            both.verify(&v, &a, at, &tag),
+            "the live attachment's name still works"
+        );
+        assert_eq!(
+            both.export_name(&v, &a, at),
+            new.export_name(&v, &a, at),
+            "the new key signs"
+        );
+        assert!(!new.verify(&v, &a, at, &tag));
     }
 }

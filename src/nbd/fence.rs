@@ -34,14 +34,27 @@ impl Fencer for NbdTarget {
 struct FenceRequest {
     volume: String,
     node: String,
-    /// HMAC of (volume, node) under the export key.
+    /// The controller's clock, nanoseconds: attachments made until then are fenced, and
+    /// a request far from the target's clock is refused.
+    at: i64,
+    /// Fresh per request: a request seen before is refused (no replay).
+    nonce: String,
+    /// HMAC of all of the above under the export key.
     token: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct FenceReply {
     connections: usize,
+    nonce: String,
+    /// HMAC of (nonce, connections): only the target holding the key can say "done".
+    mac: String,
 }
+
+/// How far a fence request's time may be from the target's clock.
+const FENCE_CLOCK_WINDOW: chrono::Duration = chrono::Duration::seconds(120);
+/// Nonces remembered: more than a window's worth of fences.
+const NONCES_REMEMBERED: usize = 16 * 1024;
 
 /// A target on another host, fenced through its `/fence` endpoint.
 pub struct RemoteFencer {
@@ -83,10 +96,14 @@ impl RemoteFencer {
 #[async_trait]
 impl Fencer for RemoteFencer {
     async fn fence(&self, volume: &VolumeId, node: &NodeId) -> Result<usize, FenceError> {
+        let at = chrono::Utc::now();
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
         let req = FenceRequest {
             volume: volume.to_string(),
             node: node.to_string(),
-            token: self.key.fence_token(volume, node),
+            at: at.timestamp_nanos_opt().unwrap_or_default(),
+            token: self.key.fence_token(volume, node, at, &nonce),
+            nonce: nonce.clone(),
         };
         let body = serde_json::to_vec(&req).expect("fence requests serialise");
         let remote = |reason: String| FenceError::Remote {
@@ -106,15 +123,42 @@ impl Fencer for RemoteFencer {
                 reply.trim()
             )));
         }
-        serde_json::from_str::<FenceReply>(&reply)
-            .map(|r| r.connections)
-            .map_err(|e| remote(format!("unreadable reply from {}: {e}", self.addr)))
+        let reply = serde_json::from_str::<FenceReply>(&reply)
+            .map_err(|e| remote(format!("unreadable reply from {}: {e}", self.addr)))?;
+        // An unsigned or mismatched "done" is no fence.
+        if reply.nonce != nonce
+            || !self
+                .key
+                .verify_fence_reply(&nonce, reply.connections, &reply.mac)
+        {
+            return Err(remote(format!(
+                "the reply from {} is not signed with the export key for this request",
+                self.addr
+            )));
+        }
+        Ok(reply.connections)
     }
 }
 
 struct Endpoint {
     target: Arc<NbdTarget>,
     key: Arc<ExportKey>,
+    nonces: parking_lot::Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Endpoint {
+    /// Records `nonce`; false when it was seen before.
+    fn fresh(&self, nonce: &str) -> bool {
+        let mut seen = self.nonces.lock();
+        if seen.iter().any(|n| n == nonce) {
+            return false;
+        }
+        seen.push_back(nonce.to_owned());
+        while seen.len() > NONCES_REMEMBERED {
+            seen.pop_front();
+        }
+        true
+    }
 }
 
 async fn fence_handler(State(ep): State<Arc<Endpoint>>, body: Bytes) -> (StatusCode, String) {
@@ -130,16 +174,36 @@ async fn fence_handler(State(ep): State<Arc<Endpoint>>, body: Bytes) -> (StatusC
             "malformed volume or node id\n".into(),
         );
     };
-    if !ep.key.verify_fence(&volume, &node, &req.token) {
+    let at = chrono::DateTime::from_timestamp_nanos(req.at);
+    if req.nonce.is_empty()
+        || req.nonce.len() > 64
+        || !ep
+            .key
+            .verify_fence(&volume, &node, at, &req.nonce, &req.token)
+    {
         return (
             StatusCode::FORBIDDEN,
             "fence token does not match the export key\n".into(),
         );
     }
-    match ep.target.fence(&volume, &node).await {
+    if (chrono::Utc::now() - at).abs() > FENCE_CLOCK_WINDOW {
+        return (
+            StatusCode::FORBIDDEN,
+            "fence request time is too far from this host's clock (check NTP)\n".into(),
+        );
+    }
+    if !ep.fresh(&req.nonce) {
+        return (StatusCode::FORBIDDEN, "fence request replayed\n".into());
+    }
+    match ep.target.fence_as_of(&volume, &node, at).await {
         Ok(connections) => (
             StatusCode::OK,
-            serde_json::to_string(&FenceReply { connections }).expect("reply serialises"),
+            serde_json::to_string(&FenceReply {
+                connections,
+                mac: ep.key.fence_reply_mac(&req.nonce, connections),
+                nonce: req.nonce,
+            })
+            .expect("reply serialises"),
         ),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
@@ -149,5 +213,9 @@ async fn fence_handler(State(ep): State<Arc<Endpoint>>, body: Bytes) -> (StatusC
 pub fn router(target: Arc<NbdTarget>, key: Arc<ExportKey>) -> Router {
     Router::new()
         .route("/fence", post(fence_handler))
-        .with_state(Arc::new(Endpoint { target, key }))
+        .with_state(Arc::new(Endpoint {
+            target,
+            key,
+            nonces: parking_lot::Mutex::default(),
+        }))
 }

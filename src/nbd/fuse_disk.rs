@@ -155,6 +155,15 @@ impl FuseDisk {
                         tracing::info!(address = %self.remote.address, "NBD connection re-established");
                         *client = Some(c);
                     }
+                    Some(Err(ClientError::Refused { code, .. }))
+                        if code == super::proto::REP_ERR_SHUTDOWN =>
+                    {
+                        // The target could not check this node now: not a refusal.
+                        tracing::info!(address = %self.remote.address, "NBD target asked to retry; backing off");
+                        std::thread::sleep(backoff.min(left));
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
                     Some(Err(ClientError::Refused { .. })) => {
                         tracing::warn!(address = %self.remote.address, "NBD target refused this node: fenced or detached; all I/O fails from now on");
                         self.refused.store(true, Ordering::SeqCst);

@@ -27,6 +27,9 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// "Shutting down": this target uses it for a refusal that may pass (authorisation
+/// could not be checked now); clients retry it, within their I/O deadline.
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_BLOCK_SIZE: u16 = 3;
@@ -54,8 +57,10 @@ pub const ENOSPC: u32 = 28;
 pub const ENOTSUP: u32 = 95;
 
 /// Largest option payload and request we accept: a bound on what a peer can make us
-/// allocate (the NBD spec's recommended maximum payload is 32 MiB).
-pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// allocate (the NBD spec's recommended maximum payload is 32 MiB). Options carry only
+/// an export name (about 100 bytes here) and a few info requests, and arrive before the
+/// peer has proven anything.
+pub const MAX_OPTION_LEN: u32 = 4 * 1024;
 pub const MAX_REQUEST_LEN: u32 = 32 * 1024 * 1024;
 
 /// One transmission-phase request.

@@ -71,6 +71,14 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on options per handshake.
 const MAX_OPTIONS: usize = 32;
+/// Connections served at once; more are closed at accept (unauthenticated peers must
+/// not be able to grow the target without bound).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a WRITE's payload may take to arrive once its header did.
+const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Fenced attachments remembered (newest kept): enough for every detach between a
+/// fence and the moment the target's view of the attachment state catches up.
+const FENCED_REMEMBERED: usize = 4096;
 
 struct Connection {
     id: u64,
@@ -86,6 +94,10 @@ pub struct NbdTarget {
     authority: Arc<dyn ExportAuthority>,
     live: Mutex<HashMap<Key, Vec<Arc<Connection>>>>,
     next_id: AtomicU64,
+    /// (volume, node) fenced as of a time: a grant for an attachment made then or
+    /// before is refused, whatever the authority's (possibly lagging) view says.
+    fenced: Mutex<std::collections::VecDeque<(Key, chrono::DateTime<chrono::Utc>)>>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,11 +118,40 @@ enum Haggled {
 
 impl NbdTarget {
     pub fn new(authority: Arc<dyn ExportAuthority>) -> Arc<Self> {
+        Self::with_connection_limit(authority, MAX_CONNECTIONS)
+    }
+
+    /// A target serving at most `limit` connections at once.
+    pub fn with_connection_limit(authority: Arc<dyn ExportAuthority>, limit: usize) -> Arc<Self> {
         Arc::new(NbdTarget {
             authority,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            fenced: Mutex::new(std::collections::VecDeque::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
         })
+    }
+
+    /// Whether `grant`'s attachment was fenced here.
+    fn is_fenced(&self, grant: &Grant) -> bool {
+        self.fenced
+            .lock()
+            .iter()
+            .any(|((v, n), at)| v == &grant.volume && n == &grant.node && grant.attached_at <= *at)
+    }
+
+    fn remember_fence(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+        as_of: chrono::DateTime<chrono::Utc>,
+    ) {
+        let mut fenced = self.fenced.lock();
+        fenced.retain(|((v, n), _)| !(v == volume && n == node));
+        fenced.push_back(((volume.clone(), node.clone()), as_of));
+        while fenced.len() > FENCED_REMEMBERED {
+            fenced.pop_front();
+        }
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -132,9 +173,15 @@ impl NbdTarget {
                     }
                 },
             };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "NBD connection limit reached; closing the new one");
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let target = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = target.connection(stream).await {
                     tracing::debug!(%peer, error = %e, "NBD connection ended");
                 }
@@ -143,9 +190,22 @@ impl NbdTarget {
     }
 
     /// Drops every connection of `node` to `volume` and returns once none can write any
-    /// more (in-flight requests finish first). Call after the attachment is gone, so a
-    /// reconnect is refused by the authority.
+    /// more (in-flight requests finish first). The attachment is remembered as fenced
+    /// first, so a reconnect is refused here even while the attachment state still
+    /// lists the node (fence before free) or the target's view of it lags.
     pub async fn fence(&self, volume: &VolumeId, node: &NodeId) -> Result<usize, FenceError> {
+        self.fence_as_of(volume, node, chrono::Utc::now()).await
+    }
+
+    /// `fence`, for attachments made at or before `as_of` (the controller's clock, for a
+    /// target on another host).
+    pub async fn fence_as_of(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+        as_of: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, FenceError> {
+        self.remember_fence(volume, node, as_of);
         let conns = self
             .live
             .lock()
@@ -229,8 +289,8 @@ impl NbdTarget {
             .or_default()
             .push(conn.clone());
         // Registered first, then checked again: a fence that scanned before we
-        // registered ran after the attachment was removed, so this check refuses.
-        let still = self.authority.still_valid(&grant).await;
+        // registered remembered the attachment first, so this check refuses.
+        let still = !self.is_fenced(&grant) && self.authority.still_valid(&grant).await;
         let result = if still {
             tracing::info!(volume_id = %grant.volume, node_id = %grant.node, "NBD client connected");
             transmit(&grant, &conn, &mut rd, &mut wr).await
@@ -323,8 +383,9 @@ impl NbdTarget {
                                 Refusal::Denied => {
                                     (REP_ERR_POLICY, b"export not published to this client")
                                 }
+                                // Not final: the client retries.
                                 Refusal::Unavailable(_) => {
-                                    (REP_ERR_POLICY, b"authorisation unavailable; retry")
+                                    (REP_ERR_SHUTDOWN, b"authorisation unavailable; retry")
                                 }
                             };
                             write_option_reply(wr, option, code, msg).await?;
@@ -348,7 +409,11 @@ impl NbdTarget {
 
     async fn authorize(&self, name: &[u8]) -> Result<Grant, Refusal> {
         let name = std::str::from_utf8(name).map_err(|_| Refusal::Unknown)?;
-        self.authority.authorize(name).await
+        let grant = self.authority.authorize(name).await?;
+        if self.is_fenced(&grant) {
+            return Err(Refusal::Denied);
+        }
+        Ok(grant)
     }
 }
 
@@ -442,7 +507,19 @@ where
                     return Err(ConnError::Protocol("write larger than the maximum"));
                 }
                 let mut buf = vec![0u8; req.length as usize];
-                rd.read_exact(&mut buf).await?;
+                // A fence does not wait for a payload that trickles: it ends the
+                // connection, and a payload that takes too long ends it too.
+                tokio::select! {
+                    biased;
+                    _ = conn.stop.notified() => return Ok(()),
+                    r = tokio::time::timeout(PAYLOAD_TIMEOUT, rd.read_exact(&mut buf)) => {
+                        r.map_err(|_| ConnError::Protocol("write payload too slow"))??;
+                    }
+                }
+                // Fenced while the payload arrived: it is not applied.
+                if conn.fenced.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 let error = if grant.readonly {
                     EPERM
                 } else if !in_range {
