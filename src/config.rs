@@ -262,6 +262,19 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
+    /// Namespace of the driver's own Lease (`handoff-csi-background`): with several
+    /// controller replicas only its holder runs the reconciler.
+    #[arg(long, env = "HANDOFF_LEASE_NAMESPACE", default_value = "handoff-csi")]
+    pub lease_namespace: String,
+
+    /// This replica's name in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    pub lease_identity: String,
+
+    /// How long the Lease lasts without renewal (renewed every third of it).
+    #[arg(long, env = "HANDOFF_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
     /// Let pods of different workloads share an RWX block volume across nodes. Off by
     /// default: a second node is attached only for a live migration of the VM already
     /// using the disk. Turn on only when the pods run a cluster filesystem on it.
@@ -480,6 +493,9 @@ impl Config {
         if self.reconcile_interval.is_zero() {
             return Err("--reconcile-interval must be greater than 0".into());
         }
+        if self.lease_duration < Duration::from_secs(3) {
+            return Err("--lease-duration must be at least 3s (it is renewed every third)".into());
+        }
         for (flag, dir) in [
             ("--data-dir", &self.data_dir),
             ("--state-dir", &self.state_dir),
@@ -611,6 +627,13 @@ impl std::str::FromStr for Endpoint {
             Err(format!("endpoint {s:?} must start with unix:// or tcp://"))
         }
     }
+}
+
+fn default_identity() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "handoff-csi".into())
 }
 
 fn parse_socket_mode(s: &str) -> Result<u32, String> {

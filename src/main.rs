@@ -15,7 +15,9 @@ use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
 use handoff_csi::attachment::report::{render_json, render_table};
 use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
-use handoff_csi::attachment::{spawn_reconciler, AttachmentManager, Policy};
+use handoff_csi::attachment::{
+    spawn_reconciler, Always, AttachmentManager, BackgroundGate, Policy,
+};
 use handoff_csi::backend::file::FileBackend;
 use handoff_csi::backend::nvmet::{KernelConfigFs, Nvmet, PortConfig, RemoteConfigFs};
 use handoff_csi::backend::nvmet_file::NvmetBackend;
@@ -35,6 +37,7 @@ use handoff_csi::kube::cache::ClusterCache;
 use handoff_csi::kube::cluster::KubeCluster;
 use handoff_csi::kube::events::KubeEvents;
 use handoff_csi::kube::kubevirt::KubevirtCache;
+use handoff_csi::kube::lease::BackgroundLease;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
 use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
@@ -92,6 +95,7 @@ type Seams = (
     Arc<dyn AttachmentStore>,
     Arc<dyn ClusterView>,
     Arc<dyn EventSink>,
+    Arc<dyn BackgroundGate>,
 );
 
 /// The PV-annotation store over synced watch caches (controller, target, `attachments`).
@@ -120,7 +124,12 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
     match config.attachment_store {
         AttachmentStoreKind::File => {
             let store = Arc::new(FileStore::open(&config.state_dir)?);
-            Ok((store, Arc::new(Standalone), Arc::new(Fanout(sinks))))
+            Ok((
+                store,
+                Arc::new(Standalone),
+                Arc::new(Fanout(sinks)),
+                Arc::new(Always),
+            ))
         }
         AttachmentStoreKind::Kube => {
             let (client, cache, store) =
@@ -132,10 +141,17 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
             )));
             let kubevirt = KubevirtCache::new(config.kubevirt_completion_timeout_per_gib);
             kubevirt.spawn(client.clone());
+            let lease = BackgroundLease::new(
+                kube::Api::namespaced(client.clone(), &config.lease_namespace),
+                config.lease_identity.clone(),
+                config.lease_duration,
+            );
+            lease.spawn();
             Ok((
                 store,
                 Arc::new(KubeCluster::new(cache, kubevirt, client)),
                 Arc::new(Fanout(sinks)),
+                lease,
             ))
         }
     }
@@ -366,7 +382,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
 
     let controller = if config.mode.serves_controller() {
         let backend = open_backend(&config)?;
-        let (store, cluster, events) = attachment_seams(&config, &metrics).await?;
+        let (store, cluster, events, gate) = attachment_seams(&config, &metrics).await?;
         let nbd = nbd_plane(&config, store.clone(), backend.clone()).await?;
         let policy = Policy {
             grace_period: config.attach_grace_period,
@@ -378,7 +394,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
                 .await?
                 .with_fence(fence),
         );
-        spawn_reconciler(attachments.clone(), config.reconcile_interval);
+        spawn_reconciler(attachments.clone(), config.reconcile_interval, gate);
         checks.push(HealthCheck::Backend(backend.clone()));
         let service = ControllerService::new(
             backend.clone(),

@@ -736,3 +736,83 @@ async fn an_unreadable_annotation_quarantines_one_volume_and_the_controller_star
         .await
         .unwrap();
 }
+
+fn lease_holder(fake: &FakeKube) -> Option<String> {
+    fake.get_in("leases", "handoff-csi", "handoff-csi-background")?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Only the replica holding the driver's own Lease runs background work: while another
+/// holder renews it, nothing is reconciled here; once it lapses, this replica takes it
+/// over and acts.
+#[tokio::test]
+async fn only_the_background_lease_holder_reconciles() {
+    let fake = FakeKube::start().await;
+    for n in ["node-a", "node-b"] {
+        fake.put("nodes", fake_kube::node(n));
+    }
+    let renew = |fake: &FakeKube| {
+        let now = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        fake.put_in(
+            "leases",
+            "handoff-csi",
+            serde_json::json!({"metadata": {"name": "handoff-csi-background"},
+                "spec": {"holderIdentity": "other-replica", "leaseDurationSeconds": 3,
+                         "renewTime": now, "acquireTime": now}}),
+        );
+    };
+    renew(&fake);
+    let kubeconfig = tempfile::NamedTempFile::new()
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap();
+    fake.write_kubeconfig(&kubeconfig);
+    let driver = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--attachment-store".into(),
+            "kube".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
+            "--lease-duration".into(),
+            "3s".into(),
+            "--lease-identity".into(),
+            "replica-1".into(),
+        ],
+        env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster { fake, driver };
+    // An attachment whose VolumeAttachment is gone: work for the reconciler.
+    let id = volume(&c, "pv-lease", rwo_block()).await;
+    c.driver
+        .controller()
+        .await
+        .controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        renew(&c.fake);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(lease_holder(&c.fake).as_deref(), Some("other-replica"));
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-lease").unwrap()),
+        ["node-a"],
+        "no reconcile while another replica holds the lease"
+    );
+    // The other replica stops renewing: this one takes over and does the work.
+    wait_for("lease taken over", || {
+        lease_holder(&c.fake).as_deref() == Some("replica-1")
+    })
+    .await;
+    wait_for("reconciled by the new holder", || {
+        annotation(&c.fake, "pv-lease").is_none_or(|s| nodes_in(&s).is_empty())
+    })
+    .await;
+}

@@ -416,7 +416,8 @@ async fn rbac_grants_exactly_the_calls_the_controller_makes() {
         .map(|(_, d)| d)
         .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "handoff-csi-driver")
         .expect("ClusterRole handoff-csi-driver");
-    let granted = granted(&role);
+    let granted_by_role = granted;
+    let granted = granted_by_role(&role);
 
     // Drive every code path that talks to the API: watches, guarded patches (with a
     // conflict, so the re-read happens), annotation removal, Events.
@@ -440,6 +441,9 @@ async fn rbac_grants_exactly_the_calls_the_controller_makes() {
             "kube".into(),
             "--reconcile-interval".into(),
             "1s".into(),
+            // Renewed every second, so the renewal (a patch) is among the calls seen.
+            "--lease-duration".into(),
+            "3s".into(),
         ],
         env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
         ..Default::default()
@@ -486,11 +490,23 @@ async fn rbac_grants_exactly_the_calls_the_controller_makes() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let used: BTreeSet<_> = fake
+    let (leases, used): (BTreeSet<_>, BTreeSet<_>) = fake
         .requests()
         .iter()
         .filter_map(|(m, p, q)| rbac_of(m, p, q))
-        .collect();
+        .partition(|(_, group, _)| group == "coordination.k8s.io");
+    // The driver's own lease is granted by its namespaced Role.
+    let lease_role = documents()
+        .into_iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "handoff-csi-background-lease")
+        .expect("Role handoff-csi-background-lease");
+    let lease_granted = granted_by_role(&lease_role);
+    assert!(
+        !leases.is_empty(),
+        "the controller takes its background lease"
+    );
+    assert_eq!(leases, lease_granted, "lease RBAC matches the calls made");
     let missing: Vec<_> = used.difference(&granted).collect();
     assert!(
         missing.is_empty(),

@@ -612,16 +612,38 @@ pub struct ReconcileReport {
     pub failed: usize,
 }
 
-/// Runs `reconcile` every `interval` until the returned task is dropped/aborted.
+/// Whether this replica may run background work (the reconciler) now: with several
+/// controller replicas, only the one holding the driver's lease does.
+pub trait BackgroundGate: Send + Sync + 'static {
+    fn may_act(&self) -> bool;
+}
+
+/// A single controller (no Kubernetes): always.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Always;
+
+impl BackgroundGate for Always {
+    fn may_act(&self) -> bool {
+        true
+    }
+}
+
+/// Runs `reconcile` every `interval`, while `gate` allows, until the returned task is
+/// dropped/aborted.
 pub fn spawn_reconciler(
     manager: Arc<AttachmentManager>,
     interval: Duration,
+    gate: Arc<dyn BackgroundGate>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !gate.may_act() {
+                tracing::debug!("another replica holds the background lease; not reconciling");
+                continue;
+            }
             match manager.reconcile(interval * 2).await {
                 Ok(r) if r.cleared.is_empty() && r.overdue == 0 && r.unfenced == 0 => {}
                 Ok(r) => tracing::info!(

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cluster;
 pub mod events;
 pub mod kubevirt;
+pub mod lease;
 pub mod pv_store;
 
 pub const ANNOTATION_STATE: &str = "handoff.csi.dev/attachment";

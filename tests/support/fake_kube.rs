@@ -72,6 +72,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "pods" => ("v1", "Pod"),
         "virtualmachineinstances" => ("kubevirt.io/v1", "VirtualMachineInstance"),
         "virtualmachineinstancemigrations" => ("kubevirt.io/v1", "VirtualMachineInstanceMigration"),
+        "leases" => ("coordination.k8s.io/v1", "Lease"),
         _ => ("v1", "Unknown"),
     }
 }
@@ -291,13 +292,24 @@ async fn get_one(
     State(inner): Shared,
     UrlPath((resource, name)): UrlPath<(String, String)>,
 ) -> Response {
+    get_ns(inner, resource, String::new(), name).await
+}
+
+async fn get_in(
+    State(inner): Shared,
+    UrlPath((ns, resource, name)): UrlPath<(String, String, String)>,
+) -> Response {
+    get_ns(inner, resource, ns, name).await
+}
+
+async fn get_ns(inner: Arc<Inner>, resource: String, ns: String, name: String) -> Response {
     if let Some(r) = inner.fault(false).await {
         return r;
     }
     match inner
         .objects
         .lock()
-        .get(&(resource.clone(), String::new(), name.clone()))
+        .get(&(resource.clone(), ns, name.clone()))
     {
         Some(obj) => axum::Json(obj.clone()).into_response(),
         None => status(404, "NotFound", format!("{resource} \"{name}\" not found")),
@@ -323,6 +335,17 @@ async fn create_ns(inner: Arc<Inner>, resource: String, ns: String, body: Bytes)
     let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "body is not JSON".into());
     };
+    // The API server refuses a create over an existing name (a lost race).
+    if let Some(name) = obj["metadata"]["name"].as_str() {
+        let key = (resource.clone(), ns.clone(), name.to_owned());
+        if inner.objects.lock().contains_key(&key) {
+            return status(
+                409,
+                "AlreadyExists",
+                format!("{resource} \"{name}\" already exists"),
+            );
+        }
+    }
     (
         StatusCode::CREATED,
         axum::Json(inner.put(&resource, &ns, obj)),
@@ -333,6 +356,26 @@ async fn create_ns(inner: Arc<Inner>, resource: String, ns: String, body: Bytes)
 async fn patch(
     State(inner): Shared,
     UrlPath((resource, name)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_ns(inner, resource, String::new(), name, headers, body).await
+}
+
+async fn patch_in(
+    State(inner): Shared,
+    UrlPath((ns, resource, name)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_ns(inner, resource, ns, name, headers, body).await
+}
+
+async fn patch_ns(
+    inner: Arc<Inner>,
+    resource: String,
+    ns: String,
+    name: String,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -354,7 +397,7 @@ async fn patch(
     let Ok(mut patch) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "patch is not JSON".into());
     };
-    let key = (resource.clone(), String::new(), name.clone());
+    let key = (resource.clone(), ns, name.clone());
     let mut objects = inner.objects.lock();
     let Some(current) = objects.get(&key) else {
         return status(404, "NotFound", format!("{resource} \"{name}\" not found"));
@@ -466,6 +509,14 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/{resource}",
                 get(list_or_watch_in).post(create_in),
             )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/{resource}",
+                get(list_or_watch_in).post(create_in),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/{resource}/{name}",
+                get(get_in).patch(patch_in),
+            )
             .route("/apis/kubevirt.io/v1", get(kubevirt_discovery))
             .route("/apis/kubevirt.io/v1/{resource}", get(list_or_watch))
             .route(
@@ -539,6 +590,14 @@ impl FakeKube {
             .objects
             .lock()
             .get(&(resource.to_owned(), String::new(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn get_in(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        self.inner
+            .objects
+            .lock()
+            .get(&(resource.to_owned(), ns.to_owned(), name.to_owned()))
             .cloned()
     }
 
