@@ -150,6 +150,8 @@ fn attach_code(e: &AttachError) -> Code {
         AttachError::UnknownNode(_) => Code::NotFound,
         // The target could not be reached or refused: nothing was freed, retry.
         AttachError::Fence(_) => Code::Unavailable,
+        // Another operation on the volume won the race: retry.
+        AttachError::Withdrawn { .. } => Code::Aborted,
     }
 }
 

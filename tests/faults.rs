@@ -323,8 +323,17 @@ impl World {
                     result.as_ref().map_err(short)
                 ));
                 if result.is_ok() {
-                    // The handler admits the node at the target once the decision is stored.
+                    // The handler admits the node at the target once the decision is
+                    // stored, then confirms it still holds the volume.
                     self.target.allow(&id, &n);
+                    let confirmed = self.replicas[r].confirm_holder(&id, &n).await;
+                    log.push(format!(
+                        "r{r} confirm v{vi} {n}: {:?}",
+                        confirmed.as_ref().map_err(short)
+                    ));
+                    if confirmed.is_err() {
+                        return self.check();
+                    }
                     self.published.insert((vi, n.clone()));
                     if !self.store.nodes(&id).contains(&n) {
                         return Err(format!("OK publish of {n} is not in the store"));

@@ -35,6 +35,11 @@ impl FenceReport {
 pub trait NodeFence: Send + Sync + 'static {
     /// Cuts `node` off `volume`; Ok only once the target confirmed it (idempotent).
     async fn fence(&self, volume: &VolumeId, node: &NodeId) -> Result<FenceReport, FenceError>;
+    /// True when there is never anything to cut (no grants exist either), so the
+    /// manager can skip marking a leaving node before its fence.
+    fn is_noop(&self) -> bool {
+        false
+    }
 }
 
 /// No data plane to fence at (the embedded file plane, tests of the rules).
@@ -45,5 +50,8 @@ pub struct NoFence;
 impl NodeFence for NoFence {
     async fn fence(&self, _volume: &VolumeId, _node: &NodeId) -> Result<FenceReport, FenceError> {
         Ok(FenceReport::NONE)
+    }
+    fn is_noop(&self) -> bool {
+        true
     }
 }

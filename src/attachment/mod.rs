@@ -41,6 +41,8 @@ pub enum AttachError {
     Cluster(#[from] ClusterError),
     #[error("node {0} does not exist in the cluster")]
     UnknownNode(NodeId),
+    #[error("volume {volume} was unpublished from node {node} while this publish was granting it access; the grant was withdrawn, retry the publish")]
+    Withdrawn { volume: VolumeId, node: NodeId },
     /// The holder keeps its slot (marked "fencing"); the reconciler retries.
     #[error("{0}; the node stays recorded as attached until the fence is confirmed (retried by the reconciler and by the next unpublish)")]
     Fence(#[from] FenceError),
@@ -179,30 +181,62 @@ impl AttachmentManager {
         result
     }
 
-    /// Cuts `node` off at the data plane before it leaves `state`. On failure the node
-    /// is marked "fencing" in the store (best effort: it is still recorded as a holder
-    /// either way), so nothing else is admitted in its place.
+    /// Marks `node` as leaving ("fencing") in the store before its fence, so that a
+    /// publish that granted it access concurrently sees the mark on its re-check and
+    /// withdraws the grant: no late grant survives the fence. Returns the state as
+    /// stored now. Skipped where fences are no-ops (no grants exist there).
+    async fn mark_leaving(
+        &self,
+        state: AttachmentState,
+        node: &NodeId,
+    ) -> Result<AttachmentState, AttachError> {
+        let mut marked = state.clone();
+        if self.fence.is_noop() || !marked.mark_fencing(node) {
+            return Ok(state);
+        }
+        self.store.save(&marked).await?;
+        // The stored version moved on: decide again on what is stored now.
+        Ok(self.store.load(&state.volume_id).await?.unwrap_or(marked))
+    }
+
+    /// Cuts `node` off at the data plane before it leaves the stored state. On failure
+    /// it stays recorded (marked as leaving), so nothing else is admitted in its place.
     async fn fence_holder(
         &self,
-        state: &AttachmentState,
+        volume: &VolumeId,
         node: &NodeId,
     ) -> Result<FenceReport, AttachError> {
-        let e = match self.fence_reported(&state.volume_id, node).await {
-            Ok(report) => return Ok(report),
-            Err(e) => e,
-        };
-        let mut marked = state.clone();
-        if marked.mark_fencing(node) {
-            if let Err(se) = self.store.save(&marked).await {
-                tracing::warn!(volume_id = %state.volume_id, node_id = %node, error = %se, "could not mark the node as fencing; it stays recorded as attached");
-            }
-        }
-        Err(e.into())
+        Ok(self.fence_reported(volume, node).await?)
     }
 
     /// Serialises any operation on the volume (publish, unpublish, delete).
     pub fn lock_volume(&self, id: &VolumeId) -> Result<OperationGuard, Busy> {
         self.locks.try_lock(format!("volume {id}"))
+    }
+
+    /// After a publish granted `node` access at the target: confirms on fresh state that
+    /// it still holds the volume (and when it was attached). If an unpublish or a
+    /// reconcile elsewhere freed it in between, the grant is withdrawn (fenced again)
+    /// and the publish fails to be retried: a late grant never outlives the fence.
+    pub async fn confirm_holder(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<DateTime<Utc>, AttachError> {
+        let holder = self.store.load(volume).await?.and_then(|s| {
+            s.nodes
+                .into_iter()
+                .find(|a| &a.node_id == node && !a.fencing)
+        });
+        if let Some(a) = holder {
+            return Ok(a.attached_at);
+        }
+        tracing::warn!(volume_id = %volume, node_id = %node, "the node was freed while its publish was granting access; withdrawing the grant");
+        self.fence_reported(volume, node).await?;
+        Err(AttachError::Withdrawn {
+            volume: volume.clone(),
+            node: node.clone(),
+        })
     }
 
     pub async fn attached_nodes(&self, id: &VolumeId) -> Result<Vec<NodeId>, AttachError> {
@@ -331,8 +365,17 @@ impl AttachmentManager {
                 }),
             ),
             PublishDecision::StaleHolderCleared { holder, next } => {
-                // Its Node is gone, but its last connection may not be: cut it first.
-                let report = self.fence_holder(&current, &holder).await?;
+                // Its Node is gone, but its last connection may not be: mark it, cut it,
+                // then free it. After the mark the decision is made again on the
+                // stored state (the retry loop re-reads it).
+                if !self.fence.is_noop() && !current.unfenced().any(|n| n == &holder) {
+                    self.mark_leaving(current.clone(), &holder).await?;
+                    return Err(StoreError::Stale {
+                        object: format!("volume {volume} (holder {holder} marked as leaving)"),
+                    }
+                    .into());
+                }
+                let report = self.fence_holder(volume, &holder).await?;
                 let mut next = next;
                 next.record_fence(&holder, ctx.now, report.method);
                 (
@@ -384,6 +427,12 @@ impl AttachmentManager {
         let Some(current) = self.store.load(volume).await? else {
             return Ok(());
         };
+        if decide_unpublish(&current, node, Utc::now(), self.policy.grace_period)
+            == UnpublishDecision::NotAttached
+        {
+            return Ok(());
+        }
+        let current = self.mark_leaving(current, node).await?;
         let now = Utc::now();
         let (mut next, event) =
             match decide_unpublish(&current, node, now, self.policy.grace_period) {
@@ -395,7 +444,7 @@ impl AttachmentManager {
                 }
             };
         // Fence before free: the slot is given up only once the target cut the node off.
-        let report = self.fence_holder(&current, node).await?;
+        let report = self.fence_holder(volume, node).await?;
         next.record_fence(node, now, report.method);
         self.commit(&next).await?;
         self.events.emit(&AttachEvent::Detached {
@@ -534,6 +583,22 @@ impl AttachmentManager {
             va_nodes: va_nodes.as_deref(),
         };
         let candidates = reconcile_candidates(&state, &evidence, now, min_age);
+        // Marked as leaving before the fences, as an unpublish does.
+        let mut marked = state.clone();
+        let mut newly = false;
+        for c in &candidates {
+            newly |= marked.mark_fencing(c);
+        }
+        let state = if newly && !self.fence.is_noop() {
+            self.store.save(&marked).await?;
+            self.store.load(id).await?.unwrap_or(marked)
+        } else {
+            state
+        };
+        let candidates: Vec<NodeId> = candidates
+            .into_iter()
+            .filter(|c| state.node_ids().any(|n| n == c))
+            .collect();
         let (mut cleared, mut unfenced) = (Vec::new(), Vec::new());
         for node in candidates {
             match self.fence_reported(id, &node).await {

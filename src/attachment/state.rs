@@ -12,7 +12,7 @@ use crate::ids::{NodeId, VolumeId};
 
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeAttachment {
     pub node_id: NodeId,
     pub attached_at: DateTime<Utc>,
@@ -29,14 +29,14 @@ pub struct NodeAttachment {
 }
 
 /// The last RWO holder, kept for the grace period after its detach.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Released {
     pub node_id: NodeId,
     pub detached_at: DateTime<Utc>,
 }
 
 /// A node cut off at the data plane's target after it lost its attachment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fenced {
     pub node_id: NodeId,
     pub at: DateTime<Utc>,
@@ -49,7 +49,7 @@ pub struct Fenced {
 pub const FENCED_KEPT: usize = 4;
 
 /// The KubeVirt migration (VirtualMachineInstanceMigration) a dual attach belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MigrationRef {
     pub namespace: String,
     pub name: String,
@@ -65,7 +65,7 @@ impl std::fmt::Display for MigrationRef {
 }
 
 /// Why a migration's deadline is what it is, kept so operators can check it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "from", rename_all = "snake_case")]
 pub enum DeadlineBasis {
     /// KubeVirt's own completion timeout for this VMI (per-GiB timeout × migration data
@@ -104,7 +104,7 @@ fn default_timeout_secs() -> u64 {
 
 /// Which nodes hold a volume, in order: index 0 is the primary, index 1 the target of a
 /// live migration (RWX block only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AttachmentState {
     pub volume_id: VolumeId,
     pub sharing: Sharing,
@@ -367,7 +367,8 @@ pub fn decide_publish(
         return republish(state, i, req, ctx.now);
     }
     let volume = || state.volume_id.clone();
-    if let Some(node) = state.unfenced().next() {
+    // A leaving node whose Node is gone is cleared below instead (after its fence).
+    if let Some(node) = state.unfenced().find(|n| !ctx.gone_nodes.contains(n)) {
         return Err(PublishRefusal::Unfenced {
             volume: volume(),
             node: node.clone(),

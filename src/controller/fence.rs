@@ -25,13 +25,17 @@ impl PlaneFence {
 
 #[async_trait]
 impl NodeFence for PlaneFence {
+    fn is_noop(&self) -> bool {
+        self.nbd.is_none() && self.backend.fencing() == Fencing::None
+    }
+
     async fn fence(&self, volume: &VolumeId, node: &NodeId) -> Result<FenceReport, FenceError> {
         let failed = |reason: String| FenceError {
             volume: volume.clone(),
             node: node.clone(),
             reason,
         };
-        if self.nbd.is_none() && self.backend.fencing() == Fencing::None {
+        if self.is_noop() {
             return Ok(FenceReport::NONE);
         }
         let record = self

@@ -201,6 +201,12 @@ impl ControllerService {
             None => {
                 let export = self.backend.export(&volume, &node_id).await?;
                 self.backend.allow_node(&volume, &node_id).await?;
+                // Re-checked after the grant: an unpublish or reconcile on another
+                // replica may have fenced and freed the node since the decision; then
+                // the grant is withdrawn and the publish retried.
+                self.attachments
+                    .confirm_holder(&volume.id, &node_id)
+                    .await?;
                 export
             }
             Some(nbd) => {
@@ -208,11 +214,8 @@ impl ControllerService {
                 // returns the same context and a new attachment a new secret.
                 let attached_at = self
                     .attachments
-                    .state(&volume.id)
-                    .await?
-                    .and_then(|s| s.nodes.into_iter().find(|a| a.node_id == node_id))
-                    .map(|a| a.attached_at)
-                    .ok_or_else(|| Error::VolumeNotFound(volume.id.clone()))?;
+                    .confirm_holder(&volume.id, &node_id)
+                    .await?;
                 nbd.export(&volume.id, &node_id, attached_at)
             }
         };
