@@ -374,3 +374,159 @@ async fn remote_configfs_commands_work_in_a_real_shell_and_quote_safely() {
     .unwrap();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
 }
+
+/// Issue 15 case 10: nvmet on a storage host that becomes unreachable. The fence through
+/// the AttachmentManager fails closed (the node keeps its slot, another node is refused)
+/// and a delete fails instead of removing the image of a still-exported volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_storage_host_never_reads_as_fenced_or_unexported() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use handoff_csi::attachment::cluster::Standalone;
+    use handoff_csi::attachment::events::RecordingSink;
+    use handoff_csi::attachment::state::PublishRequest;
+    use handoff_csi::attachment::store::MemoryStore;
+    use handoff_csi::attachment::{AttachError, AttachmentManager, Policy};
+    use handoff_csi::backend::file::FileBackend;
+    use handoff_csi::backend::nvmet::{Nvmet, PortConfig, RemoteConfigFs};
+    use handoff_csi::backend::nvmet_file::NvmetBackend;
+    use handoff_csi::backend::ssh::{CommandShell, ShellError};
+    use handoff_csi::backend::{Backend, CapacityRange, CreateVolume, StoredCapability};
+    use handoff_csi::capability::AccessMode;
+    use handoff_csi::controller::fence::PlaneFence;
+    use handoff_csi::ids::VolumeName;
+
+    /// A local `sh`, until the "network" drops.
+    struct FlakyShell(Arc<AtomicBool>);
+    #[async_trait::async_trait]
+    impl CommandShell for FlakyShell {
+        async fn run(&self, command: &str) -> Result<String, ShellError> {
+            if self.0.load(Ordering::SeqCst) {
+                return Err(ShellError::Connect {
+                    address: "storage-host:22".into(),
+                    reason: "no route to host".into(),
+                });
+            }
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .output()
+                .await
+                .map_err(|e| ShellError::Session(e.to_string()))?;
+            Ok(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("nvmet");
+    for d in ["subsystems", "hosts", "ports"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let down = Arc::new(AtomicBool::new(false));
+    let fs = RemoteConfigFs::new(Arc::new(FlakyShell(down.clone())));
+    let target = Nvmet::new(
+        fs,
+        root.clone(),
+        PortConfig {
+            id: 1,
+            address: "10.0.0.2".into(),
+            port: 4420,
+            family: "ipv4",
+        },
+        PREFIX,
+    );
+    let files: Arc<dyn Backend> = Arc::new(FileBackend::open(&dir.path().join("data")).unwrap());
+    let backend: Arc<dyn Backend> = Arc::new(NvmetBackend::new(files, target));
+    let cap = StoredCapability {
+        mode: AccessMode::SingleNodeWriter,
+        block: true,
+    };
+    let volume = backend
+        .create_volume(&CreateVolume {
+            name: VolumeName::parse("nvmet-down").unwrap(),
+            capacity: CapacityRange {
+                required: 1 << 20,
+                limit: 0,
+            },
+            capabilities: vec![cap],
+            parameters: Default::default(),
+            source: None,
+            source_in_use: false,
+        })
+        .await
+        .unwrap();
+    let m = AttachmentManager::load(
+        Arc::new(MemoryStore::default()),
+        Arc::new(Standalone),
+        Arc::new(RecordingSink::default()),
+        Policy::default(),
+    )
+    .await
+    .unwrap()
+    .with_fence(Arc::new(PlaneFence::new(backend.clone(), None)));
+    let (a, b) = (
+        NodeId::parse("node-a").unwrap(),
+        NodeId::parse("node-b").unwrap(),
+    );
+    let req = |n: &NodeId| PublishRequest {
+        node_id: n.clone(),
+        readonly: false,
+        access: cap,
+    };
+    // What configfs makes by itself under a new subsystem (a plain dir stands in here).
+    let sub = root
+        .join("subsystems")
+        .join(format!("{PREFIX}{}", volume.id));
+    for d in [
+        sub.join("namespaces"),
+        sub.join("allowed_hosts"),
+        root.join("ports/1/subsystems"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    m.publish(&volume.id, Duration::from_secs(300), req(&a))
+        .await
+        .unwrap();
+    backend.export(&volume, &a).await.unwrap();
+    backend.allow_node(&volume, &a).await.unwrap();
+    let permission = sub.join("allowed_hosts").join(host("node-a"));
+    assert!(permission.is_symlink());
+
+    down.store(true, Ordering::SeqCst);
+    let err = m.unpublish(&volume.id, &a).await.unwrap_err();
+    assert!(matches!(err, AttachError::Fence(_)), "{err}");
+    assert!(permission.is_symlink(), "nothing was changed at the target");
+    let state = m.state(&volume.id).await.unwrap().unwrap();
+    assert!(
+        state.nodes[0].fencing,
+        "the node keeps its slot, marked as leaving"
+    );
+    let refused = m
+        .publish(&volume.id, Duration::from_secs(300), req(&b))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("node-a"), "{refused}");
+    assert!(
+        backend.delete_volume(&volume.id).await.is_err(),
+        "a delete that could not unexport"
+    );
+    assert!(
+        backend.get_volume(&volume.id).await.unwrap().is_some(),
+        "the image is kept"
+    );
+
+    // The host is back: the reconciler completes the fence, and B may attach.
+    down.store(false, Ordering::SeqCst);
+    let r = m.reconcile(Duration::ZERO).await.unwrap();
+    assert_eq!(r.cleared.len(), 1, "{r:?}");
+    assert!(!permission.exists(), "node-a's permission is gone");
+    m.publish(&volume.id, Duration::from_secs(300), req(&b))
+        .await
+        .unwrap();
+}
