@@ -370,6 +370,60 @@ async fn dropped_watches_recover() {
     );
 }
 
+/// Watches that resume too late get 410 Gone and must relist: what changed while they
+/// were down (here a deleted Node) is seen, and no cache goes back to the older state.
+#[tokio::test]
+async fn expired_watches_relist_and_see_what_changed_meanwhile() {
+    let c = start().await;
+    let id = volume(&c, "pv-410", rwo_block()).await;
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-410", "node-a", true),
+    );
+    let mut ctl = c.driver.controller().await;
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    c.fake.set_faults(Faults {
+        expired_watches: 6,
+        ..Default::default()
+    });
+    c.fake.drop_watches();
+    c.fake.remove("nodes", "node-a");
+    // The node's deletion reaches the controller only through the relist.
+    let mut cleared = false;
+    for _ in 0..100 {
+        match ctl
+            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+            .await
+        {
+            Ok(_) => {
+                cleared = true;
+                break;
+            }
+            Err(s) => assert!(
+                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
+                "{s:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cleared, "the relist delivered the Node's deletion");
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-410").unwrap()),
+        ["node-b"]
+    );
+    assert!(
+        c.fake
+            .requests()
+            .iter()
+            .filter(|(m, p, q)| m == "GET" && p.ends_with("/nodes") && !q.contains("watch"))
+            .count()
+            >= 2,
+        "the Node watch relisted"
+    );
+}
+
 #[tokio::test]
 async fn two_controller_replicas_never_decide_on_old_state() {
     let c = start().await;

@@ -37,6 +37,9 @@ pub struct Faults {
     /// Resources whose watches deliver nothing while listed: a watch stuck silently
     /// (the connection stays open, no error, no bookmark).
     pub stalled: std::collections::HashSet<String>,
+    /// The next N watches that resume from a resourceVersion answer 410 Gone ("too old
+    /// resource version"), as when etcd compacted past it: the client must relist.
+    pub expired_watches: usize,
 }
 
 type Key = (String, String, String); // resource, namespace, name
@@ -208,6 +211,24 @@ async fn list_or_watch_ns(
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let expired = since > 0 && {
+            let mut f = inner.faults.lock();
+            let e = f.expired_watches > 0;
+            if e {
+                f.expired_watches -= 1;
+            }
+            e
+        };
+        if expired {
+            // What the API server sends: an ERROR event carrying a 410 Status.
+            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "status": "Failure", "code": 410, "reason": "Expired",
+                "message": format!("too old resource version: {since}")}});
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from(format!("{gone}\n")))
+                .unwrap();
+        }
         return watch(inner, resource, since);
     }
     if let Some(r) = inner.fault(false).await {
