@@ -870,3 +870,117 @@ async fn only_the_background_lease_holder_reconciles() {
     })
     .await;
 }
+
+/// A controller replica (identity, shared data dir) with a short background lease.
+async fn replica(fake: &FakeKube, identity: &str, data_dir: Option<std::path::PathBuf>) -> Driver {
+    let kubeconfig = tempfile::NamedTempFile::new()
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap();
+    fake.write_kubeconfig(&kubeconfig);
+    Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--attachment-store".into(),
+            "kube".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
+            "--lease-duration".into(),
+            "3s".into(),
+            "--lease-identity".into(),
+            identity.into(),
+        ],
+        env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        data_dir,
+        ..Default::default()
+    })
+    .await
+}
+
+/// The leader is killed in the middle of a live migration: the other replica decides on
+/// the stored state (the migration's two nodes, nothing more), takes over the background
+/// lease, and completes the migration when the source is unpublished.
+#[tokio::test]
+async fn a_leader_killed_mid_migration_hands_over_cleanly() {
+    let fake = FakeKube::start().await;
+    for n in ["node-a", "node-b", "node-c"] {
+        fake.put("nodes", fake_kube::node(n));
+    }
+    let mut leader = replica(&fake, "replica-1", None).await;
+    wait_for("replica-1 holds the lease", || {
+        lease_holder(&fake).as_deref() == Some("replica-1")
+    })
+    .await;
+    let standby = replica(&fake, "replica-2", Some(leader.data_dir())).await;
+    let c = Cluster {
+        fake: fake.clone(),
+        driver: standby,
+    };
+    let id = {
+        let mut l = leader.controller().await;
+        let id = l
+            .create_volume(create_request("pv-failover", MIB, rwx()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        fake.put(
+            "persistentvolumes",
+            fake_kube::pv("pv-failover", DRIVER, &id),
+        );
+        for n in ["node-a", "node-b"] {
+            fake.put(
+                "volumeattachments",
+                fake_kube::volume_attachment(DRIVER, "pv-failover", n, true),
+            );
+            let mut published = false;
+            for _ in 0..40 {
+                if l.controller_publish_volume(publish_request(&id, n, rwx()))
+                    .await
+                    .is_ok()
+                {
+                    published = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(published, "publish to {n}");
+        }
+        id
+    };
+    let during = annotation(&fake, "pv-failover").unwrap();
+    assert_eq!(nodes_in(&during), ["node-a", "node-b"]);
+    leader.stop(nix::sys::signal::Signal::SIGKILL);
+
+    let mut s = c.driver.controller().await;
+    let refused = s
+        .controller_publish_volume(publish_request(&id, "node-c", rwx()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("migration limit"), "{refused:?}");
+    s.controller_publish_volume(publish_request(&id, "node-b", rwx()))
+        .await
+        .expect("the target's retry is idempotent on the new leader");
+    wait_for("replica-2 took the lease over", || {
+        lease_holder(&fake).as_deref() == Some("replica-2")
+    })
+    .await;
+    fake.remove("volumeattachments", "csi-pv-failover-node-a");
+    s.controller_unpublish_volume(unpublish(&id, "node-a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes_in(&annotation(&fake, "pv-failover").unwrap()),
+        ["node-b"]
+    );
+    wait_for("MigrationCompleted event", || {
+        fake.events()
+            .iter()
+            .any(|e| e["reason"] == "MigrationCompleted")
+    })
+    .await;
+}
