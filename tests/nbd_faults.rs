@@ -3,6 +3,9 @@
 //! after a fence is never applied and cannot hold the fence, transient refusals are
 //! told apart from final ones, and unauthenticated peers cannot grow the target.
 
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,6 +138,91 @@ async fn transient_and_final_refusals_are_told_apart() {
         code(NbdClient::connect(&addr, "denied").await),
         proto::REP_ERR_POLICY
     );
+    let later = NbdClient::connect(&addr, "later").await.err().unwrap();
+    let denied = NbdClient::connect(&addr, "denied").await.err().unwrap();
+    assert!(later.retry_later() && !denied.retry_later());
+}
+
+/// Cannot check for the first few tries, then grants "disk".
+struct Refilling(std::path::PathBuf, AtomicUsize);
+
+#[async_trait]
+impl ExportAuthority for Refilling {
+    async fn authorize(&self, name: &str) -> Result<Grant, Refusal> {
+        if self.1.fetch_add(1, Ordering::SeqCst) < 3 {
+            return Err(Refusal::Unavailable("cache refilling".into()));
+        }
+        Lagging(self.0.clone()).authorize(name).await
+    }
+    async fn still_valid(&self, _grant: &Grant) -> bool {
+        true
+    }
+}
+
+/// Case 13 on the node: the FUSE client started while the target cannot check yet comes
+/// up once it can, instead of failing the volume for good.
+#[tokio::test]
+async fn the_node_client_retries_a_transient_refusal() {
+    if !support::require_root("the_node_client_retries_a_transient_refusal") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(MIB).unwrap();
+    std::fs::write(&image, [0x42u8; 4096]).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let t = NbdTarget::new(Arc::new(Refilling(image, AtomicUsize::new(0))));
+    tokio::spawn(t.serve(listener, std::future::pending()));
+    let mnt = tempfile::Builder::new()
+        .prefix("handoff-test-nbd-retry")
+        .tempdir()
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["nbd-client", "--address", &addr, "--mountpoint"])
+        .arg(mnt.path())
+        .args(["--io-timeout", "5s"])
+        .env("HANDOFF_LOG_LEVEL", "warn")
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"disk\n").await.unwrap();
+    drop(stdin);
+    let disk = mnt.path().join("disk");
+    let mut up = false;
+    for _ in 0..200 {
+        if std::fs::metadata(&disk).is_ok() {
+            up = true;
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("nbd-client gave up on a transient refusal: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "the FUSE disk appeared");
+    let head = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        std::fs::File::open(&disk)
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    })
+    .await
+    .unwrap();
+    assert_eq!(head, [0x42u8; 16]);
+    let _ = nix::mount::umount2(mnt.path(), nix::mount::MntFlags::MNT_DETACH);
+    let _ = child.kill().await;
 }
 
 /// Case 14: connections beyond the cap are closed at once, and an option longer than a

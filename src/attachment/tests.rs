@@ -320,6 +320,85 @@ impl ClusterView for FakeCluster {
     }
 }
 
+/// A fence that records, for each node it cuts, whether the store still listed that node
+/// (marked as leaving) at that moment, and that can be made to fail.
+struct WitnessFence {
+    store: Arc<MemoryStore>,
+    seen: parking_lot::Mutex<Vec<(NodeId, bool)>>,
+    fail: AtomicBool,
+}
+
+#[async_trait]
+impl fence::NodeFence for WitnessFence {
+    async fn fence(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<fence::FenceReport, fence::FenceError> {
+        let listed = self
+            .store
+            .load(volume)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.nodes.iter().any(|a| &a.node_id == node && a.fencing));
+        self.seen.lock().push((node.clone(), listed));
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(fence::FenceError {
+                volume: volume.clone(),
+                node: node.clone(),
+                reason: "injected".into(),
+            });
+        }
+        Ok(fence::FenceReport {
+            method: crate::backend::Fencing::Target,
+            connections: 1,
+        })
+    }
+}
+
+/// Issue 15 cases 8 and 9: a stale holder cleared at publish and a node unpublished are
+/// fenced while still recorded; a failed fence frees nothing and refuses other nodes.
+#[tokio::test]
+async fn every_holder_is_fenced_before_it_is_freed() {
+    let store = Arc::new(MemoryStore::default());
+    let cluster = Arc::new(FakeCluster::default());
+    let fence = Arc::new(WitnessFence {
+        store: store.clone(),
+        seen: Default::default(),
+        fail: AtomicBool::new(false),
+    });
+    let (m, _) = manager_with(store.clone(), cluster.clone(), Duration::from_secs(30)).await;
+    let m = m.with_fence(fence.clone());
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwo, "a").await.unwrap();
+    cluster.gone.lock().push(node("a"));
+    assert_eq!(
+        publish(&m, &v, Sharing::Rwo, "b").await.unwrap(),
+        PublishOutcome::StaleHolderCleared
+    );
+    assert_eq!(fence.seen.lock().as_slice(), [(node("a"), true)], "case 8");
+    let s = m.state(&v).await.unwrap().unwrap();
+    assert_eq!(s.fenced[0].node_id, node("a"), "the fence is noted");
+
+    fence.fail.store(true, Ordering::SeqCst);
+    let err = m.unpublish(&v, &node("b")).await.unwrap_err();
+    assert!(matches!(err, AttachError::Fence(_)), "{err}");
+    assert_eq!(
+        m.attached_nodes(&v).await.unwrap(),
+        vec![node("b")],
+        "case 9"
+    );
+    let refused = publish(&m, &v, Sharing::Rwo, "c").await.unwrap_err();
+    assert!(
+        matches!(&refused, AttachError::Refused(state::PublishRefusal::Unfenced { node: n, .. }) if n == &node("b")),
+        "{refused}"
+    );
+    fence.fail.store(false, Ordering::SeqCst);
+    m.unpublish(&v, &node("b")).await.unwrap();
+    assert!(fence.seen.lock().iter().all(|(_, listed)| *listed));
+    publish(&m, &v, Sharing::Rwo, "c").await.unwrap();
+}
+
 #[tokio::test]
 async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
     let cluster = Arc::new(FakeCluster::default());

@@ -20,6 +20,14 @@ pub enum ClientError {
     Errno(u32),
 }
 
+impl ClientError {
+    /// The target asked to try again (it could not check this node's authorisation
+    /// now): not a refusal, retried within the I/O deadline.
+    pub fn retry_later(&self) -> bool {
+        matches!(self, ClientError::Refused { code, .. } if *code == REP_ERR_SHUTDOWN)
+    }
+}
+
 pub struct NbdClient {
     rd: BufReader<OwnedReadHalf>,
     wr: BufWriter<OwnedWriteHalf>,

@@ -89,18 +89,27 @@ impl FuseDisk {
             .enable_all()
             .build()
             .map_err(ClientError::Io)?;
-        let client = within(
-            &runtime,
-            remote.io_timeout,
-            NbdClient::connect(&remote.address, &remote.export),
-        );
-        let client = match client {
-            Some(c) => c?,
-            None => {
-                return Err(ClientError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connecting to the NBD target timed out",
-                )))
+        // "Ask again" is retried here too, within the I/O deadline.
+        let deadline = Instant::now() + remote.io_timeout;
+        let mut backoff = Duration::from_millis(50);
+        let client = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match within(
+                &runtime,
+                left,
+                NbdClient::connect(&remote.address, &remote.export),
+            ) {
+                Some(Err(e)) if e.retry_later() && !left.is_zero() => {
+                    std::thread::sleep(backoff.min(left));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Some(result) => break result?,
+                None => {
+                    return Err(ClientError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to the NBD target timed out",
+                    )))
+                }
             }
         };
         let size = client.size();
@@ -155,9 +164,7 @@ impl FuseDisk {
                         tracing::info!(address = %self.remote.address, "NBD connection re-established");
                         *client = Some(c);
                     }
-                    Some(Err(ClientError::Refused { code, .. }))
-                        if code == super::proto::REP_ERR_SHUTDOWN =>
-                    {
+                    Some(Err(e)) if e.retry_later() => {
                         // The target could not check this node now: not a refusal.
                         tracing::info!(address = %self.remote.address, "NBD target asked to retry; backing off");
                         std::thread::sleep(backoff.min(left));
