@@ -46,6 +46,25 @@ impl OperationLocks {
         }
     }
 
+    /// Like `try_lock`, but waits up to `wait` for the holder to finish: for operations
+    /// that take milliseconds (controller decisions), where answering Aborted would cost
+    /// the caller its retry back-off (a second or more) for nothing.
+    pub async fn lock_within(
+        &self,
+        key: impl Into<String>,
+        wait: std::time::Duration,
+    ) -> Result<OperationGuard, Busy> {
+        let key = key.into();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.try_lock(key.clone()) {
+                Ok(g) => return Ok(g),
+                Err(busy) if tokio::time::Instant::now() >= deadline => return Err(busy),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     pub fn held_count(&self) -> usize {
         self.held.len()
     }
@@ -74,6 +93,34 @@ mod tests {
         let _again = locks.try_lock("volume vol-1").unwrap();
         drop(other);
         assert_eq!(locks.held_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_bounded_wait_gets_the_lock_once_released_or_gives_up() {
+        let locks = OperationLocks::new();
+        let g = locks.try_lock("volume vol-1").unwrap();
+        let waiting = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                locks
+                    .lock_within("volume vol-1", std::time::Duration::from_secs(5))
+                    .await
+                    .map(drop)
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        drop(g);
+        waiting
+            .await
+            .unwrap()
+            .expect("granted once the holder finished");
+        let _g = locks.try_lock("volume vol-1").unwrap();
+        let started = std::time::Instant::now();
+        assert!(locks
+            .lock_within("volume vol-1", std::time::Duration::from_millis(50))
+            .await
+            .is_err());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
     }
 
     #[test]

@@ -146,6 +146,12 @@ async fn nodes_are_checked_against_node_objects() {
         .controller_publish_volume(publish_request(&id, "node-zzz", rwo_block()))
         .await;
     assert_eq!(code(r), Code::NotFound);
+    // The attacher's object exists while node-a holds the volume: only the Node's
+    // deletion may clear it (the reconciler would clear a holder without one).
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-nodes", "node-a", true),
+    );
     ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
         .await
         .unwrap();

@@ -102,6 +102,9 @@ pub struct AttachmentManager {
     locks: OperationLocks,
 }
 
+/// How long a publish or unpublish waits for another operation on the same volume.
+pub const CONTROLLER_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// How often a decision is re-made after the store reported it stale.
 const STALE_RETRIES: u32 = 5;
 
@@ -214,6 +217,14 @@ impl AttachmentManager {
         self.locks.try_lock(format!("volume {id}"))
     }
 
+    /// The same lock for publish/unpublish: they wait a little for a decision in progress
+    /// (milliseconds) instead of answering Aborted at once.
+    async fn lock_volume_waiting(&self, id: &VolumeId) -> Result<OperationGuard, Busy> {
+        self.locks
+            .lock_within(format!("volume {id}"), CONTROLLER_LOCK_WAIT)
+            .await
+    }
+
     /// After a publish granted `node` access at the target: confirms on fresh state that
     /// it still holds the volume (and when it was attached). If an unpublish or a
     /// reconcile elsewhere freed it in between, the grant is withdrawn (fenced again)
@@ -273,7 +284,7 @@ impl AttachmentManager {
         migration_timeout: Duration,
         req: PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
-        let _guard = self.lock_volume(volume)?;
+        let _guard = self.lock_volume_waiting(volume).await?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -405,7 +416,7 @@ impl AttachmentManager {
     }
 
     pub async fn unpublish(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {
-        let _guard = self.lock_volume(volume)?;
+        let _guard = self.lock_volume_waiting(volume).await?;
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -185,7 +185,7 @@ impl ControllerService {
         };
         // Attach decision and host ACL change together, so a concurrent unpublish
         // cannot deny a node this publish just admitted (it gets Aborted and retries).
-        let _acl = self.acl_lock(&volume.id)?;
+        let _acl = self.acl_lock(&volume.id).await?;
         self.attachments
             .publish(
                 &volume.id,
@@ -238,7 +238,7 @@ impl ControllerService {
         } else {
             vec![NodeId::parse(&req.node_id)?]
         };
-        let _acl = self.acl_lock(&id)?;
+        let _acl = self.acl_lock(&id).await?;
         for node in nodes {
             // The manager fences the node before it frees its slot.
             self.attachments.unpublish(&id, &node).await?;
@@ -248,11 +248,13 @@ impl ControllerService {
 
     /// Held across an attach decision and the matching host ACL change, where the
     /// backend has host ACLs.
-    fn acl_lock(&self, id: &VolumeId) -> Result<Option<crate::locks::OperationGuard>, Error> {
+    async fn acl_lock(&self, id: &VolumeId) -> Result<Option<crate::locks::OperationGuard>, Error> {
         if self.backend.fencing() != Fencing::Target {
             return Ok(None);
         }
-        Ok(Some(self.names.try_lock(format!("acl {id}"))?))
+        let key = format!("acl {id}");
+        let wait = crate::attachment::CONTROLLER_LOCK_WAIT;
+        Ok(Some(self.names.lock_within(key, wait).await?))
     }
 
     pub(super) async fn validate(
