@@ -234,16 +234,39 @@ impl AttachmentManager {
         volume: &VolumeId,
         node: &NodeId,
     ) -> Result<DateTime<Utc>, AttachError> {
-        let holder = self.store.load(volume).await?.and_then(|s| {
-            s.nodes
-                .into_iter()
-                .find(|a| &a.node_id == node && !a.fencing)
-        });
-        if let Some(a) = holder {
+        let state = self.store.load(volume).await?;
+        let holder = state
+            .as_ref()
+            .and_then(|s| s.nodes.iter().find(|a| &a.node_id == node));
+        if let Some(a) = holder.filter(|a| !a.fencing) {
             return Ok(a.attached_at);
         }
         tracing::warn!(volume_id = %volume, node_id = %node, "the node was freed while its publish was granting access; withdrawing the grant");
-        self.fence_reported(volume, node).await?;
+        if let Err(e) = self.fence_reported(volume, node).await {
+            // The grant stands: record the node as leaving, so its slot stays taken
+            // until the reconciler's fence succeeds.
+            if holder.is_none() {
+                // No record left: one that allows nobody else (RWO) until it is fenced.
+                let mut s = state.unwrap_or_else(|| {
+                    AttachmentState::new(
+                        volume.clone(),
+                        Sharing::Rwo,
+                        state::DEFAULT_MIGRATION_TIMEOUT,
+                    )
+                });
+                s.nodes.push(state::NodeAttachment {
+                    node_id: node.clone(),
+                    attached_at: Utc::now(),
+                    readonly: false,
+                    access: None,
+                    fencing: true,
+                });
+                if let Err(se) = self.store.save(&s).await {
+                    tracing::error!(volume_id = %volume, node_id = %node, error = %se, "a withdrawn grant could not be fenced nor recorded; check the storage target");
+                }
+            }
+            return Err(e.into());
+        }
         Err(AttachError::Withdrawn {
             volume: volume.clone(),
             node: node.clone(),

@@ -399,6 +399,38 @@ async fn every_holder_is_fenced_before_it_is_freed() {
     publish(&m, &v, Sharing::Rwo, "c").await.unwrap();
 }
 
+/// A grant made after the node was freed is withdrawn; if that fence fails, the node is
+/// recorded as leaving so its slot stays taken until the reconciler fences it.
+#[tokio::test]
+async fn a_late_grant_is_withdrawn_or_kept_on_record() {
+    let store = Arc::new(MemoryStore::default());
+    let fence = Arc::new(WitnessFence {
+        store: store.clone(),
+        seen: Default::default(),
+        fail: AtomicBool::new(false),
+    });
+    let (m, _) = manager_with(store.clone(), Arc::new(Standalone), Duration::ZERO).await;
+    let m = m.with_fence(fence.clone());
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwo, "a").await.unwrap();
+    assert!(m.confirm_holder(&v, &node("a")).await.is_ok());
+    m.unpublish(&v, &node("a")).await.unwrap();
+    let err = m.confirm_holder(&v, &node("a")).await.unwrap_err();
+    assert!(matches!(err, AttachError::Withdrawn { .. }), "{err}");
+    fence.fail.store(true, Ordering::SeqCst);
+    let err = m.confirm_holder(&v, &node("a")).await.unwrap_err();
+    assert!(matches!(err, AttachError::Fence(_)), "{err}");
+    let s = m.state(&v).await.unwrap().expect("recorded");
+    assert!(s.nodes[0].fencing && s.nodes[0].node_id == node("a"));
+    assert!(
+        publish(&m, &v, Sharing::Rwo, "b").await.is_err(),
+        "the slot stays taken"
+    );
+    fence.fail.store(false, Ordering::SeqCst);
+    m.reconcile(Duration::ZERO).await.unwrap();
+    publish(&m, &v, Sharing::Rwo, "b").await.unwrap();
+}
+
 #[tokio::test]
 async fn rwo_holder_on_a_deleted_node_is_cleared_at_publish() {
     let cluster = Arc::new(FakeCluster::default());
