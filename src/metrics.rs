@@ -297,6 +297,10 @@ impl EventSink for Metrics {
                 }
             }
             AttachEvent::StateRepaired { .. } => self.state_repairs.inc(),
+            AttachEvent::Quarantined { .. } => self
+                .attach_conflicts
+                .with_label_values(&["quarantined"])
+                .inc(),
             AttachEvent::ClusterConflict { .. } => self
                 .attach_conflicts
                 .with_label_values(&["cluster_conflict"])

@@ -791,6 +791,12 @@ async fn an_unreadable_annotation_quarantines_one_volume_and_the_controller_star
             "{status:?}"
         );
     }
+    wait_for("AttachmentQuarantined event on the PV", || {
+        c.fake.events().iter().any(|e| {
+            e["reason"] == "AttachmentQuarantined" && e["involvedObject"]["name"] == "pv-bad"
+        })
+    })
+    .await;
     let mut ctl = second.controller().await;
     ctl.controller_publish_volume(publish_request(&good, "node-a", rwo_block()))
         .await

@@ -91,6 +91,12 @@ pub enum AttachEvent {
         volume: VolumeId,
         nodes: Vec<NodeId>,
     },
+    /// The volume's record cannot be decided on (unreadable, duplicate PVs): its publish
+    /// or unpublish was refused with what to repair.
+    Quarantined {
+        volume: VolumeId,
+        reason: String,
+    },
     /// A node that lost its attachment was cut off at the target (`connections`
     /// dropped); `ok` is false when the fence did not complete (the unpublish fails).
     Fenced {
@@ -130,6 +136,7 @@ impl AttachEvent {
             | AttachEvent::MigrationOverdue { volume, .. }
             | AttachEvent::StateRepaired { volume, .. }
             | AttachEvent::ClusterConflict { volume, .. }
+            | AttachEvent::Quarantined { volume, .. }
             | AttachEvent::Fenced { volume, .. } => Some(volume),
             AttachEvent::MigrationStarted(m) | AttachEvent::MigrationMatched(m) => Some(&m.volume),
             AttachEvent::Restored { .. } => None,
@@ -213,6 +220,9 @@ impl EventSink for LogSink {
                 removed,
             } => {
                 warn!(volume_id = %volume, added = ?added, removed = ?removed, "attachment state repaired from VolumeAttachments")
+            }
+            AttachEvent::Quarantined { volume, reason } => {
+                error!(volume_id = %volume, reason, "volume quarantined: publish/unpublish refused")
             }
             AttachEvent::ClusterConflict { volume, nodes } => {
                 error!(volume_id = %volume, nodes = ?nodes, "the cluster shows the volume on more nodes than its access mode allows; new publishes are refused until it is resolved")

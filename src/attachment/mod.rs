@@ -324,9 +324,27 @@ impl AttachmentManager {
                     }
                     .into())
                 }
-                other => return other,
+                other => return self.reported(volume, other),
             }
         }
+    }
+
+    /// Reports a quarantined volume (event, metric) each time an RPC is refused for it.
+    fn reported<T>(
+        &self,
+        volume: &VolumeId,
+        result: Result<T, AttachError>,
+    ) -> Result<T, AttachError> {
+        if let Err(AttachError::Store(
+            e @ (StoreError::Quarantined { .. } | StoreError::Corrupt { .. }),
+        )) = &result
+        {
+            self.events.emit(&AttachEvent::Quarantined {
+                volume: volume.clone(),
+                reason: e.to_string(),
+            });
+        }
+        result
     }
 
     async fn try_publish(
@@ -452,7 +470,7 @@ impl AttachmentManager {
                     }
                     .into())
                 }
-                other => return other,
+                other => return self.reported(volume, other),
             }
         }
     }

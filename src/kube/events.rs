@@ -88,6 +88,7 @@ fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)>
             "AttachmentStateRepaired",
             format!("stored attachments disagreed with VolumeAttachments: added {added:?}, removed {removed:?}"),
         ),
+        AttachEvent::Quarantined { reason, .. } => ("Warning", "AttachmentQuarantined", reason.clone()),
         AttachEvent::ClusterConflict { nodes, .. } => (
             "Warning",
             "AttachConflictInCluster",
