@@ -5,7 +5,10 @@ use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+mod authority;
+
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
@@ -128,8 +131,10 @@ pub async fn serve(
         Endpoint::Unix(path) => {
             let listener = bind_private(path, socket_mode)?;
             info!(socket = %path.display(), "serving CSI");
-            let serving =
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            // Any client's `:authority` is accepted on the local socket (see authority.rs).
+            let incoming = UnixListenerStream::new(listener)
+                .map(|conn| conn.map(authority::NormalizeAuthority::new));
+            let serving = router.serve_with_incoming_shutdown(incoming, shutdown);
             let result = bounded_drain(serving, fired, grace).await;
             let _ = std::fs::remove_file(path);
             info!("server stopped, socket removed");
