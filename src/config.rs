@@ -331,6 +331,12 @@ pub struct Config {
     #[arg(long, env = "HANDOFF_TOPOLOGY_POOL", default_value = "default")]
     pub topology_pool: String,
 
+    /// Without Kubernetes (`--attachment-store file`): where node plugins register their
+    /// node id and the controller looks up the node a ControllerPublish names; shared by
+    /// every node when they are separate machines. Default: <data-dir>/.nodes.
+    #[arg(long, env = "HANDOFF_NODE_REGISTRY")]
+    pub node_registry: Option<PathBuf>,
+
     /// Kubelet's root directory: staging and target paths outside it are refused.
     #[arg(long, env = "HANDOFF_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
@@ -453,6 +459,17 @@ pub struct NvmeArgs {
 }
 
 impl Config {
+    /// The node registry in use: only without Kubernetes (nodes are Node objects there).
+    pub fn registry(&self) -> Option<crate::registry::NodeRegistry> {
+        (self.attachment_store == AttachmentStoreKind::File).then(|| {
+            crate::registry::NodeRegistry::new(
+                self.node_registry
+                    .clone()
+                    .unwrap_or_else(|| crate::registry::NodeRegistry::default_dir(&self.data_dir)),
+            )
+        })
+    }
+
     /// Checks that cannot be expressed as clap value parsers; returns the node id to use.
     pub fn validate(&self) -> Result<NodeId, String> {
         let raw = match &self.node_id {

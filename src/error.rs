@@ -147,7 +147,7 @@ fn attach_code(e: &AttachError) -> Code {
         AttachError::Store(s) => store_code(s),
         // The Kubernetes API could not be asked: retry later.
         AttachError::Cluster(_) => Code::Unavailable,
-        AttachError::UnknownNode(_) => Code::NotFound,
+        AttachError::UnknownNode(_) | AttachError::UnregisteredNode { .. } => Code::NotFound,
         // The target could not be reached or refused: nothing was freed, retry.
         AttachError::Fence(_) => Code::Unavailable,
         // Another operation on the volume won the race: retry.
@@ -194,7 +194,7 @@ fn node_code(e: &NodeError) -> Code {
         NodeError::PathInUse { .. } => Code::AlreadyExists,
         NodeError::FilesystemMismatch { .. } => Code::FailedPrecondition,
         NodeError::StillPublished { .. } => Code::FailedPrecondition,
-        NodeError::PathNotFound { .. } => Code::NotFound,
+        NodeError::PathNotFound { .. } | NodeError::NotAtPath { .. } => Code::NotFound,
         NodeError::Io { .. } => Code::Internal,
     }
 }

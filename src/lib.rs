@@ -24,5 +24,6 @@ pub mod locks;
 pub mod metrics;
 pub mod nbd;
 pub mod node;
+pub mod registry;
 pub mod rpc;
 pub mod server;

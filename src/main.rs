@@ -10,7 +10,7 @@ use tracing::{error, info};
 
 use std::time::Duration;
 
-use handoff_csi::attachment::cluster::{ClusterView, Standalone};
+use handoff_csi::attachment::cluster::{ClusterView, RegisteredNodes, Standalone};
 use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
 use handoff_csi::attachment::report::{render_json, render_table};
 use handoff_csi::attachment::store::AttachmentStore;
@@ -124,12 +124,11 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
     match config.attachment_store {
         AttachmentStoreKind::File => {
             let store = Arc::new(FileStore::open(&config.state_dir)?);
-            Ok((
-                store,
-                Arc::new(Standalone),
-                Arc::new(Fanout(sinks)),
-                Arc::new(Always),
-            ))
+            let cluster: Arc<dyn ClusterView> = match config.registry() {
+                Some(registry) => Arc::new(RegisteredNodes(registry)),
+                None => Arc::new(Standalone),
+            };
+            Ok((store, cluster, Arc::new(Fanout(sinks)), Arc::new(Always)))
         }
         AttachmentStoreKind::Kube => {
             let (client, cache, store) =
@@ -442,13 +441,25 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
         checks.push(HealthCheck::Transport(transport.clone()));
         let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);
-        Some(NodeService::new(
-            node_id.clone(),
-            volumes,
-            metrics.clone(),
-            config.topology_pool.clone(),
-            &config.kubelet_dir,
-        ))
+        let registry = config.registry();
+        if let Some(registry) = &registry {
+            registry.register(&node_id).map_err(|e| {
+                format!(
+                    "registering node {node_id} in {} (--node-registry): {e}",
+                    registry.dir().display()
+                )
+            })?;
+        }
+        Some(
+            NodeService::new(
+                node_id.clone(),
+                volumes,
+                metrics.clone(),
+                config.topology_pool.clone(),
+                &config.kubelet_dir,
+            )
+            .with_registry(registry),
+        )
     } else {
         None
     };

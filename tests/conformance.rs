@@ -466,8 +466,12 @@ async fn node_validates_arguments_before_touching_the_kernel() {
     );
     assert_eq!(
         code(
-            n.node_stage_volume(stage("some-vol-id", "/x", Some(rwo_block())))
-                .await
+            n.node_stage_volume(stage(
+                "some-vol-id",
+                &d.path("staging").display().to_string(),
+                Some(rwo_block())
+            ))
+            .await
         ),
         Code::NotFound
     );
@@ -584,4 +588,107 @@ async fn sigterm_removes_the_socket_and_a_stale_socket_is_replaced() {
         &std::fs::metadata(&d.socket).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Issue 16 point 17: the csi-sanity v5.3.0 cases this driver failed, reproduced. The
+/// suite sends ids the driver never issued with one required field missing (InvalidArgument
+/// before any lookup), a relative stats path (NotFound: the volume is not there), and a
+/// node no plugin registered (NotFound).
+#[tokio::test]
+async fn csi_sanity_cases_required_fields_first_unknown_paths_and_nodes() {
+    let d = Driver::start().await;
+    let mut n = d.node().await;
+    let foreign = "fake-vol-id-0001";
+    let staging = d.path("staging").display().to_string();
+    let target = d.path("target").display().to_string();
+    let no_target = n
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: foreign.into(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(rwo_block()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_target.code(), Code::InvalidArgument, "{no_target:?}");
+    assert!(no_target.message().contains("target_path"), "{no_target:?}");
+    let no_cap = n
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: foreign.into(),
+            staging_target_path: staging.clone(),
+            target_path: target.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(no_cap), Code::InvalidArgument);
+    let no_staging = n
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: foreign.into(),
+            volume_capability: Some(rwo_block()),
+            publish_context: HashMap::from([("transport".into(), "loop".into())]),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(no_staging), Code::InvalidArgument);
+    let no_path = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: foreign.into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(no_path), Code::InvalidArgument);
+    // Every field present: now the foreign id is what is wrong.
+    let all_there = n
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: foreign.into(),
+            staging_target_path: staging.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(rwo_block()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(all_there), Code::NotFound);
+
+    let mut c = d.controller().await;
+    let v = c
+        .create_volume(create_request("sanity-stats", MIB, rwo_block()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let elsewhere = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: "some/path".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
+
+    let fake_node = c
+        .controller_publish_volume(publish_request(
+            &v.volume_id,
+            "some-fake-node-id",
+            rwo_block(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(fake_node.code(), Code::NotFound, "{fake_node:?}");
+    assert!(
+        fake_node.message().contains("registered"),
+        "says what to check: {}",
+        fake_node.message()
+    );
+    // Its own node (mode all) registered at start-up; so does a plugin started later.
+    c.controller_publish_volume(publish_request(&v.volume_id, d.node_id(), rwo_block()))
+        .await
+        .unwrap();
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, d.node_id());
 }

@@ -40,6 +40,11 @@ pub fn index(objects: Vec<AttachmentObject>) -> AttachmentIndex {
 pub trait ClusterView: Send + Sync + 'static {
     /// Which of these nodes no longer exist in the cluster.
     async fn gone_nodes(&self, nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError>;
+    /// Whether a node a publish names is known to exist: `Some(false)` refuses it with
+    /// NotFound (and the message), `None` when this view cannot tell.
+    async fn node_known(&self, _node: &NodeId) -> Result<NodeKnown, ClusterError> {
+        Ok(NodeKnown::CannotTell)
+    }
     /// Every VolumeAttachment of this driver, or `None` when the cluster cannot say.
     async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError>;
     /// The same, read from the source of truth now (not a watch cache that may lag or
@@ -73,7 +78,40 @@ pub trait ClusterView: Send + Sync + 'static {
     }
 }
 
-/// The embedded default: no cluster, so no node is ever known to be gone.
+/// What a cluster view can say about a node a publish names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKnown {
+    Yes,
+    /// Unknown, with what a person should check.
+    No(String),
+    CannotTell,
+}
+
+/// Without Kubernetes: the nodes whose plugins registered (see `registry`).
+#[derive(Debug, Clone)]
+pub struct RegisteredNodes(pub crate::registry::NodeRegistry);
+
+#[async_trait]
+impl ClusterView for RegisteredNodes {
+    async fn gone_nodes(&self, _nodes: &[NodeId]) -> Result<Vec<NodeId>, ClusterError> {
+        Ok(Vec::new())
+    }
+    async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {
+        Ok(None)
+    }
+    async fn node_known(&self, node: &NodeId) -> Result<NodeKnown, ClusterError> {
+        let dir = self.0.dir().display().to_string();
+        match self.0.knows(node) {
+            Ok(true) => Ok(NodeKnown::Yes),
+            Ok(false) => Ok(NodeKnown::No(format!(
+                "no node plugin registered node id {node} in {dir} (node plugins register there at start-up and at NodeGetInfo; without Kubernetes they must share --node-registry with the controller)"
+            ))),
+            Err(e) => Err(ClusterError(format!("reading the node registry {dir}: {e}"))),
+        }
+    }
+}
+
+/// No cluster and no registry: no node is ever known to be gone.
 #[derive(Debug, Default, Clone)]
 pub struct Standalone;
 

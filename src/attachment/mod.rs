@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use self::cluster::{ClusterError, ClusterView};
+use self::cluster::{ClusterError, ClusterView, NodeKnown};
 use self::events::{ActiveMigration, AttachEvent, EventSink};
 use self::fence::{FenceError, FenceReport, NoFence, NodeFence};
 use self::reconcile::{decide_reconcile, reconcile_candidates, Evidence};
@@ -41,6 +41,8 @@ pub enum AttachError {
     Cluster(#[from] ClusterError),
     #[error("node {0} does not exist in the cluster")]
     UnknownNode(NodeId),
+    #[error("node {node} is not known: {why}")]
+    UnregisteredNode { node: NodeId, why: String },
     #[error("volume {volume} was unpublished from node {node} while this publish was granting it access; the grant was withdrawn, retry the publish")]
     Withdrawn { volume: VolumeId, node: NodeId },
     /// The holder keeps its slot (marked "fencing"); the reconciler retries.
@@ -364,6 +366,12 @@ impl AttachmentManager {
         let mut gone_nodes = self.cluster.gone_nodes(&asked).await?;
         if gone_nodes.contains(&req.node_id) {
             return Err(AttachError::UnknownNode(req.node_id.clone()));
+        }
+        if let NodeKnown::No(why) = self.cluster.node_known(&req.node_id).await? {
+            return Err(AttachError::UnregisteredNode {
+                node: req.node_id.clone(),
+                why,
+            });
         }
         gone_nodes.retain(|n| n != &req.node_id);
         // Only a would-be second node of an RWX volume needs to know who uses it.

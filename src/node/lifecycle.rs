@@ -43,6 +43,12 @@ pub enum NodeError {
     },
     #[error("{path:?} does not exist")]
     PathNotFound { path: PathBuf },
+    #[error("volume {volume} is not at {path:?}: that path {reason}")]
+    NotAtPath {
+        volume: String,
+        path: String,
+        reason: String,
+    },
     #[error("{op} {path:?}: {source}")]
     Io {
         op: &'static str,

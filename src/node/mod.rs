@@ -28,11 +28,20 @@ pub struct NodeService {
     topology_pool: String,
     /// Canonical kubelet directory: every staging/target path must be inside it.
     kubelet_dir: PathBuf,
+    registry: Option<crate::registry::NodeRegistry>,
 }
 
 /// Paths from the CO are absolute, without `..` or NUL, and inside the kubelet directory
 /// (also after resolving symlinks): checked before any syscall, so a bad request can never
 /// unmount or remove anything else on the host.
+/// A required string field, before anything is looked up by it.
+fn required<'a>(field: &'static str, raw: &'a str) -> Result<&'a str, Error> {
+    if raw.is_empty() {
+        return Err(IdError::Missing(field).into());
+    }
+    Ok(raw)
+}
+
 fn host_path(field: &'static str, raw: &str, root: &Path) -> Result<PathBuf, Error> {
     let invalid = |reason: &str| Error::InvalidField {
         field,
@@ -112,15 +121,24 @@ impl NodeService {
             topology_pool,
             kubelet_dir: std::fs::canonicalize(kubelet_dir)
                 .unwrap_or_else(|_| kubelet_dir.to_path_buf()),
+            registry: None,
         }
+    }
+
+    /// Without Kubernetes, NodeGetInfo (kubelet's registration call) registers the node
+    /// again, so a wiped registry heals.
+    pub fn with_registry(mut self, registry: Option<crate::registry::NodeRegistry>) -> Self {
+        self.registry = registry;
+        self
     }
 
     async fn expand(
         &self,
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse, Error> {
-        let volume = VolumeId::parse(&req.volume_id)?;
+        let raw_id = required("volume_id", &req.volume_id)?;
         let path = host_path("volume_path", &req.volume_path, &self.kubelet_dir)?;
+        let volume = VolumeId::parse(raw_id)?;
         if !path.exists() {
             return Err(Error::Node(lifecycle::NodeError::PathNotFound { path }));
         }
@@ -134,13 +152,15 @@ impl NodeService {
         &self,
         req: csi::NodeStageVolumeRequest,
     ) -> Result<csi::NodeStageVolumeResponse, Error> {
-        let volume = VolumeId::parse(&req.volume_id)?;
+        // Required fields first, then the id (CSI: InvalidArgument before NotFound).
+        let raw_id = required("volume_id", &req.volume_id)?;
         let staging = host_path(
             "staging_target_path",
             &req.staging_target_path,
             &self.kubelet_dir,
         )?;
         let cap = capability::parse_one(req.volume_capability.as_ref())?;
+        let volume = VolumeId::parse(raw_id)?;
         let export = ExportInfo::from_publish_context(&req.publish_context)?;
         self.volumes.stage(&volume, &export, &staging, &cap).await?;
         Ok(csi::NodeStageVolumeResponse {})
@@ -166,7 +186,7 @@ impl NodeService {
         &self,
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse, Error> {
-        let volume = VolumeId::parse(&req.volume_id)?;
+        let raw_id = required("volume_id", &req.volume_id)?;
         let staging = host_path(
             "staging_target_path",
             &req.staging_target_path,
@@ -174,6 +194,7 @@ impl NodeService {
         )?;
         let target = host_path("target_path", &req.target_path, &self.kubelet_dir)?;
         let cap = capability::parse_one(req.volume_capability.as_ref())?;
+        let volume = VolumeId::parse(raw_id)?;
         self.volumes
             .publish(&volume, &staging, &target, &cap, req.readonly)
             .await?;
@@ -197,8 +218,21 @@ impl NodeService {
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<csi::NodeGetVolumeStatsResponse, Error> {
         use csi::volume_usage::Unit;
-        let volume = VolumeId::parse(&req.volume_id)?;
-        let path = host_path("volume_path", &req.volume_path, &self.kubelet_dir)?;
+        let raw_id = required("volume_id", &req.volume_id)?;
+        let path = match host_path("volume_path", &req.volume_path, &self.kubelet_dir) {
+            Ok(path) => path,
+            // A path that cannot hold one of our volumes (relative, outside the kubelet
+            // dir): CSI's "volume does not exist on the specified path". Nothing is stat'ed.
+            Err(Error::InvalidField { reason, .. }) => {
+                return Err(Error::Node(lifecycle::NodeError::NotAtPath {
+                    volume: raw_id.to_owned(),
+                    path: req.volume_path.clone(),
+                    reason,
+                }))
+            }
+            Err(e) => return Err(e),
+        };
+        let volume = VolumeId::parse(raw_id)?;
         let (stats, condition) = self.volumes.stats(&volume, &path).await?;
         let usage = match stats {
             VolumeStats::Block { total_bytes } => vec![usage(Unit::Bytes, total_bytes, 0, 0)],
@@ -361,6 +395,11 @@ impl Node for NodeService {
             "",
             self.node_id.as_str(),
             async {
+                if let Some(registry) = &self.registry {
+                    if let Err(e) = registry.register(&self.node_id) {
+                        tracing::warn!(node = %self.node_id, dir = %registry.dir().display(), error = %e, "could not register this node; the controller will refuse to publish to it");
+                    }
+                }
                 Ok(csi::NodeGetInfoResponse {
                     node_id: self.node_id.to_string(),
                     max_volumes_per_node: 0,

@@ -45,6 +45,9 @@ pub struct DriverOptions {
     pub data_dir: Option<PathBuf>,
     /// Network namespace to run in (a test host of a NetLab).
     pub netns: Option<String>,
+    /// Node ids registered on the data dir before start, as if their node plugins ran
+    /// there (a standalone controller refuses nodes that never registered).
+    pub known_nodes: Vec<&'static str>,
 }
 
 impl Default for DriverOptions {
@@ -56,6 +59,7 @@ impl Default for DriverOptions {
             env: vec![],
             data_dir: None,
             netns: None,
+            known_nodes: vec!["node-a", "node-b", "node-c"],
         }
     }
 }
@@ -84,6 +88,8 @@ impl Driver {
             child: None,
             options,
         };
+        let known = d.options.known_nodes.clone();
+        d.register_nodes(&known);
         d.spawn().await;
         d
     }
@@ -101,6 +107,19 @@ impl Driver {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Registers node ids as if their node plugins had started on this data dir (the
+    /// standalone controller refuses to publish to a node that never registered).
+    pub fn register_nodes(&self, ids: &[&str]) {
+        let registry = handoff_csi::registry::NodeRegistry::new(
+            handoff_csi::registry::NodeRegistry::default_dir(&self.data_dir()),
+        );
+        for id in ids {
+            registry
+                .register(&handoff_csi::ids::NodeId::parse(id).unwrap())
+                .unwrap();
+        }
     }
 
     pub fn node_id(&self) -> &str {
