@@ -133,13 +133,12 @@ async fn attachment_seams(config: &Config, metrics: &Metrics) -> Result<Seams, B
         AttachmentStoreKind::Kube => {
             let (client, cache, store) =
                 pv_store(&config.driver_name, Duration::from_secs(120)).await?;
-            sinks.push(Arc::new(KubeEvents::new(
-                client.clone(),
-                cache.clone(),
-                "handoff-csi",
-            )));
             let kubevirt = KubevirtCache::new(config.kubevirt_completion_timeout_per_gib);
             kubevirt.spawn(client.clone());
+            sinks.push(Arc::new(
+                KubeEvents::new(client.clone(), cache.clone(), "handoff-csi")
+                    .with_kubevirt(kubevirt.clone()),
+            ));
             let lease = BackgroundLease::new(
                 kube::Api::namespaced(client.clone(), &config.lease_namespace),
                 config.lease_identity.clone(),

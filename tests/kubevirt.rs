@@ -1,7 +1,10 @@
-//! KubeVirt-aware migrations against the fake API server: each dual attach is tied to
-//! its VirtualMachineInstanceMigration, the outcome follows the migration's phase, the
-//! deadline follows the VMI's memory, and a second node is attached only for the VM that
-//! already holds the disk. Each scenario plays the calls external-attacher makes.
+//! KubeVirt-aware migrations against the fake API server, with KubeVirt's real sequence
+//! (support/kubevirt_sim.rs): at the target's ControllerPublish only the target pod names
+//! the migration, so each dual attach is tied to its VirtualMachineInstanceMigration
+//! through that pod; the outcome follows the migration's phase, the deadline follows
+//! KubeVirt's clock (published after the attach), and a second node is attached only for
+//! the VM that already holds the disk. Each scenario plays the calls external-attacher
+//! makes.
 
 mod support;
 
@@ -11,6 +14,7 @@ use handoff_csi::csi;
 use handoff_csi::csi::volume_capability::access_mode::Mode;
 use serde_json::Value;
 use support::fake_kube::{self, FakeKube};
+use support::kubevirt_sim::Migration;
 use support::*;
 use tonic::Code;
 
@@ -104,28 +108,9 @@ fn vm_on_a(kv: &Kv, vm: &str, pv: &str, memory: &str) {
     );
 }
 
-/// KubeVirt starts migrating `vm` to `node`: the migration object and the target pod.
-fn migrate(kv: &Kv, name: &str, vm: &str, pv: &str, node: &str) {
-    kv.fake.put_in(
-        VMIMS,
-        NS,
-        fake_kube::vmim(name, vm, "TargetReady", Some(node)),
-    );
-    kv.fake.put_in(
-        "pods",
-        NS,
-        fake_kube::launcher_pod(
-            &format!("virt-launcher-{vm}-{node}"),
-            vm,
-            &format!("claim-{pv}"),
-            node,
-        ),
-    );
-}
-
-fn set_phase(kv: &Kv, name: &str, vm: &str, phase: &str, node: &str) {
-    kv.fake
-        .put_in(VMIMS, NS, fake_kube::vmim(name, vm, phase, Some(node)));
+/// KubeVirt starts migrating `vm` to `node`: the object, then its target pod there.
+fn migrate(kv: &Kv, name: &str, vm: &str, pv: &str, node: &str) -> Migration {
+    Migration::start(&kv.fake, name, vm, &format!("claim-{pv}"), node)
 }
 
 /// Watches deliver in milliseconds; this leaves them room on a loaded machine.
@@ -223,7 +208,7 @@ async fn successful_migration_is_named_timed_by_the_vmi_and_completed_by_its_pha
     let id = disk(&kv, "pv-ok").await;
     vm_on_a(&kv, "vm-ok", "pv-ok", "4Gi");
     publish(&kv, &id, "node-a").await.unwrap();
-    migrate(&kv, "mig-ok", "vm-ok", "pv-ok", "node-b");
+    let mut mig = migrate(&kv, "mig-ok", "vm-ok", "pv-ok", "node-b");
     settle().await;
     publish(&kv, &id, "node-b").await.unwrap();
 
@@ -246,8 +231,8 @@ async fn successful_migration_is_named_timed_by_the_vmi_and_completed_by_its_pha
         "{m}"
     );
 
-    // Hand-off done; KubeVirt marks the migration Succeeded, then A is detached.
-    set_phase(&kv, "mig-ok", "vm-ok", "Succeeded", "node-b");
+    // Hand-off, run, success; then A is detached.
+    mig.complete();
     settle().await;
     unpublish(&kv, &id, "node-a").await;
     assert_eq!(nodes(&state(&kv, "pv-ok")), ["node-b"]);
@@ -271,12 +256,11 @@ async fn cancelled_before_handoff_is_aborted_and_the_source_stays() {
     let id = disk(&kv, "pv-cancel").await;
     vm_on_a(&kv, "vm-c", "pv-cancel", "2Gi");
     publish(&kv, &id, "node-a").await.unwrap();
-    migrate(&kv, "mig-c", "vm-c", "pv-cancel", "node-b");
+    let mig = migrate(&kv, "mig-c", "vm-c", "pv-cancel", "node-b");
     settle().await;
     publish(&kv, &id, "node-b").await.unwrap();
     // `virtctl migrate-cancel` deletes the migration object; the target pod goes.
-    kv.fake.remove_in(VMIMS, NS, "mig-c");
-    kv.fake.remove_in("pods", NS, "virt-launcher-vm-c-node-b");
+    mig.cancel();
     settle().await;
     unpublish(&kv, &id, "node-b").await;
     let s = state(&kv, "pv-cancel");
@@ -302,12 +286,14 @@ async fn failed_after_handoff_is_reported_failed_from_the_phase() {
     let id = disk(&kv, "pv-fail").await;
     vm_on_a(&kv, "vm-f", "pv-fail", "1Gi");
     publish(&kv, &id, "node-a").await.unwrap();
-    migrate(&kv, "mig-f", "vm-f", "pv-fail", "node-b");
+    let mut mig = migrate(&kv, "mig-f", "vm-f", "pv-fail", "node-b");
     settle().await;
     publish(&kv, &id, "node-b").await.unwrap();
     // The guest moved, then the migration failed (post-copy lost): the source goes
     // first, but the outcome is the phase's, not detach order's.
-    set_phase(&kv, "mig-f", "vm-f", "Failed", "node-b");
+    mig.hand_off(Migration::default_config());
+    mig.run(chrono::Utc::now());
+    mig.fail();
     settle().await;
     unpublish(&kv, &id, "node-a").await;
     assert_eq!(nodes(&state(&kv, "pv-fail")), ["node-b"]);
@@ -331,21 +317,20 @@ async fn a_retry_to_a_new_target_is_its_own_migration() {
     let id = disk(&kv, "pv-retry").await;
     vm_on_a(&kv, "vm-r", "pv-retry", "2Gi");
     publish(&kv, &id, "node-a").await.unwrap();
-    migrate(&kv, "mig-r1", "vm-r", "pv-retry", "node-b");
+    let mut first = migrate(&kv, "mig-r1", "vm-r", "pv-retry", "node-b");
     settle().await;
     publish(&kv, &id, "node-b").await.unwrap();
     // B fails: KubeVirt marks it Failed and deletes the target pod; B is detached.
-    set_phase(&kv, "mig-r1", "vm-r", "Failed", "node-b");
-    kv.fake.remove_in("pods", NS, "virt-launcher-vm-r-node-b");
+    first.fail();
     settle().await;
     unpublish(&kv, &id, "node-b").await;
     assert_eq!(nodes(&state(&kv, "pv-retry")), ["node-a"]);
     // B' = node-c succeeds.
-    migrate(&kv, "mig-r2", "vm-r", "pv-retry", "node-c");
+    let mut second = migrate(&kv, "mig-r2", "vm-r", "pv-retry", "node-c");
     settle().await;
     publish(&kv, &id, "node-c").await.unwrap();
     assert_eq!(state(&kv, "pv-retry")["migration"]["name"], "mig-r2");
-    set_phase(&kv, "mig-r2", "vm-r", "Succeeded", "node-c");
+    second.complete();
     settle().await;
     unpublish(&kv, &id, "node-a").await;
     assert_eq!(nodes(&state(&kv, "pv-retry")), ["node-c"]);
@@ -481,7 +466,7 @@ async fn overdue_migration_warns_keeps_access_survives_restarts_and_completes_la
     let id = disk(&kv, "pv-late").await;
     vm_on_a(&kv, "vm-late", "pv-late", "1Gi");
     publish(&kv, &id, "node-a").await.unwrap();
-    migrate(&kv, "mig-late", "vm-late", "pv-late", "node-b");
+    let mut mig = migrate(&kv, "mig-late", "vm-late", "pv-late", "node-b");
     settle().await;
     publish(&kv, &id, "node-b").await.unwrap();
     let before = state(&kv, "pv-late");
@@ -540,7 +525,7 @@ async fn overdue_migration_warns_keeps_access_survives_restarts_and_completes_la
     );
 
     // It completes late after all.
-    set_phase(&kv, "mig-late", "vm-late", "Succeeded", "node-b");
+    mig.complete();
     settle().await;
     unpublish(&kv, &id, "node-a").await;
     let done = events(&kv, "MigrationCompleted", "VirtualMachineInstance").await;
@@ -609,11 +594,8 @@ async fn a_migration_object_that_arrives_late_is_matched_by_the_reconciler() {
     assert!(s.get("migration").is_none());
     // The VMI was known: its deadline already applies (16 GiB → 18 GB × 150 s + 900 s).
     assert_eq!(s["migration_timeout_secs"], 3600);
-    kv.fake.put_in(
-        VMIMS,
-        NS,
-        fake_kube::vmim("mig-m", "vm-m", "Running", Some("node-b")),
-    );
+    // The target pod of a migration shows up only now (KubeVirt discovered late, say).
+    let _mig = migrate(&kv, "mig-m", "vm-m", "pv-match", "node-b");
     let matched = events(&kv, "MigrationMatched", "VirtualMachineInstance").await;
     assert!(matched[0].contains("vms/mig-m"), "{matched:?}");
     let s2 = state(&kv, "pv-match");
@@ -655,4 +637,213 @@ async fn without_kubevirt_the_attach_rules_are_unchanged() {
         .requests()
         .iter()
         .all(|(_, path, _)| !path.contains("/virtualmachineinstance")));
+}
+
+/// Polls the stored state until `check` holds (the reconciler runs every second).
+async fn state_until(kv: &Kv, pv: &str, check: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let s = state(kv, pv);
+        if check(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    state(kv, pv)
+}
+
+/// Issue 16 point 1: at the target's ControllerPublish nothing but the target pod names
+/// the migration. A second attach from a node where the VM has no target pod is not
+/// that migration, however new and unfinished the migration is.
+#[tokio::test]
+async fn the_dual_attach_is_tied_by_the_target_pod_not_by_the_newest_migration() {
+    let kv = start(true).await;
+    let id = disk(&kv, "pv-pod").await;
+    vm_on_a(&kv, "vm-pod", "pv-pod", "2Gi");
+    publish(&kv, &id, "node-a").await.unwrap();
+    // KubeVirt schedules the target pod to node-c…
+    let mig = migrate(&kv, "mig-pod", "vm-pod", "pv-pod", "node-c");
+    let vmim = kv
+        .fake
+        .get_in(VMIMS, NS, "mig-pod")
+        .expect("migration object");
+    assert_eq!(vmim["status"]["phase"], "Scheduling");
+    assert!(
+        vmim["status"]["migrationState"].is_null(),
+        "no target node anywhere yet"
+    );
+    settle().await;
+    // …but node-b asks (an operator's manual attach, say): not this migration.
+    publish(&kv, &id, "node-b").await.unwrap();
+    let s = state(&kv, "pv-pod");
+    assert_eq!(nodes(&s), ["node-a", "node-b"]);
+    assert!(
+        s.get("migration").is_none(),
+        "matched to a migration it is not: {s}"
+    );
+    unpublish(&kv, &id, "node-b").await;
+    // The real target asks: matched through its pod's migrationJobUID.
+    publish(&kv, &id, "node-c").await.unwrap();
+    let s = state(&kv, "pv-pod");
+    assert_eq!(s["migration"]["uid"], mig.uid.as_str());
+    assert_eq!(s["migration"]["name"], "mig-pod");
+    assert_eq!(s["migration"]["vmi"], "vm-pod");
+}
+
+/// Issue 16 point 2: KubeVirt publishes the migration's configuration at hand-off and
+/// its start when memory moves, both after the attach. The deadline follows: a
+/// MigrationPolicy's completionTimeoutPerGiB, post-copy's extra period, and the clock
+/// starting at the run, not at the attach.
+#[tokio::test]
+async fn the_deadline_follows_kubevirts_clock_as_it_is_published() {
+    let kv = start(true).await;
+    let id = disk(&kv, "pv-clock").await;
+    vm_on_a(&kv, "vm-clock", "pv-clock", "4Gi");
+    // The VMI still shows its previous migration's configuration: not this one's.
+    let mut vmi = kv
+        .fake
+        .get_in("virtualmachineinstances", NS, "vm-clock")
+        .unwrap();
+    vmi["status"]["migrationState"] = serde_json::json!({"migrationUid": "old-uid",
+        "completed": true, "migrationConfiguration": {"completionTimeoutPerGiB": 5}});
+    kv.fake.put_in("virtualmachineinstances", NS, vmi);
+    publish(&kv, &id, "node-a").await.unwrap();
+    let mut mig = migrate(&kv, "mig-clock", "vm-clock", "pv-clock", "node-b");
+    settle().await;
+    publish(&kv, &id, "node-b").await.unwrap();
+    let s = state(&kv, "pv-clock");
+    // 4 GiB → 5 GB × 150 s default + 900 s pending allowance.
+    assert_eq!(s["migration_timeout_secs"], 1650, "{s}");
+    assert!(s["deadline_basis"].get("configured").is_none(), "{s}");
+    let started: chrono::DateTime<chrono::Utc> =
+        s["migration_started_at"].as_str().unwrap().parse().unwrap();
+
+    // Hand-off with a MigrationPolicy: 60 s/GiB, post-copy allowed → 5 × 60 × 2.
+    mig.hand_off(serde_json::json!({"completionTimeoutPerGiB": 60, "allowPostCopy": true}));
+    let s = state_until(&kv, "pv-clock", |s| s["migration_timeout_secs"] == 1500).await;
+    assert_eq!(s["migration_timeout_secs"], 1500, "{s}");
+    assert_eq!(s["deadline_basis"]["configured"], true);
+    assert_eq!(s["deadline_basis"]["switch"], "post-copy");
+
+    // Memory starts moving 100 s after the attach: 100 + 600, no pending allowance.
+    mig.run(started + chrono::Duration::seconds(100));
+    let s = state_until(&kv, "pv-clock", |s| s["migration_timeout_secs"] == 700).await;
+    assert_eq!(s["migration_timeout_secs"], 700, "{s}");
+    assert!(s["deadline_basis"]["running_since"].is_string(), "{s}");
+    assert_eq!(
+        s["migration_started_at"]
+            .as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap(),
+        started,
+        "the attach time is kept"
+    );
+    mig.succeed();
+    settle().await;
+    unpublish(&kv, &id, "node-a").await;
+    assert_eq!(nodes(&state(&kv, "pv-clock")), ["node-b"]);
+}
+
+/// Issue 16 point 3: a claim used as `ephemeral.persistentVolumeClaim` is the VM's disk
+/// too (its deadline is KubeVirt's), and the VM's name is the owner's, not the
+/// deprecated label's (which holds the guest's host name).
+#[tokio::test]
+async fn ephemeral_claims_are_vm_disks_and_the_vm_is_named_by_its_owner() {
+    let kv = start(true).await;
+    let id = disk(&kv, "pv-eph").await;
+    let mut vmi = fake_kube::vmi("vm-eph", "unused", "node-a", "1Gi");
+    vmi["spec"]["volumes"] = serde_json::json!([{"name": "disk",
+        "ephemeral": {"persistentVolumeClaim": {"claimName": "claim-pv-eph", "readOnly": true}}}]);
+    kv.fake.put_in("virtualmachineinstances", NS, vmi);
+    kv.fake.put_in(
+        "pods",
+        NS,
+        fake_kube::launcher_pod("virt-launcher-vm-eph-a", "vm-eph", "claim-pv-eph", "node-a"),
+    );
+    publish(&kv, &id, "node-a").await.unwrap();
+    migrate(&kv, "mig-eph", "vm-eph", "pv-eph", "node-b");
+    settle().await;
+    publish(&kv, &id, "node-b").await.unwrap();
+    let s = state(&kv, "pv-eph");
+    assert_eq!(s["deadline_basis"]["from"], "kubevirt", "{s}");
+    assert_eq!(s["deadline_basis"]["vmi"], "vm-eph");
+    assert_eq!(s["migration"]["name"], "mig-eph");
+}
+
+/// Issue 16 point 4: Events carry involvedObject.uid (kubectl describe filters by it)
+/// and a refusal listing many pods still fits the API server's 1,024-byte note.
+#[tokio::test]
+async fn events_have_uids_and_long_refusals_are_cut_to_fit() {
+    let kv = start(true).await;
+    let id = disk(&kv, "pv-ev").await;
+    vm_on_a(&kv, "vm-ev", "pv-ev", "1Gi");
+    for i in 0..40 {
+        kv.fake.put_in(
+            "pods",
+            NS,
+            fake_kube::launcher_pod(
+                &format!("backup-job-with-a-rather-long-generated-name-{i:03}"),
+                &format!("other-{i}"),
+                "claim-pv-ev",
+                "node-b",
+            ),
+        );
+    }
+    publish(&kv, &id, "node-a").await.unwrap();
+    settle().await;
+    let refused = publish(&kv, &id, "node-b").await.unwrap_err();
+    assert!(
+        refused.message().len() > 1024,
+        "the refusal itself keeps every pod"
+    );
+    let pv_uid = kv.fake.get("persistentvolumes", "pv-ev").unwrap()["metadata"]["uid"].clone();
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = kv
+            .fake
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == "AttachConflict")
+            .collect();
+        if found.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_pv = found
+        .iter()
+        .find(|e| e["involvedObject"]["kind"] == "PersistentVolume")
+        .expect("the refusal is recorded on the PV despite its length");
+    assert_eq!(on_pv["involvedObject"]["uid"], pv_uid);
+    let note = on_pv["message"].as_str().unwrap();
+    assert!(note.len() <= 1024 && note.contains("cut"), "{}", note.len());
+    let on_pvc = found
+        .iter()
+        .find(|e| e["involvedObject"]["kind"] == "PersistentVolumeClaim")
+        .expect("and on the claim");
+    assert_eq!(on_pvc["involvedObject"]["uid"], "claim-uid-pv-ev");
+    // A migration's Event on the VMI names its uid too.
+    unpublish(&kv, &id, "node-b").await;
+    for i in 0..40 {
+        kv.fake.remove_in(
+            "pods",
+            NS,
+            &format!("backup-job-with-a-rather-long-generated-name-{i:03}"),
+        );
+    }
+    migrate(&kv, "mig-ev", "vm-ev", "pv-ev", "node-b");
+    settle().await;
+    publish(&kv, &id, "node-b").await.unwrap();
+    let mut vmi_uid = Value::Null;
+    for _ in 0..100 {
+        if let Some(e) = kv.fake.events().into_iter().find(|e| {
+            e["reason"] == "MigrationStarted"
+                && e["involvedObject"]["kind"] == "VirtualMachineInstance"
+        }) {
+            vmi_uid = e["involvedObject"]["uid"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(vmi_uid, "vmi-uid-vm-ev");
 }

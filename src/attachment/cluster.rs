@@ -69,6 +69,14 @@ pub trait ClusterView: Send + Sync + 'static {
     async fn sharing_of(&self, _volume: &VolumeId) -> Result<Option<Sharing>, ClusterError> {
         Ok(None)
     }
+    /// The clock of a matched migration as the cluster shows it now (KubeVirt publishes
+    /// its configuration and start time after the attach); `None` when unknown.
+    async fn migration_clock(
+        &self,
+        _migration: &MigrationRef,
+    ) -> Result<Option<super::deadline::MigrationClock>, ClusterError> {
+        Ok(None)
+    }
     /// The phase of a migration object; `None` when it is gone or nothing is known.
     async fn migration_phase(
         &self,

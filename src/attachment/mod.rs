@@ -2,6 +2,7 @@
 //! lock, persisted before the caller is told, and rebuilt from the store at start-up.
 
 pub mod cluster;
+pub mod deadline;
 pub mod events;
 pub mod fence;
 pub mod rebuild;
@@ -20,9 +21,8 @@ use self::events::{ActiveMigration, AttachEvent, EventSink};
 use self::fence::{FenceError, FenceReport, NoFence, NodeFence};
 use self::reconcile::{decide_reconcile, reconcile_candidates, Evidence};
 use self::state::{
-    decide_publish, decide_unpublish, migration_outcome, AttachmentState, DeadlineBasis,
-    EndedMigration, PublishContext, PublishDecision, PublishRefusal, PublishRequest,
-    UnpublishDecision, Workload,
+    decide_publish, decide_unpublish, migration_outcome, AttachmentState, EndedMigration,
+    PublishContext, PublishDecision, PublishRefusal, PublishRequest, UnpublishDecision, Workload,
 };
 use self::store::{AttachmentStore, StoreError};
 use crate::capability::Sharing;
@@ -549,9 +549,8 @@ impl AttachmentManager {
         })
     }
 
-    /// Ties a running dual attach to its KubeVirt migration when the migration object
-    /// was not known at the second attach; the deadline follows the VMI then, counted
-    /// from the original start.
+    /// Ties a running dual attach to its KubeVirt migration when it was not matched at
+    /// the second attach (its target pod was not visible then); the start time is kept.
     async fn match_late(&self, state: &mut AttachmentState) -> Result<bool, ClusterError> {
         let [source, target] = state.nodes.as_slice() else {
             return Ok(false);
@@ -567,11 +566,39 @@ impl AttachmentManager {
             return Ok(false);
         };
         state.migration = Some(migration);
-        if let (Some((timeout, basis)), None | Some(DeadlineBasis::StorageClass)) =
-            (w.vmi, &state.deadline_basis)
+        Ok(true)
+    }
+
+    /// Follows the matched migration's clock as KubeVirt publishes it: its configuration
+    /// (a MigrationPolicy's per-GiB timeout, post-copy) arrives at target hand-off and its
+    /// start time when memory starts moving, both after the attach that began the dual
+    /// attach. A deadline moved later than now clears the overdue report.
+    async fn refresh_clock(
+        &self,
+        state: &mut AttachmentState,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ClusterError> {
+        let (2, Some(m), Some(started)) = (
+            state.nodes.len(),
+            state.migration.as_ref(),
+            state.migration_started_at,
+        ) else {
+            return Ok(false);
+        };
+        let Some(clock) = self.cluster.migration_clock(m).await? else {
+            return Ok(false);
+        };
+        let timeout = clock.timeout_from(started).as_secs();
+        if timeout == state.migration_timeout_secs
+            && state.deadline_basis.as_ref() == Some(&clock.basis)
         {
-            state.migration_timeout_secs = timeout.as_secs();
-            state.deadline_basis = Some(basis);
+            return Ok(false);
+        }
+        tracing::info!(volume_id = %state.volume_id, migration = %m, timeout_secs = timeout, basis = %clock.basis, "migration deadline follows KubeVirt's clock");
+        state.migration_timeout_secs = timeout;
+        state.deadline_basis = Some(clock.basis);
+        if state.migration_overdue && !state.past_deadline(now) {
+            state.migration_overdue = false;
         }
         Ok(true)
     }
@@ -669,16 +696,18 @@ impl AttachmentManager {
                 }
             }
         }
-        let before = state;
+        let loaded = state.clone();
+        let mut before = state;
+        let matched = self.match_late(&mut before).await?;
+        self.refresh_clock(&mut before, now).await?;
         let cleared_nodes: Vec<NodeId> = cleared.iter().map(|(n, _)| n.clone()).collect();
         let decision = decide_reconcile(&before, &cleared_nodes, &unfenced, now);
         let mut next = decision.next;
         for (node, method) in &cleared {
             next.record_fence(node, now, *method);
         }
-        let matched = self.match_late(&mut next).await?;
         let idle = next.is_idle(now, self.policy.grace_period);
-        if next == before && !idle {
+        if next == loaded && !idle {
             return Ok(());
         }
         let ended_event = match decision.ended {

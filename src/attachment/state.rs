@@ -64,39 +64,7 @@ impl std::fmt::Display for MigrationRef {
     }
 }
 
-/// Why a migration's deadline is what it is, kept so operators can check it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "from", rename_all = "snake_case")]
-pub enum DeadlineBasis {
-    /// KubeVirt's own completion timeout for this VMI (per-GiB timeout × migration data
-    /// size in GB, rounded up as KubeVirt does) plus the time KubeVirt lets a target pod
-    /// stay pending.
-    Kubevirt {
-        vmi: String,
-        data_gb: u64,
-        per_gib_secs: u64,
-        startup_secs: u64,
-    },
-    /// The StorageClass's migrationTimeoutSeconds: no VMI uses the volume.
-    StorageClass,
-}
-
-impl std::fmt::Display for DeadlineBasis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeadlineBasis::Kubevirt {
-                vmi,
-                data_gb,
-                per_gib_secs,
-                startup_secs,
-            } => write!(
-                f,
-                "KubeVirt completion timeout of VMI {vmi}: {per_gib_secs}s/GiB × {data_gb} GB + {startup_secs}s target start-up"
-            ),
-            DeadlineBasis::StorageClass => write!(f, "StorageClass migrationTimeoutSeconds"),
-        }
-    }
-}
+pub use super::deadline::{DeadlineBasis, MigrationClock};
 
 fn default_timeout_secs() -> u64 {
     DEFAULT_MIGRATION_TIMEOUT.as_secs()
@@ -257,8 +225,8 @@ pub struct Workload {
     /// Pods using the volume's claim that are not part of the VM holding it, as
     /// "namespace/pod (why)"; empty when sharing is allowed.
     pub foreign_pods: Vec<String>,
-    /// The VMI using the claim, with its KubeVirt-derived deadline.
-    pub vmi: Option<(Duration, DeadlineBasis)>,
+    /// The clock of the matched migration (KubeVirt's completion timeout for its VMI).
+    pub vmi: Option<MigrationClock>,
     /// The running migration of that VMI towards the requesting node.
     pub migration: Option<MigrationRef>,
 }
@@ -463,11 +431,10 @@ pub fn decide_publish(
             next.clear_migration();
             next.migration_started_at = Some(ctx.now);
             next.migration = ctx.workload.migration.clone();
-            let (timeout, basis) = ctx
-                .workload
-                .vmi
-                .clone()
-                .unwrap_or((ctx.migration_timeout, DeadlineBasis::StorageClass));
+            let (timeout, basis) = match &ctx.workload.vmi {
+                Some(clock) => (clock.timeout_from(ctx.now), clock.basis.clone()),
+                None => (ctx.migration_timeout, DeadlineBasis::StorageClass),
+            };
             next.migration_timeout_secs = timeout.as_secs();
             next.deadline_basis = Some(basis);
             Ok(PublishDecision::MigrationStarted(next))
@@ -1135,12 +1102,20 @@ pub(crate) mod tests {
             data_gb: 3,
             per_gib_secs: 150,
             startup_secs: 900,
+            running_since: None,
+            configured: false,
+            switch: None,
         };
         let c = PublishContext {
             migration_timeout: Duration::from_secs(300),
             workload: Workload {
                 foreign_pods: vec![],
-                vmi: Some((Duration::from_secs(1350), basis.clone())),
+                vmi: Some(MigrationClock {
+                    running_since: None,
+                    completion: Duration::from_secs(450),
+                    pending_allowance: Duration::from_secs(900),
+                    basis: basis.clone(),
+                }),
                 migration: Some(vmim("mig-7")),
             },
             ..ctx()

@@ -29,6 +29,9 @@ pub struct PvEntry {
     pub attachment: Option<String>,
     /// namespace/name of the bound claim, for Events on the PVC.
     pub claim: Option<(String, String)>,
+    /// The PV's and its claim's uids: `kubectl describe` lists Events by involvedObject.uid.
+    pub uid: Option<String>,
+    pub claim_uid: Option<String>,
     /// What the PV's access modes and volume mode allow.
     pub sharing: Sharing,
 }
@@ -303,7 +306,15 @@ impl ClusterCache {
             .claim_ref
             .as_ref()
             .and_then(|c| Some((c.namespace.clone()?, c.name.clone()?)));
+        let claim_uid = pv
+            .spec
+            .as_ref()?
+            .claim_ref
+            .as_ref()
+            .and_then(|c| c.uid.clone());
         Some(PvEntry {
+            uid: pv.uid(),
+            claim_uid,
             name: pv.name_any(),
             volume_id,
             resource_version: pv.resource_version().unwrap_or_default(),

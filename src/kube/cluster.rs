@@ -12,6 +12,7 @@ use kube::{Api, Client};
 use super::cache::ClusterCache;
 use super::kubevirt::{foreign_pods, pods_using, KubevirtCache};
 use crate::attachment::cluster::{AttachmentObject, ClusterError, ClusterView};
+use crate::attachment::deadline::MigrationClock;
 use crate::attachment::state::{MigrationPhase, MigrationRef, Workload};
 use crate::capability::Sharing;
 use crate::ids::{NodeId, VolumeId};
@@ -106,27 +107,37 @@ impl ClusterView for KubeCluster {
             // No bound claim known: nothing to match or check (not a pod's volume).
             return Ok(Workload::default());
         };
-        let vmi = self
-            .kubevirt
-            .present()
+        let kubevirt = self.kubevirt.present();
+        let vmi = kubevirt
             .then(|| self.kubevirt.vmi_using(&namespace, &claim, holder))
             .flatten();
         let mut workload = Workload::default();
-        if let Some(vmi) = &vmi {
-            workload.vmi = self.kubevirt.deadline(vmi);
-            workload.migration = self.kubevirt.running_migration(vmi, target);
+        if !kubevirt && !check_pods {
+            return Ok(workload);
+        }
+        // A fresh list, not a cache: the target pod was created moments ago, and it is
+        // the only object that ties this attach to a migration (KubeVirt names the
+        // target node elsewhere only after this attach made the pod Ready).
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| {
+                ClusterError(format!(
+                    "cannot list pods in namespace {namespace} to check who uses claim {claim}: {e}"
+                ))
+            })?;
+        let using = pods_using(&pods.items, &claim);
+        if kubevirt {
+            workload.migration =
+                self.kubevirt
+                    .target_migration(&namespace, vmi.as_ref(), &using, target);
+            if let Some(vmi) = &vmi {
+                workload.vmi = self
+                    .kubevirt
+                    .clock(vmi, workload.migration.as_ref().map(|m| m.uid.as_str()));
+            }
         }
         if check_pods {
-            // A fresh list, not a cache: the target pod was created moments ago.
-            let pods = Api::<Pod>::namespaced(self.client.clone(), &namespace)
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| {
-                    ClusterError(format!(
-                        "cannot list pods in namespace {namespace} to check who uses claim {claim}: {e}"
-                    ))
-                })?;
-            let using = pods_using(&pods.items, &claim);
             workload.foreign_pods = foreign_pods(
                 &namespace,
                 &using,
@@ -135,6 +146,13 @@ impl ClusterView for KubeCluster {
             );
         }
         Ok(workload)
+    }
+
+    async fn migration_clock(
+        &self,
+        migration: &MigrationRef,
+    ) -> Result<Option<MigrationClock>, ClusterError> {
+        Ok(self.kubevirt.clock_of(migration))
     }
 
     async fn migration_phase(

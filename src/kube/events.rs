@@ -9,13 +9,32 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use super::cache::ClusterCache;
+use super::kubevirt::KubevirtCache;
 use crate::attachment::events::{migration_name, AttachEvent, EventSink};
 use crate::attachment::state::MigrationOutcome;
 
 pub struct KubeEvents {
     client: Client,
     cache: Arc<ClusterCache>,
+    kubevirt: Option<Arc<KubevirtCache>>,
     component: String,
+}
+
+/// core/v1 validation refuses an Event whose note is longer than this when eventTime is
+/// set (422); the full text stays in the log.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut at a character boundary to fit the API server's limit, marked as cut.
+pub fn cap_message(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_owned();
+    }
+    const MORE: &str = " … (cut; the controller log has the full message)";
+    let mut end = MAX_MESSAGE_BYTES - MORE.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &message[..end])
 }
 
 impl KubeEvents {
@@ -23,8 +42,15 @@ impl KubeEvents {
         KubeEvents {
             client,
             cache,
+            kubevirt: None,
             component: component.to_owned(),
         }
+    }
+
+    /// VMI Events carry the VMI's uid, taken from this cache.
+    pub fn with_kubevirt(mut self, kubevirt: Arc<KubevirtCache>) -> Self {
+        self.kubevirt = Some(kubevirt);
+        self
     }
 }
 
@@ -117,12 +143,14 @@ impl EventSink for KubeEvents {
             return;
         };
         let now = k8s_openapi::jiff::Timestamp::now();
+        let message = cap_message(&message);
         let mut targets = vec![(
             "default".to_owned(),
             ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("PersistentVolume".into()),
                 name: Some(pv.name.clone()),
+                uid: pv.uid.clone(),
                 ..Default::default()
             },
         )];
@@ -135,6 +163,10 @@ impl EventSink for KubeEvents {
                     kind: Some("VirtualMachineInstance".into()),
                     name: Some(m.vmi.clone()),
                     namespace: Some(m.namespace.clone()),
+                    uid: self
+                        .kubevirt
+                        .as_ref()
+                        .and_then(|k| k.vmi_uid(&m.namespace, &m.vmi)),
                     ..Default::default()
                 },
             ));
@@ -147,6 +179,7 @@ impl EventSink for KubeEvents {
                     kind: Some("PersistentVolumeClaim".into()),
                     name: Some(name),
                     namespace: Some(ns),
+                    uid: pv.claim_uid.clone(),
                     ..Default::default()
                 },
             ));
@@ -179,7 +212,9 @@ impl EventSink for KubeEvents {
             // Events are best effort: never hold up an attach decision for one.
             tokio::spawn(async move {
                 if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                    tracing::debug!(error = %e, "could not record Kubernetes Event");
+                    // An Event the API server refuses is a decision nobody sees in
+                    // `kubectl describe`: say so where operators look next.
+                    tracing::warn!(error = %e, reason = ev.reason.as_deref().unwrap_or(""), object = ev.involved_object.name.as_deref().unwrap_or(""), "the API server refused a Kubernetes Event");
                 }
             });
         }

@@ -86,6 +86,41 @@ fn status(code: u16, reason: &str, message: String) -> Response {
     (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
 }
 
+/// core/v1 validation limits the fake enforces as the API server does (422 Invalid).
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+const MAX_EVENT_NOTE_BYTES: usize = 1024;
+
+fn validate(resource: &str, obj: &Value) -> Option<Response> {
+    let annotations: usize = obj["metadata"]["annotations"]
+        .as_object()
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    if annotations > MAX_ANNOTATIONS_BYTES {
+        return Some(status(
+            422,
+            "Invalid",
+            format!(
+                "metadata.annotations: Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"
+            ),
+        ));
+    }
+    if resource == "events" && !obj["eventTime"].is_null() {
+        let note = obj["message"].as_str().map_or(0, str::len);
+        if note > MAX_EVENT_NOTE_BYTES {
+            return Some(status(
+                422,
+                "Invalid",
+                format!("note: Too long: may not be more than {MAX_EVENT_NOTE_BYTES} bytes"),
+            ));
+        }
+    }
+    None
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge(target: &mut Value, patch: &Value) {
     match patch {
@@ -356,6 +391,9 @@ async fn create_ns(inner: Arc<Inner>, resource: String, ns: String, body: Bytes)
     let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "body is not JSON".into());
     };
+    if let Some(invalid) = validate(&resource, &obj) {
+        return invalid;
+    }
     // The API server refuses a create over an existing name (a lost race).
     if let Some(name) = obj["metadata"]["name"].as_str() {
         let key = (resource.clone(), ns.clone(), name.to_owned());
@@ -439,6 +477,9 @@ async fn patch_ns(
     }
     let mut next = current.clone();
     merge(&mut next, &patch);
+    if let Some(invalid) = validate(&resource, &next) {
+        return invalid;
+    }
     let rv = inner.next_rv();
     next["metadata"]["resourceVersion"] = json!(rv.to_string());
     objects.insert(key, next.clone());
@@ -667,7 +708,7 @@ pub fn pv(name: &str, driver: &str, handle: &str) -> Value {
     json!({"metadata": {"name": name}, "spec": {
         "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
         "csi": {"driver": driver, "volumeHandle": handle},
-        "claimRef": {"namespace": "vms", "name": format!("claim-{name}")}}})
+        "claimRef": {"namespace": "vms", "name": format!("claim-{name}"), "uid": format!("claim-uid-{name}")}}})
 }
 
 pub fn node(name: &str) -> Value {
@@ -688,10 +729,16 @@ pub fn vmi(name: &str, claim: &str, node: &str, memory: &str) -> Value {
         "status": {"nodeName": node, "phase": "Running"}})
 }
 
-/// A virt-launcher pod of VMI `vm` using `claim` on `node`.
+/// A virt-launcher pod of VMI `vm` using `claim` on `node`, labelled and owned as
+/// KubeVirt does it (the deprecated `vm.kubevirt.io/name` label holds the guest's host
+/// name, not the VM's name).
 pub fn launcher_pod(name: &str, vm: &str, claim: &str, node: &str) -> Value {
     json!({"metadata": {"name": name, "labels": {
-            "kubevirt.io/created-by": format!("vmi-uid-{vm}"), "vm.kubevirt.io/name": vm}},
+            "kubevirt.io": "virt-launcher",
+            "kubevirt.io/created-by": format!("vmi-uid-{vm}"),
+            "vm.kubevirt.io/name": "guest-hostname"},
+            "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                "name": vm, "uid": format!("vmi-uid-{vm}"), "controller": true}]},
         "spec": {"nodeName": node, "containers": [{"name": "compute"}],
             "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": claim}}]},
         "status": {"phase": "Running"}})

@@ -32,6 +32,7 @@ pub fn require_root(test: &str) -> bool {
 }
 
 pub mod fake_kube;
+pub mod kubevirt_sim;
 pub mod netns;
 pub mod routeros;
 pub mod steps;

@@ -15,8 +15,15 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
 use serde_json::Value;
 
-use crate::attachment::state::{DeadlineBasis, MigrationPhase, MigrationRef};
+use crate::attachment::deadline::MigrationClock;
+use crate::attachment::state::{MigrationPhase, MigrationRef};
 use crate::ids::NodeId;
+
+pub mod clock;
+pub mod pods;
+
+pub use clock::parse_quantity_bytes;
+pub use pods::{foreign_pods, pods_using, target_pod, PodFacts};
 
 pub const GROUP_VERSION: &str = "kubevirt.io/v1";
 const VMI_PLURAL: &str = "virtualmachineinstances";
@@ -24,9 +31,6 @@ const VMIM_PLURAL: &str = "virtualmachineinstancemigrations";
 /// KubeVirt deletes a migration target pod still pending after at most 15 minutes
 /// (its catch-all pending timeout); the deadline allows for that start-up.
 pub const TARGET_STARTUP_ALLOWANCE: Duration = Duration::from_secs(15 * 60);
-/// Label KubeVirt puts on virt-launcher pods: the UID of the VMI they run.
-const CREATED_BY: &str = "kubevirt.io/created-by";
-const VM_NAME: &str = "vm.kubevirt.io/name";
 /// How often discovery is retried while KubeVirt is not installed.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -46,12 +50,17 @@ pub struct VmiEntry {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// Claims of its volumes (a DataVolume's claim has the DataVolume's name).
+    /// Claims of its volumes: persistentVolumeClaim, dataVolume (same-named claim),
+    /// ephemeral.persistentVolumeClaim and memoryDump.
     pub claims: Vec<String>,
     /// Guest memory in bytes, as KubeVirt sizes a migration.
     pub memory_bytes: Option<u64>,
-    /// completionTimeoutPerGiB of the migration configuration KubeVirt applied.
-    pub per_gib_secs: Option<u64>,
+    /// Capacity of the volumes a storage migration moves (status.migratedVolumes).
+    pub migrated_volume_bytes: u64,
+    /// Sizes of local disks copied by a block migration (emptyDisk capacities).
+    pub ephemeral_bytes: u64,
+    /// status.migrationMethod is BlockMigration.
+    pub block_migration: bool,
     pub node: Option<String>,
     /// status.migrationState: the running or last migration.
     pub migration: Option<VmiMigrationState>,
@@ -64,6 +73,18 @@ pub struct VmiMigrationState {
     pub completed: bool,
     pub failed: bool,
     pub aborted: bool,
+    /// startTimestamp: memory transfer began.
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
+    /// migrationConfiguration, written by KubeVirt at target hand-off.
+    pub config: Option<MigrationConfig>,
+}
+
+/// The part of KubeVirt's migration configuration that changes its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    pub per_gib_secs: Option<u64>,
+    pub allow_post_copy: bool,
+    pub allow_workload_disruption: bool,
 }
 
 /// What the driver needs of a VirtualMachineInstanceMigration.
@@ -109,31 +130,54 @@ fn meta(obj: &DynamicObject) -> (String, String, String) {
     )
 }
 
+fn quantity_at(v: &Value, path: &[&str]) -> Option<u64> {
+    str_at(v, path).and_then(parse_quantity_bytes)
+}
+
 pub fn vmi_entry(obj: &DynamicObject) -> VmiEntry {
     let (namespace, name, uid) = meta(obj);
     let d = &obj.data;
-    let claims = d["spec"]["volumes"]
-        .as_array()
+    let volumes = d["spec"]["volumes"].as_array();
+    let claims = volumes
         .into_iter()
         .flatten()
         .filter_map(|v| {
             str_at(v, &["persistentVolumeClaim", "claimName"])
                 .or_else(|| str_at(v, &["dataVolume", "name"]))
+                .or_else(|| str_at(v, &["ephemeral", "persistentVolumeClaim", "claimName"]))
+                .or_else(|| str_at(v, &["memoryDump", "claimName"]))
         })
         .map(str::to_owned)
         .collect();
     // KubeVirt sizes a migration by the memory request, overridden by an explicit guest
     // memory (virt-launcher's getVMIMigrationDataSize).
-    let memory_bytes = str_at(d, &["spec", "domain", "memory", "guest"])
-        .or_else(|| str_at(d, &["spec", "domain", "resources", "requests", "memory"]))
-        .and_then(parse_quantity_bytes);
+    let memory_bytes = quantity_at(d, &["spec", "domain", "memory", "guest"])
+        .or_else(|| quantity_at(d, &["spec", "domain", "resources", "requests", "memory"]));
+    let migrated_volume_bytes = d["status"]["migratedVolumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| quantity_at(v, &["sourcePVCInfo", "capacity", "storage"]))
+        .fold(0u64, u64::saturating_add);
+    let ephemeral_bytes = volumes
+        .into_iter()
+        .flatten()
+        .filter_map(|v| quantity_at(v, &["emptyDisk", "capacity"]))
+        .fold(0u64, u64::saturating_add);
     let state = &d["status"]["migrationState"];
+    let config = &state["migrationConfiguration"];
     let migration = str_at(state, &["migrationUid"]).map(|uid| VmiMigrationState {
         uid: uid.to_owned(),
         target_node: str_at(state, &["targetNode"]).map(str::to_owned),
         completed: state["completed"].as_bool().unwrap_or(false),
         failed: state["failed"].as_bool().unwrap_or(false),
         aborted: str_at(state, &["abortStatus"]) == Some("Succeeded"),
+        started: str_at(state, &["startTimestamp"]).and_then(|t| t.parse().ok()),
+        config: config.is_object().then(|| MigrationConfig {
+            per_gib_secs: config["completionTimeoutPerGiB"].as_u64(),
+            allow_post_copy: config["allowPostCopy"].as_bool().unwrap_or(false),
+            allow_workload_disruption: config["allowWorkloadDisruption"].as_bool().unwrap_or(false),
+        }),
     });
     VmiEntry {
         namespace,
@@ -141,7 +185,9 @@ pub fn vmi_entry(obj: &DynamicObject) -> VmiEntry {
         uid,
         claims,
         memory_bytes,
-        per_gib_secs: state["migrationConfiguration"]["completionTimeoutPerGiB"].as_u64(),
+        migrated_volume_bytes,
+        ephemeral_bytes,
+        block_migration: str_at(d, &["status", "migrationMethod"]) == Some("BlockMigration"),
         node: str_at(d, &["status", "nodeName"]).map(str::to_owned),
         migration,
     }
@@ -171,145 +217,6 @@ pub fn vmim_entry(obj: &DynamicObject) -> VmimEntry {
         aborted: str_at(state, &["abortStatus"]) == Some("Succeeded")
             || obj.metadata.deletion_timestamp.is_some(),
     }
-}
-
-/// Bytes in a Kubernetes quantity ("2Gi", "2048Mi", "1.5G", "1e9"); fractions round up.
-pub fn parse_quantity_bytes(q: &str) -> Option<u64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let multiplier: f64 = match suffix {
-        "" => 1.0,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
-        _ => return None,
-    };
-    let bytes = (number * multiplier).ceil();
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
-}
-
-/// KubeVirt's migration deadline for a guest of `memory_bytes`: the completion timeout
-/// (per-GiB seconds × data size, in GB rounded up exactly as KubeVirt's
-/// `ScaledValue(Giga)` does) plus the target pod's start-up allowance.
-pub fn completion_deadline(
-    vmi: &str,
-    memory_bytes: u64,
-    per_gib_secs: u64,
-) -> (Duration, DeadlineBasis) {
-    let data_gb = memory_bytes.div_ceil(1_000_000_000);
-    let startup_secs = TARGET_STARTUP_ALLOWANCE.as_secs();
-    let secs = per_gib_secs
-        .saturating_mul(data_gb)
-        .saturating_add(startup_secs);
-    (
-        Duration::from_secs(secs),
-        DeadlineBasis::Kubevirt {
-            vmi: vmi.to_owned(),
-            data_gb,
-            per_gib_secs,
-            startup_secs,
-        },
-    )
-}
-
-/// One pod using a claim, reduced to whom it belongs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodFacts {
-    pub name: String,
-    pub node: Option<String>,
-    /// UID of the VMI the pod serves (virt-launcher label), if any.
-    pub vmi_uid: Option<String>,
-    pub vm_name: Option<String>,
-    /// Owning pod (a hotplug attachment pod belongs to its virt-launcher pod).
-    pub owner_pod: Option<String>,
-}
-
-/// The non-terminated pods of `pods` that mount `claim`.
-pub fn pods_using(pods: &[k8s_openapi::api::core::v1::Pod], claim: &str) -> Vec<PodFacts> {
-    pods.iter()
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .filter(|p| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.volumes.as_ref())
-                .into_iter()
-                .flatten()
-                .any(|v| {
-                    v.persistent_volume_claim
-                        .as_ref()
-                        .is_some_and(|c| c.claim_name == claim)
-                })
-        })
-        .map(|p| {
-            let label = |k: &str| p.labels().get(k).cloned();
-            PodFacts {
-                name: p.name_any(),
-                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
-                vmi_uid: label(CREATED_BY),
-                vm_name: label(VM_NAME),
-                owner_pod: p
-                    .owner_references()
-                    .iter()
-                    .find(|o| o.kind == "Pod")
-                    .map(|o| o.name.clone()),
-            }
-        })
-        .collect()
-}
-
-/// Pods that do not belong to the VM holding the volume, as "namespace/pod (why)". The
-/// VM is the known VMI, else the one whose pods run on the holder node.
-pub fn foreign_pods(
-    namespace: &str,
-    pods: &[PodFacts],
-    vmi_uid: Option<&str>,
-    holder: &NodeId,
-) -> Vec<String> {
-    let identity = |p: &PodFacts| -> Option<String> {
-        p.vmi_uid.clone().or_else(|| {
-            let owner = pods
-                .iter()
-                .find(|o| Some(&o.name) == p.owner_pod.as_ref())?;
-            owner.vmi_uid.clone()
-        })
-    };
-    let owner = vmi_uid.map(str::to_owned).or_else(|| {
-        pods.iter()
-            .filter(|p| p.node.as_deref() == Some(holder.as_str()))
-            .find_map(identity)
-    });
-    pods.iter()
-        .filter(|p| owner.is_none() || identity(p) != owner)
-        .map(|p| {
-            let why = match (&identity(p), &p.vm_name) {
-                (Some(_), Some(vm)) => format!("VM {vm}"),
-                (Some(uid), None) => format!("VMI uid {uid}"),
-                (None, _) => "not a KubeVirt VM".into(),
-            };
-            let node = p.node.as_deref().unwrap_or("unscheduled");
-            format!("{namespace}/{} on {node} ({why})", p.name)
-        })
-        .collect()
 }
 
 /// Watch caches of VMIs and VMIMs, filled once KubeVirt is found.
@@ -397,6 +304,14 @@ impl KubevirtCache {
         self.present.load(Ordering::SeqCst)
     }
 
+    /// The uid of a VMI, for Events about it.
+    pub fn vmi_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.vmis
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(|v| v.uid.clone())
+            .filter(|u| !u.is_empty())
+    }
+
     /// The VMI using `claim`, preferring one running on `node`.
     pub fn vmi_using(&self, namespace: &str, claim: &str, node: &NodeId) -> Option<VmiEntry> {
         let mut found: Vec<VmiEntry> = self
@@ -409,39 +324,54 @@ impl KubevirtCache {
         found.into_iter().next()
     }
 
-    /// The unfinished migration of `vmi` heading to `target` (or to a node not yet known).
-    pub fn running_migration(&self, vmi: &VmiEntry, target: &NodeId) -> Option<MigrationRef> {
-        let mut running: Vec<VmimEntry> = self
+    /// The migration whose target pod on `target` asks for the volume: matched by the
+    /// pod KubeVirt created for it (labels `kubevirt.io/migrationJobUID` and
+    /// `kubevirt.io/created-by`), as KubeVirt itself finds its target pods. `None` when
+    /// no such pod exists, or its migration is already over.
+    pub fn target_migration(
+        &self,
+        namespace: &str,
+        vmi: Option<&VmiEntry>,
+        pods: &[PodFacts],
+        target: &NodeId,
+    ) -> Option<MigrationRef> {
+        let pod = target_pod(pods, vmi.map(|v| v.uid.as_str()), target)?;
+        let uid = pod.migration_uid.clone()?;
+        let known = self
             .vmims
             .iter()
-            .filter(|m| m.namespace == vmi.namespace && m.vmi == vmi.name && !m.finished())
-            .map(|m| m.clone())
-            .collect();
-        running.sort_by(|a, b| b.created.cmp(&a.created));
-        let m = running.into_iter().next()?;
-        let target_node = m.target_node.clone().or_else(|| {
-            vmi.migration
-                .as_ref()
-                .filter(|s| s.uid == m.uid)
-                .and_then(|s| s.target_node.clone())
-        });
-        if let Some(t) = target_node.filter(|t| t != target.as_str()) {
-            tracing::warn!(migration = %m.name, migration_target = %t, node_id = %target, "second attach is not to the migration's target node; not matching it");
+            .find(|m| m.namespace == namespace && m.uid == uid)
+            .map(|m| m.clone());
+        if known.as_ref().is_some_and(VmimEntry::finished) {
+            tracing::info!(pod = %pod.name, migration_uid = %uid, "target pod of a finished migration; not matching it");
             return None;
         }
+        let name = pod
+            .migration_name
+            .clone()
+            .or_else(|| known.as_ref().map(|m| m.name.clone()))
+            .unwrap_or_else(|| uid.clone());
+        let vmi_name = vmi
+            .map(|v| v.name.clone())
+            .or_else(|| known.map(|m| m.vmi))
+            .or_else(|| pod.vm_name.clone())?;
         Some(MigrationRef {
-            namespace: m.namespace,
-            name: m.name,
-            uid: m.uid,
-            vmi: vmi.name.clone(),
+            namespace: namespace.to_owned(),
+            name,
+            uid,
+            vmi: vmi_name,
         })
     }
 
-    /// The VMI's deadline with KubeVirt's formula, when its memory is known.
-    pub fn deadline(&self, vmi: &VmiEntry) -> Option<(Duration, DeadlineBasis)> {
-        let per_gib = vmi.per_gib_secs.unwrap_or(self.default_per_gib_secs);
-        vmi.memory_bytes
-            .map(|bytes| completion_deadline(&vmi.name, bytes, per_gib))
+    /// The clock of migration `uid` of `vmi` (or of a migration not matched yet).
+    pub fn clock(&self, vmi: &VmiEntry, uid: Option<&str>) -> Option<MigrationClock> {
+        clock::clock(vmi, uid, self.default_per_gib_secs)
+    }
+
+    /// The clock of a matched migration, from its VMI as the cache shows it now.
+    pub fn clock_of(&self, m: &MigrationRef) -> Option<MigrationClock> {
+        let vmi = self.vmis.get(&(m.namespace.clone(), m.vmi.clone()))?;
+        self.clock(&vmi, Some(&m.uid))
     }
 
     /// The phase of a migration: from its object while it exists, else from the VMI's
@@ -487,103 +417,5 @@ fn apply<V: Clone>(
                 map.insert(k, v);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantities_parse_to_bytes() {
-        for (q, want) in [
-            ("1Gi", 1u64 << 30),
-            ("2048Mi", 2u64 << 30),
-            ("1G", 1_000_000_000),
-            ("1.5Gi", 3u64 << 29),
-            ("1e9", 1_000_000_000),
-            ("512", 512),
-            ("100m", 1),
-        ] {
-            assert_eq!(parse_quantity_bytes(q), Some(want), "{q}");
-        }
-        for bad in ["", "Gi", "1Xi", "-1Gi", "1e"] {
-            assert_eq!(parse_quantity_bytes(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn deadline_follows_kubevirt_defaults() {
-        // completionTimeoutPerGiB 150 s × data size (ScaledValue(Giga): GB rounded up)
-        // + 15 min pending allowance for the target pod.
-        for (gib, data_gb, secs) in [
-            (1u64, 2u64, 1200u64),
-            (2, 3, 1350),
-            (4, 5, 1650),
-            (16, 18, 3600),
-        ] {
-            let (d, basis) = completion_deadline("vm", gib << 30, 150);
-            assert_eq!(d, Duration::from_secs(secs), "{gib} GiB");
-            assert_eq!(
-                basis,
-                DeadlineBasis::Kubevirt {
-                    vmi: "vm".into(),
-                    data_gb,
-                    per_gib_secs: 150,
-                    startup_secs: 900
-                }
-            );
-            assert!(
-                d > Duration::from_secs(300),
-                "a fixed 300 s is too short for {gib} GiB"
-            );
-        }
-        // A guest memory given in decimal gigabytes is not rounded further.
-        assert_eq!(
-            completion_deadline("vm", 4_000_000_000, 150).0,
-            Duration::from_secs(4 * 150 + 900)
-        );
-    }
-
-    fn pod(name: &str, node: &str, vmi: Option<&str>, owner: Option<&str>) -> PodFacts {
-        PodFacts {
-            name: name.into(),
-            node: Some(node.into()),
-            vmi_uid: vmi.map(str::to_owned),
-            vm_name: vmi.map(|v| format!("vm-{v}")),
-            owner_pod: owner.map(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn pods_of_one_vm_pass_others_are_named() {
-        let a = NodeId::parse("node-a").unwrap();
-        let same = [
-            pod("virt-launcher-x-1", "node-a", Some("u1"), None),
-            pod("virt-launcher-x-2", "node-b", Some("u1"), None),
-            // A hotplug attachment pod belongs to its virt-launcher pod.
-            pod("hp-volume-x", "node-a", None, Some("virt-launcher-x-1")),
-        ];
-        assert!(foreign_pods("vms", &same, Some("u1"), &a).is_empty());
-        assert!(foreign_pods("vms", &same, None, &a).is_empty());
-        let mixed = [
-            pod("virt-launcher-x-1", "node-a", Some("u1"), None),
-            pod("virt-launcher-y-1", "node-b", Some("u2"), None),
-            pod("backup", "node-c", None, None),
-        ];
-        let foreign = foreign_pods("vms", &mixed, Some("u1"), &a);
-        assert_eq!(
-            foreign,
-            [
-                "vms/virt-launcher-y-1 on node-b (VM vm-u2)",
-                "vms/backup on node-c (not a KubeVirt VM)"
-            ]
-        );
-        // Plain pods with no VM at all: every one is named.
-        let plain = [
-            pod("app-1", "node-a", None, None),
-            pod("app-2", "node-b", None, None),
-        ];
-        assert_eq!(foreign_pods("ns", &plain, None, &a).len(), 2);
     }
 }
