@@ -122,6 +122,7 @@ fn store_code(e: &StoreError) -> Code {
         // Nothing was persisted and nothing changed: the CO may retry.
         StoreError::Io { .. } | StoreError::Unavailable(_) => Code::Unavailable,
         StoreError::Conflict { .. } | StoreError::Stale { .. } => Code::Aborted,
+        StoreError::TooLarge(_) => Code::ResourceExhausted,
         // A person must look at the record: retrying changes nothing.
         StoreError::Corrupt { .. } | StoreError::Quarantined { .. } => Code::FailedPrecondition,
     }

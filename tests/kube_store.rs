@@ -996,3 +996,111 @@ async fn a_leader_killed_mid_migration_hands_over_cleanly() {
     })
     .await;
 }
+
+/// Issue 16 point 5: a PV's annotations are limited to 256 KiB in all. A ReadOnlyMany
+/// volume read by 2,000 nodes still fits (its readers are stored as one group of names),
+/// and a change that would not fit is refused with ResourceExhausted before the API
+/// server refuses it, nothing changed.
+#[tokio::test]
+async fn two_thousand_readers_fit_the_annotation_budget_and_past_it_the_refusal_is_clear() {
+    let c = start().await;
+    const READERS: usize = 2000;
+    for i in 0..READERS {
+        c.fake
+            .put("nodes", fake_kube::node(&format!("reader-node-{i:04}")));
+    }
+    c.fake.put("nodes", fake_kube::node("reader-node-late"));
+    let cap = block_cap(Mode::MultiNodeReaderOnly);
+    let id = volume(&c, "pv-rox", cap.clone()).await;
+    let mut pv = c.fake.get("persistentvolumes", "pv-rox").unwrap();
+    pv["spec"]["accessModes"] = serde_json::json!(["ReadOnlyMany"]);
+    c.fake.put("persistentvolumes", pv);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..READERS {
+        // As the attacher does: a VolumeAttachment per node (the reconciler clears
+        // holders without one).
+        c.fake.put(
+            "volumeattachments",
+            fake_kube::volume_attachment(DRIVER, "pv-rox", &format!("reader-node-{i:04}"), true),
+        );
+    }
+    let mut ctl = c.driver.controller().await;
+    let publish_reader = |i: usize| {
+        let mut req = publish_request(&id, &format!("reader-node-{i:04}"), cap.clone());
+        req.readonly = true;
+        req
+    };
+    for i in 0..8 {
+        ctl.controller_publish_volume(publish_reader(i))
+            .await
+            .unwrap();
+    }
+    // 1,991 more readers as the driver stores them (publishing each over the API would
+    // take minutes here), then the 2,000th through the driver.
+    let raw = c.fake.get("persistentvolumes", "pv-rox").unwrap()["metadata"]["annotations"]
+        ["handoff.csi.dev/attachment"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(raw.contains("\"readers\""), "stored as a group: {raw}");
+    let mut state = handoff_csi::kube::pv_store::decode(&raw).unwrap();
+    assert_eq!(state.nodes.len(), 8);
+    let template = state.nodes[0].clone();
+    for i in 8..READERS - 1 {
+        let mut n = template.clone();
+        n.node_id = handoff_csi::ids::NodeId::parse(&format!("reader-node-{i:04}")).unwrap();
+        state.nodes.push(n);
+    }
+    let mut pv = c.fake.get("persistentvolumes", "pv-rox").unwrap();
+    pv["metadata"]["annotations"]["handoff.csi.dev/attachment"] =
+        Value::String(handoff_csi::kube::pv_store::encode(&state));
+    c.fake.put("persistentvolumes", pv);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    ctl.controller_publish_volume(publish_reader(READERS - 1))
+        .await
+        .unwrap();
+    eprintln!("publish of reader {READERS}: {:?}", started.elapsed());
+    let obj = c.fake.get("persistentvolumes", "pv-rox").unwrap();
+    let annotations = obj["metadata"]["annotations"].as_object().unwrap();
+    let bytes: usize = annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().unwrap().len())
+        .sum();
+    assert!(bytes < 256 * 1024, "{bytes} bytes");
+    eprintln!("annotations of a {READERS}-reader volume: {bytes} bytes");
+    assert!(annotations["handoff.csi.dev/attached-nodes"]
+        .as_str()
+        .unwrap()
+        .starts_with("2000 nodes"));
+    // Someone's large annotation (a kubectl last-applied-configuration, say) leaves too
+    // little room for one more reader: refused, with the reason; nothing changed.
+    let mut pv = c.fake.get("persistentvolumes", "pv-rox").unwrap();
+    pv["metadata"]["annotations"]["example.com/big"] = Value::String("x".repeat(220 * 1024));
+    c.fake.put("persistentvolumes", pv);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = c.fake.get("persistentvolumes", "pv-rox").unwrap()["metadata"]["annotations"]
+        ["handoff.csi.dev/attachment"]
+        .clone();
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-rox", "reader-node-late", false),
+    );
+    let mut req = publish_request(&id, "reader-node-late", cap.clone());
+    req.readonly = true;
+    let refused = ctl.controller_publish_volume(req).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("262144") && refused.message().contains("nothing was changed"),
+        "{}",
+        refused.message()
+    );
+    let after = c.fake.get("persistentvolumes", "pv-rox").unwrap()["metadata"]["annotations"]
+        ["handoff.csi.dev/attachment"]
+        .clone();
+    assert_eq!(before, after);
+    // The readers already there keep their publish (idempotent, nothing to write).
+    let mut again = publish_request(&id, "reader-node-0042", cap.clone());
+    again.readonly = true;
+    ctl.controller_publish_volume(again).await.unwrap();
+}

@@ -31,6 +31,10 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The record would be larger than the store can hold (a PV's annotations are limited
+    /// to 256 KiB): the change is refused before the API server refuses it.
+    #[error("{0}")]
+    TooLarge(String),
     /// One object the driver cannot decide on; the rest of the volumes carry on.
     #[error("volume {volume} is quarantined: {reason}")]
     Quarantined { volume: VolumeId, reason: String },

@@ -32,6 +32,9 @@ pub struct PvEntry {
     /// The PV's and its claim's uids: `kubectl describe` lists Events by involvedObject.uid.
     pub uid: Option<String>,
     pub claim_uid: Option<String>,
+    /// Bytes of the PV's annotations other than the driver's own: they share the API
+    /// server's 256 KiB budget with the attachment record.
+    pub other_annotation_bytes: usize,
     /// What the PV's access modes and volume mode allow.
     pub sharing: Sharing,
 }
@@ -312,7 +315,14 @@ impl ClusterCache {
             .claim_ref
             .as_ref()
             .and_then(|c| c.uid.clone());
+        let other_annotation_bytes = pv
+            .annotations()
+            .iter()
+            .filter(|(k, _)| *k != super::ANNOTATION_STATE && *k != super::ANNOTATION_NODES)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
         Some(PvEntry {
+            other_annotation_bytes,
             uid: pv.uid(),
             claim_uid,
             name: pv.name_any(),

@@ -155,6 +155,75 @@ impl PvStore {
     }
 }
 
+/// The API server's limit on all of an object's annotations together (keys and values).
+pub const ANNOTATIONS_BUDGET: usize = 256 * 1024;
+/// From this many read-only nodes on, they are stored as one group of names.
+const COMPACT_READERS_FROM: usize = 8;
+/// The readable node list names at most this many nodes; past it, a count.
+const LISTED_NODES: usize = 32;
+
+/// The record as stored: a ReadOnlyMany volume's many readers, which share their access
+/// and flags, are kept as one group (`readers`) of node names instead of one object each
+/// — about 3 bytes plus the name per node, so ~2,000 readers fit the annotation budget.
+/// Their individual attach times are not kept (the group's earliest is).
+pub fn encode(state: &AttachmentState) -> String {
+    let mut value = serde_json::to_value(state).expect("attachment state always serialises");
+    if state.sharing == crate::capability::Sharing::Rox && state.nodes.len() >= COMPACT_READERS_FROM
+    {
+        let first = &state.nodes[0];
+        let same = |n: &crate::attachment::state::NodeAttachment| {
+            !n.fencing && n.readonly == first.readonly && n.access == first.access
+        };
+        if state.nodes.iter().all(same) {
+            let since = state
+                .nodes
+                .iter()
+                .map(|n| n.attached_at)
+                .min()
+                .expect("nodes");
+            let names: Vec<&str> = state.node_ids().map(|n| n.as_str()).collect();
+            let obj = value.as_object_mut().expect("state is an object");
+            obj.remove("nodes");
+            obj.insert(
+                "readers".into(),
+                json!({"since": since, "readonly": first.readonly, "access": first.access, "nodes": names}),
+            );
+        }
+    }
+    value.to_string()
+}
+
+/// Reads what `encode` wrote (and every earlier form).
+pub fn decode(raw: &str) -> Result<AttachmentState, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_str(raw)?;
+    if let Some(obj) = value.as_object_mut() {
+        if let Some(group) = obj.remove("readers") {
+            let names = group["nodes"].as_array().cloned().unwrap_or_default();
+            let nodes: Vec<serde_json::Value> = names
+                .into_iter()
+                .map(|name| {
+                    json!({"node_id": name, "attached_at": group["since"], "readonly": group["readonly"],
+                        "access": group["access"]})
+                })
+                .collect();
+            obj.insert("nodes".into(), serde_json::Value::Array(nodes));
+        }
+    }
+    serde_json::from_value(value)
+}
+
+/// `handoff.csi.dev/attached-nodes`, for people: the node names, or a count past 32.
+fn nodes_annotation(state: &AttachmentState) -> String {
+    if state.nodes.len() > LISTED_NODES {
+        return format!(
+            "{} nodes (read-only); see {ANNOTATION_STATE}",
+            state.nodes.len()
+        );
+    }
+    let nodes: Vec<&str> = state.node_ids().map(|n| n.as_str()).collect();
+    nodes.join(",")
+}
+
 /// The state an annotation holds. An annotation that cannot be read, or that names
 /// another volume, quarantines its volume: deciding without it could admit a second
 /// writer, so publishes are refused with what to do.
@@ -171,7 +240,7 @@ fn parse(pv: &super::cache::PvEntry) -> Result<Option<AttachmentState>, StoreErr
         ),
     }
     };
-    match serde_json::from_str::<AttachmentState>(raw) {
+    match decode(raw) {
         Ok(mut state) if state.volume_id == pv.volume_id => {
             state.stored_version = Some(pv.resource_version.clone());
             Ok(Some(state))
@@ -302,11 +371,24 @@ impl AttachmentStore for PvStore {
     }
 
     async fn save(&self, state: &AttachmentState) -> Result<(), StoreError> {
-        let json = serde_json::to_string(state).expect("attachment state always serialises");
-        let nodes: Vec<&str> = state.node_ids().map(|n| n.as_str()).collect();
+        let json = encode(state);
+        let nodes = nodes_annotation(state);
+        let others = self
+            .cache
+            .pv_for(&state.volume_id)
+            .map_or(0, |pv| pv.other_annotation_bytes);
+        let total =
+            ANNOTATION_STATE.len() + json.len() + ANNOTATION_NODES.len() + nodes.len() + others;
+        if total > ANNOTATIONS_BUDGET {
+            return Err(StoreError::TooLarge(format!(
+                "the attachment record of volume {} would make its PersistentVolume's annotations {total} bytes ({} nodes; {others} bytes are other annotations), over the {ANNOTATIONS_BUDGET} bytes the API server accepts; nothing was changed — detach the volume from nodes that no longer need it",
+                state.volume_id,
+                state.nodes.len()
+            )));
+        }
         self.write(
             state,
-            json!({ANNOTATION_STATE: json, ANNOTATION_NODES: nodes.join(",")}),
+            json!({ANNOTATION_STATE: json, ANNOTATION_NODES: nodes}),
             false,
         )
         .await
@@ -320,5 +402,51 @@ impl AttachmentStore for PvStore {
             true,
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attachment::state::NodeAttachment;
+    use crate::capability::Sharing;
+    use crate::ids::NodeId;
+
+    fn reader(i: usize, fencing: bool) -> NodeAttachment {
+        NodeAttachment {
+            node_id: NodeId::parse(&format!("node-{i:04}")).unwrap(),
+            attached_at: chrono::Utc::now(),
+            readonly: true,
+            access: None,
+            fencing,
+        }
+    }
+
+    #[test]
+    fn many_readers_are_grouped_and_read_back() {
+        let mut s =
+            AttachmentState::new(VolumeId::generate(), Sharing::Rox, Duration::from_secs(300));
+        s.nodes = (0..2000).map(|i| reader(i, false)).collect();
+        let raw = encode(&s);
+        assert!(
+            raw.contains("\"readers\"") && !raw.contains("\"nodes\":[{"),
+            "grouped"
+        );
+        assert!(raw.len() < 40_000, "{} bytes for 2,000 readers", raw.len());
+        let back = decode(&raw).unwrap();
+        assert_eq!(
+            back.node_ids().collect::<Vec<_>>(),
+            s.node_ids().collect::<Vec<_>>()
+        );
+        assert!(back.nodes.iter().all(|n| n.readonly && !n.fencing));
+        // A reader being fenced keeps its own record: nothing is grouped.
+        s.nodes[7].fencing = true;
+        let raw = encode(&s);
+        assert!(!raw.contains("\"readers\""));
+        assert!(decode(&raw).unwrap().nodes[7].fencing);
+        // A few readers, and every other volume, are stored as before.
+        s.nodes.truncate(3);
+        s.nodes[2].fencing = false;
+        assert_eq!(decode(&encode(&s)).unwrap(), s);
     }
 }
