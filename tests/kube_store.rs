@@ -1104,3 +1104,42 @@ async fn two_thousand_readers_fit_the_annotation_budget_and_past_it_the_refusal_
     again.readonly = true;
     ctl.controller_publish_volume(again).await.unwrap();
 }
+
+/// Issue 16 point 6: external-attacher passes the node id from CSINode, which is what
+/// NodeGetInfo reported — not necessarily the Node's name. Such a node is known, its
+/// VolumeAttachment (named by Node) counts for it, and an id no CSINode lists is
+/// refused with what to check.
+#[tokio::test]
+async fn node_ids_resolve_through_csinode_when_they_differ_from_node_names() {
+    let c = start().await;
+    c.fake.put("nodes", fake_kube::node("worker-1"));
+    c.fake.put(
+        "csinodes",
+        fake_kube::csinode("worker-1", DRIVER, "worker-1.lab.example"),
+    );
+    let id = volume(&c, "pv-csinode", rwo_block()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The attacher's object names the Node; it carries no node-id annotation here.
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-csinode", "worker-1", true),
+    );
+    let mut ctl = c.driver.controller().await;
+    ctl.controller_publish_volume(publish_request(&id, "worker-1.lab.example", rwo_block()))
+        .await
+        .unwrap();
+    // Several reconciler passes: the holder has its VolumeAttachment, so it stays.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let state = annotation(&c.fake, "pv-csinode").expect("still attached");
+    assert_eq!(nodes_in(&state), ["worker-1.lab.example"]);
+    let unknown = ctl
+        .controller_publish_volume(publish_request(&id, "worker-9.lab.example", rwo_block()))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(
+        unknown.message().contains("CSINode") && unknown.message().contains("--node-id"),
+        "{}",
+        unknown.message()
+    );
+}

@@ -363,15 +363,15 @@ impl AttachmentManager {
         let holders: Vec<NodeId> = current.node_ids().cloned().collect();
         let mut asked = holders.clone();
         asked.push(req.node_id.clone());
-        let mut gone_nodes = self.cluster.gone_nodes(&asked).await?;
-        if gone_nodes.contains(&req.node_id) {
-            return Err(AttachError::UnknownNode(req.node_id.clone()));
-        }
         if let NodeKnown::No(why) = self.cluster.node_known(&req.node_id).await? {
             return Err(AttachError::UnregisteredNode {
                 node: req.node_id.clone(),
                 why,
             });
+        }
+        let mut gone_nodes = self.cluster.gone_nodes(&asked).await?;
+        if gone_nodes.contains(&req.node_id) {
+            return Err(AttachError::UnknownNode(req.node_id.clone()));
         }
         gone_nodes.retain(|n| n != &req.node_id);
         // Only a would-be second node of an RWX volume needs to know who uses it.

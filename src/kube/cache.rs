@@ -11,7 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
-use k8s_openapi::api::storage::v1::VolumeAttachment;
+use k8s_openapi::api::storage::v1::{CSINode, VolumeAttachment};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
@@ -84,6 +84,9 @@ fn not_older(current: &str, candidate: &str) -> bool {
     }
 }
 
+/// Annotation external-attacher puts on a VolumeAttachment: the CSI node id it uses.
+pub const VA_NODE_ID: &str = "csi.alpha.kubernetes.io/node-id";
+
 #[derive(Default)]
 struct Ready {
     pvs: AtomicBool,
@@ -99,6 +102,9 @@ pub struct ClusterCache {
     handles: DashMap<VolumeId, std::collections::BTreeSet<String>>,
     /// Node name → out of service (tainted `node.kubernetes.io/out-of-service`).
     nodes: DashMap<String, bool>,
+    /// CSINode name (= Node name) → the node id this driver reported there
+    /// (`drivers[].nodeID`, from NodeGetInfo): how node ids resolve to Nodes.
+    csinodes: DashMap<String, String>,
     vas: DashMap<String, VaEntry>,
     ready: Ready,
     changed: Notify,
@@ -127,6 +133,7 @@ impl ClusterCache {
             pvs: DashMap::new(),
             handles: DashMap::new(),
             nodes: DashMap::new(),
+            csinodes: DashMap::new(),
             vas: DashMap::new(),
             ready: Ready::default(),
             changed: Notify::new(),
@@ -162,6 +169,22 @@ impl ClusterCache {
                 match event {
                     Ok(e) => cache.on_node_event(e, &mut pending),
                     Err(e) => tracing::warn!(error = %e, "Node watch interrupted; retrying"),
+                }
+            }
+        });
+        let cache = self.clone();
+        let api: Api<CSINode> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut pending = HashMap::new();
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(e) => cache.on_csinode_event(e, &mut pending),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CSINode watch interrupted; retrying (node ids resolve to Node names by equality meanwhile)")
+                    }
                 }
             }
         });
@@ -271,6 +294,54 @@ impl ClusterCache {
         }
     }
 
+    fn on_csinode_event(&self, event: Event<CSINode>, pending: &mut HashMap<String, String>) {
+        let driver = self.driver.clone();
+        Self::watch_event(
+            event,
+            pending,
+            |c| {
+                c.spec
+                    .drivers
+                    .iter()
+                    .find(|d| d.name == driver)
+                    .map(|d| d.node_id.clone())
+            },
+            |c| c.name_any(),
+            |name, v| match v {
+                Some(id) => {
+                    self.csinodes.insert(name, id);
+                }
+                None => {
+                    self.csinodes.remove(&name);
+                }
+            },
+            |all| {
+                self.csinodes.clear();
+                for (k, v) in all {
+                    self.csinodes.insert(k, v);
+                }
+            },
+        );
+    }
+
+    /// The Node a node id names: the one whose CSINode lists this driver with that id,
+    /// else the Node of that very name (node id = host name = Node name, the common case).
+    pub fn node_name_of(&self, node: &NodeId) -> String {
+        self.csinodes
+            .iter()
+            .find(|e| e.value() == node.as_str())
+            .map(|e| e.key().clone())
+            .unwrap_or_else(|| node.as_str().to_owned())
+    }
+
+    /// The node id the driver reported on Node `name` (CSINode), else the name itself.
+    pub fn node_id_on(&self, name: &str) -> Option<NodeId> {
+        match self.csinodes.get(name) {
+            Some(id) => NodeId::parse(id.value()).ok(),
+            None => NodeId::parse(name).ok(),
+        }
+    }
+
     fn on_va_event(&self, event: Event<VolumeAttachment>, pending: &mut HashMap<String, VaEntry>) {
         let synced = Self::watch_event(
             event,
@@ -338,9 +409,16 @@ impl ClusterCache {
         if va.spec.attacher != self.driver {
             return None;
         }
+        // spec.nodeName is the Node's name; the attacher records the node id it passed to
+        // ControllerPublish in this annotation, and CSINode maps one to the other.
+        let node = va
+            .annotations()
+            .get(VA_NODE_ID)
+            .and_then(|id| NodeId::parse(id).ok())
+            .or_else(|| self.node_id_on(&va.spec.node_name))?;
         Some(VaEntry {
             pv_name: va.spec.source.persistent_volume_name.clone()?,
-            node: NodeId::parse(&va.spec.node_name).ok()?,
+            node,
             attached: va.status.as_ref().is_some_and(|s| s.attached),
             created: va.metadata.creation_timestamp.as_ref().and_then(to_chrono),
         })
@@ -425,7 +503,9 @@ impl ClusterCache {
     }
 
     pub fn node_exists(&self, node: &NodeId) -> bool {
-        self.nodes.get(node.as_str()).is_some_and(|oos| !*oos)
+        self.nodes
+            .get(&self.node_name_of(node))
+            .is_some_and(|oos| !*oos)
     }
 
     pub fn attachments_known(&self) -> bool {

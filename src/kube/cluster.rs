@@ -11,7 +11,7 @@ use kube::{Api, Client};
 
 use super::cache::ClusterCache;
 use super::kubevirt::{foreign_pods, pods_using, KubevirtCache};
-use crate::attachment::cluster::{AttachmentObject, ClusterError, ClusterView};
+use crate::attachment::cluster::{AttachmentObject, ClusterError, ClusterView, NodeKnown};
 use crate::attachment::deadline::MigrationClock;
 use crate::attachment::state::{MigrationPhase, MigrationRef, Workload};
 use crate::capability::Sharing;
@@ -45,6 +45,19 @@ impl ClusterView for KubeCluster {
             .filter(|n| !self.cache.node_exists(n))
             .cloned()
             .collect())
+    }
+
+    async fn node_known(&self, node: &NodeId) -> Result<NodeKnown, ClusterError> {
+        if !self.cache.nodes_known() {
+            return Ok(NodeKnown::CannotTell);
+        }
+        if self.cache.node_exists(node) {
+            return Ok(NodeKnown::Yes);
+        }
+        Ok(NodeKnown::No(format!(
+            "no Node is named {node} and no CSINode lists node id {node} for driver {} (or that Node is out of service); the node id is what NodeGetInfo reported (--node-id; in Kubernetes set it from spec.nodeName)",
+            self.cache.driver()
+        )))
     }
 
     async fn attachments(&self) -> Result<Option<Vec<AttachmentObject>>, ClusterError> {

@@ -71,6 +71,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "persistentvolumes" => ("v1", "PersistentVolume"),
         "nodes" => ("v1", "Node"),
         "volumeattachments" => ("storage.k8s.io/v1", "VolumeAttachment"),
+        "csinodes" => ("storage.k8s.io/v1", "CSINode"),
         "events" => ("v1", "Event"),
         "pods" => ("v1", "Pod"),
         "virtualmachineinstances" => ("kubevirt.io/v1", "VirtualMachineInstance"),
@@ -713,6 +714,12 @@ pub fn pv(name: &str, driver: &str, handle: &str) -> Value {
 
 pub fn node(name: &str) -> Value {
     json!({"metadata": {"name": name}})
+}
+
+/// The CSINode kubelet writes for Node `node` once the driver registered with `node_id`.
+pub fn csinode(node: &str, driver: &str, node_id: &str) -> Value {
+    json!({"metadata": {"name": node}, "spec": {"drivers": [
+        {"name": driver, "nodeID": node_id, "topologyKeys": ["topology.handoff.csi.dev/pool"]}]}})
 }
 
 pub fn volume_attachment(driver: &str, pv_name: &str, node: &str, attached: bool) -> Value {
