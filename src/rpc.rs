@@ -18,6 +18,30 @@ fn for_log(raw: &str) -> &str {
     }
 }
 
+/// The same failure (method, ids, code, message) is logged at WARN once per this window,
+/// then at DEBUG: the attacher retries and resyncs every refusal for as long as it lasts.
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn first_in_window(key: String) -> bool {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static SEEN: OnceLock<parking_lot::Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    let now = Instant::now();
+    let mut seen = SEEN
+        .get_or_init(|| parking_lot::Mutex::new(HashMap::new()))
+        .lock();
+    if seen.len() > 4096 {
+        seen.retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+    }
+    match seen.get(&key) {
+        Some(at) if now.duration_since(*at) < REPEAT_WINDOW => false,
+        _ => {
+            seen.insert(key, now);
+            true
+        }
+    }
+}
+
 pub async fn handle<T, F>(
     metrics: &Metrics,
     method: &'static str,
@@ -41,7 +65,12 @@ where
             }
             Err(status) => {
                 metrics.observe_rpc(method, status.code(), elapsed);
-                warn!(code = ?status.code(), message = status.message(), elapsed_ms = elapsed.as_millis() as u64, "failed");
+                let key = format!("{method}|{}|{}|{:?}|{}", for_log(volume_id), for_log(node_id), status.code(), status.message());
+                if first_in_window(key) {
+                    warn!(code = ?status.code(), message = status.message(), elapsed_ms = elapsed.as_millis() as u64, "failed");
+                } else {
+                    debug!(code = ?status.code(), message = status.message(), elapsed_ms = elapsed.as_millis() as u64, "failed again (repeat of a failure logged in the last 5 minutes)");
+                }
             }
         }
         result.map(Response::new)

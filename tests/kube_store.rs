@@ -1143,3 +1143,76 @@ async fn node_ids_resolve_through_csinode_when_they_differ_from_node_names() {
         unknown.message()
     );
 }
+
+/// Issue 16 point 7: after a gone node's holder was cleared, external-attacher's resync
+/// finds that node's VolumeAttachment unlisted and publishes it again, retrying with
+/// backoff for as long as it fails. The driver answers the same every time, changes
+/// nothing, and records one Event, not one per retry.
+#[tokio::test]
+async fn the_attachers_resync_of_a_cleared_node_gets_quiet_and_correct_answers() {
+    let c = start().await;
+    let id = volume(&c, "pv-resync", rwo_block()).await;
+    let mut ctl = c.driver.controller().await;
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-resync", "node-a", true),
+    );
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    // node-a is deleted; the workload moves to node-b: the stale holder is cleared.
+    c.fake.remove("nodes", "node-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-resync", "node-b", true),
+    );
+    ctl.controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await
+        .unwrap();
+    // node-a is reinstalled under its old name while its VolumeAttachment lingers.
+    c.fake.put("nodes", fake_kube::node("node-a"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sim = support::attacher::AttacherSim {
+        scale: 0.02, // 1 s → 20 ms, 5 min → 6 s; resync 60 s → 1.2 s
+        resync: Duration::from_secs(60),
+        driver: DRIVER.into(),
+    };
+    let pv_id = id.clone();
+    let history = sim
+        .run(
+            &c.fake,
+            &mut ctl,
+            |pv| (pv == "pv-resync").then(|| pv_id.clone()),
+            rwo_block(),
+            Duration::from_secs(4),
+        )
+        .await;
+    let a = history
+        .get("csi-pv-resync-node-a")
+        .expect("node-a's VA was resynced");
+    assert!(a.calls >= 5, "the attacher retried: {a:?}");
+    assert!(
+        a.codes.iter().all(|c| *c == Code::FailedPrecondition),
+        "{a:?}"
+    );
+    assert!(
+        a.messages.windows(2).all(|w| w[0] == w[1]),
+        "one stable answer: {a:?}"
+    );
+    assert!(
+        !history.contains_key("csi-pv-resync-node-b"),
+        "node-b is listed, never resynced"
+    );
+    let state = annotation(&c.fake, "pv-resync").unwrap();
+    assert_eq!(nodes_in(&state), ["node-b"]);
+    let conflicts = c
+        .fake
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["reason"] == "AttachConflict" && e["involvedObject"]["kind"] == "PersistentVolume"
+        })
+        .count();
+    assert_eq!(conflicts, 1, "{} retries, one Event", a.calls);
+}

@@ -18,7 +18,14 @@ pub struct KubeEvents {
     cache: Arc<ClusterCache>,
     kubevirt: Option<Arc<KubevirtCache>>,
     component: String,
+    /// (object, reason, message) → when it was last recorded: a refusal repeated by the
+    /// attacher's retries and resyncs is one Event, not one per retry.
+    recent:
+        parking_lot::Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
 }
+
+/// Identical Events on one object within this window are recorded once.
+pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// core/v1 validation refuses an Event whose note is longer than this when eventTime is
 /// set (422); the full text stays in the log.
@@ -44,6 +51,33 @@ impl KubeEvents {
             cache,
             kubevirt: None,
             component: component.to_owned(),
+            recent: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether this Event was recorded within the repeat window (and notes it if not).
+    fn repeated(&self, object: &ObjectReference, reason: &str, message: &str) -> bool {
+        let now = std::time::Instant::now();
+        let key = (
+            format!(
+                "{}/{}/{}",
+                object.kind.as_deref().unwrap_or(""),
+                object.namespace.as_deref().unwrap_or(""),
+                object.name.as_deref().unwrap_or("")
+            ),
+            reason.to_owned(),
+            message.to_owned(),
+        );
+        let mut recent = self.recent.lock();
+        if recent.len() > 4096 {
+            recent.retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+        }
+        match recent.get(&key) {
+            Some(at) if now.duration_since(*at) < REPEAT_WINDOW => true,
+            _ => {
+                recent.insert(key, now);
+                false
+            }
         }
     }
 
@@ -185,6 +219,13 @@ impl EventSink for KubeEvents {
             ));
         }
         for (namespace, involved) in targets {
+            if self.repeated(&involved, reason, &message) {
+                tracing::debug!(
+                    reason,
+                    "same Event recorded within the last 10 minutes; not repeated"
+                );
+                continue;
+            }
             let ev = Event {
                 metadata: ObjectMeta {
                     generate_name: Some(format!("{}.", involved.name.clone().unwrap_or_default())),

@@ -648,6 +648,17 @@ impl FakeKube {
         self.inner.kubevirt.store(true, Ordering::SeqCst);
     }
 
+    /// Every object of a cluster-scoped resource.
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        self.inner
+            .objects
+            .lock()
+            .iter()
+            .filter(|((r, ns, _), _)| r == resource && ns.is_empty())
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     pub fn get(&self, resource: &str, name: &str) -> Option<Value> {
         self.inner
             .objects

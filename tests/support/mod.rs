@@ -31,6 +31,7 @@ pub fn require_root(test: &str) -> bool {
     panic!("{msg}, or set HANDOFF_ALLOW_UNPRIVILEGED_SKIP=1 to skip privileged tests");
 }
 
+pub mod attacher;
 pub mod fake_kube;
 pub mod kubevirt_sim;
 pub mod netns;
