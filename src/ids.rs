@@ -149,7 +149,14 @@ impl SnapshotId {
     pub fn parse(raw: &str) -> Result<Self, IdError> {
         check_token("snapshot_id", raw)?;
         let hex = raw.strip_prefix(SNAPSHOT_PREFIX).unwrap_or("");
-        if hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        let ours = hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        // The Go driver's snapshots: snap-<source uuid>-at-<unix time>, adopted as they are.
+        let adopted = hex.split_once("-at-").is_some_and(|(uuid, at)| {
+            is_uuid(uuid)
+                && (1..=16).contains(&at.len())
+                && at.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if ours || adopted {
             Ok(SnapshotId(raw.to_owned()))
         } else {
             Err(IdError::Unknown {

@@ -97,7 +97,7 @@ async fn create_export_grow_and_delete_with_exact_commands() {
         .find(|c| c.starts_with("/disk add"))
         .expect("a /disk add");
     let expected = format!(
-        "/disk add type=file file-path=\"{DIR}/{name}.img\" file-size={} slot=\"{name}\" nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:{name}\" comment=\"handoff1:",
+        "/disk add type=file file-path=\"{DIR}/{name}.img\" file-size={} slot=\"{name}\" mount-filesystem=no nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:{name}\" nvme-tcp-server-allow-host-name=\"nqn.2014-08.dev.handoff-csi:no-host\" comment=\"handoff2:",
         10 * GIB
     );
     assert!(add.starts_with(&expected), "{add}");
@@ -128,13 +128,13 @@ async fn create_export_grow_and_delete_with_exact_commands() {
             subsystem_nqn: format!("nqn.2000-02.com.mikrotik:{name}"),
             namespace_uuid: String::new(),
             ctrl_loss_tmo: 600,
-            host_nqn: None,
+            host_nqn: Some(handoff_csi::export::node_host_nqn(&node)),
         }
     );
     assert_eq!(
         b.fencing(),
-        Fencing::Bookkeeping,
-        "RouterOS has no host ACL"
+        Fencing::Target,
+        "RouterOS's per-disk host allow list"
     );
 
     // Grow (exact size kept in the comment though RouterOS prints 10.5GiB).
@@ -215,8 +215,8 @@ async fn snapshots_and_restores_copy_on_the_router() {
         .unwrap();
     assert!(
         add.starts_with(&format!(
-            "/disk add type=file file-path=\"{DIR}/{}.img\" copy-from=\"nvme1/volumes/{}.img\" slot=\"{}\" comment=",
-            snap.id, v.id, snap.id
+            "/disk add type=file copy-from=[find slot=\"{}\"] file-path=\"{DIR}/{}.img\" slot=\"{}\" mount-filesystem=no comment=",
+            v.id, snap.id, snap.id
         )),
         "{add}"
     );
@@ -237,7 +237,7 @@ async fn snapshots_and_restores_copy_on_the_router() {
     assert_eq!(b.list_snapshots().await.unwrap(), vec![snap.clone()]);
     assert!(b.list_volumes().await.unwrap().iter().all(|x| x.id == v.id));
 
-    // Restore into a larger volume: copy, then grow.
+    // Restore into a larger volume: one copy, as large as asked.
     let mut req = request("restored", 2 * GIB);
     req.source = Some(ContentSource::Snapshot(snap.id.clone()));
     let r = b.create_volume(&req).await.unwrap();
@@ -246,15 +246,15 @@ async fn snapshots_and_restores_copy_on_the_router() {
     let cmds = router.take_commands();
     let add = cmds.iter().find(|c| c.starts_with("/disk add")).unwrap();
     assert!(
-        add.contains(&format!("copy-from=\"nvme1/volumes/{}.img\"", snap.id)),
+        add.contains(&format!("copy-from=[find slot=\"{}\"]", snap.id))
+            && add.contains(&format!(" file-size={} ", 2 * GIB)),
         "{add}"
     );
     assert!(add.contains("nvme-tcp-export=yes"), "{add}");
-    assert!(cmds.iter().any(|c| c.starts_with(&format!(
-        "/disk set [find slot=\"{}\"] file-size={}",
-        r.id,
+    assert_eq!(
+        router.state.lock().files[&format!("nvme1/volumes/{}.img", r.id)],
         2 * GIB
-    ))));
+    );
     // Smaller than the snapshot: refused before anything is sent.
     let mut small = request("too-small", 8 * MIB);
     small.source = Some(ContentSource::Snapshot(snap.id.clone()));
@@ -457,7 +457,7 @@ async fn volumes_of_the_go_driver_are_adopted() {
         .all(|c| !c.starts_with("/disk add")));
     // Growing it gives it our record, with the exact size.
     b.expand_volume(&id, 21 * GIB).await.unwrap();
-    assert!(router.disk(GO_VOLUME).unwrap()["comment"].starts_with("handoff1:"));
+    assert!(router.disk(GO_VOLUME).unwrap()["comment"].starts_with("handoff2:"));
     assert_eq!(
         b.get_volume(&id).await.unwrap().unwrap().capacity_bytes,
         21 * GIB
@@ -507,9 +507,10 @@ async fn the_driver_serves_rds_volumes_over_csi() {
         ctx["nvmeSubsystemNqn"],
         format!("nqn.2000-02.com.mikrotik:{name}")
     );
-    assert!(
-        !ctx.contains_key("nvmeHostNqn"),
-        "RouterOS has no host ACL to name"
+    assert_eq!(
+        ctx["nvmeHostNqn"],
+        handoff_csi::export::node_host_nqn(&NodeId::parse("node-a").unwrap()),
+        "the node connects under the name the disk admits"
     );
     c.controller_publish_volume(publish_request(name, "node-b", rwx()))
         .await
@@ -527,10 +528,18 @@ async fn the_driver_serves_rds_volumes_over_csi() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        table.contains("node-b [detached, NOT fenced (no host ACL): node-a]"),
-        "{table}"
+    assert!(table.contains("node-b [fenced: node-a]"), "{table}");
+    // Issue 16 point 14: fenced at RouterOS — the disk admits node-b's host only, and
+    // its export was cycled so node-a's live connection dropped.
+    let disk = router.disk(name).unwrap();
+    let nqn = |n: &str| handoff_csi::export::node_host_nqn(&NodeId::parse(n).unwrap());
+    assert_eq!(
+        disk["nvme-tcp-server-allow-host-name"],
+        format!("\"{}\"", nqn("node-b")),
+        "{disk:?}"
     );
+    assert_eq!(disk["nvme-tcp-export"], "yes");
+    assert_eq!(router.state.lock().export_cycles[name], 1);
 
     // A volume in use is not deleted; once detached it is, and again is a no-op.
     let del = csi::DeleteVolumeRequest {
@@ -798,4 +807,98 @@ fn skipping_host_key_verification_is_logged_as_a_warning() {
     let _ = child.wait();
     let line = warning.expect("no warning about host key verification");
     assert!(line.contains("\"WARN\""), "{line}");
+}
+
+/// Issue 16 points 10–15 against a router that prints what a real one prints: a long
+/// unquoted file path cut mid-value, raw sizes in groups of three, the record comment
+/// wrapped over lines, capacity by mount point, the Go driver's snapshots, and an error
+/// that exits with status 1.
+#[tokio::test]
+async fn a_real_routers_output_is_read_right() {
+    let router = FakeRouter::start(100 * GIB).await;
+    // The volume dir a real install uses is long enough for every path to wrap.
+    let dir = "/nvme1/kubernetes/handoff-csi/volumes";
+    let b = RdsBackend::new(
+        Arc::new(SshShell::new(target(
+            &router,
+            pinned(&router),
+            Credentials::KeyFile(router.client_key_file.clone()),
+        ))),
+        RdsSettings {
+            volume_dir: dir.into(),
+            nvme_address: "10.0.0.9".into(),
+            nvme_port: 4420,
+            attempts: 3,
+            backoff: Duration::from_millis(5),
+        },
+    );
+    let v = b
+        .create_volume(&request("pvc-0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3", GIB))
+        .await
+        .unwrap();
+    let printed = {
+        let mut s = router.state.lock();
+        s.commands.clear();
+        drop(s);
+        router.print_detail()
+    };
+    let path_line = printed
+        .lines()
+        .find(|l| l.contains("file-path="))
+        .expect("printed");
+    assert!(
+        !path_line.contains(".img"),
+        "the fake cuts the path as a real console does:\n{printed}"
+    );
+    assert!(printed.lines().filter(|l| l.contains(";;;")).count() == 1);
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.trim_start().starts_with("size=") || l.contains(" size=1 073 741 824")),
+        "{printed}"
+    );
+    // The record in the wrapped comment still reads back: name, exact size.
+    assert_eq!(b.get_volume(&v.id).await.unwrap().unwrap(), v);
+    // Capacity: the partition mounted at the pool, its free bytes in groups of three.
+    let free = router.state.lock().free;
+    assert_eq!(b.available_capacity().await.unwrap(), free);
+    assert!(router
+        .take_commands()
+        .iter()
+        .any(|c| c == "/disk print detail where mount-point=\"nvme1\""));
+    // Delete removes the disk and its whole file: nothing leaks.
+    b.delete_volume(&v.id).await.unwrap();
+    assert!(
+        router.state.lock().files.is_empty(),
+        "{:?}",
+        router.state.lock().files
+    );
+    assert!(router.take_commands().iter().any(|c| c
+        == &format!(
+            "/file remove [find name=\"{}/{}.img\"]",
+            dir.trim_start_matches('/'),
+            v.id
+        )));
+
+    // The Go driver's snapshot is listed, restorable and deletable.
+    let go_snap = "snap-3c6f1a2b-1111-4222-8333-944455556666-at-1764547200";
+    router.add_go_driver_disk(GO_VOLUME, dir, 2 * GIB, 4420);
+    router.add_go_driver_snapshot(go_snap, dir, 2 * GIB);
+    let snaps = b.list_snapshots().await.unwrap();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].id.as_str(), go_snap);
+    assert_eq!(snaps[0].source_volume.as_str(), GO_VOLUME);
+    let mut req = request("restored-from-go", 2 * GIB);
+    req.source = Some(ContentSource::Snapshot(snaps[0].id.clone()));
+    let restored = b.create_volume(&req).await.unwrap();
+    assert_eq!(restored.capacity_bytes, 2 * GIB);
+    b.delete_snapshot(&snaps[0].id).await.unwrap();
+    assert!(b.list_snapshots().await.unwrap().is_empty());
+
+    // An error is RouterOS's text with exit status 1: a failure, never "done".
+    let err = b
+        .create_volume(&request("far-too-big", 1000 * GIB))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::NoSpace(_)), "{err}");
 }

@@ -5,7 +5,10 @@
 //! parameters, exact size) lives in the disk's comment; RouterOS itself only knows
 //! the file and its rounded size.
 //!
-//! RouterOS has no host ACL on its NVMe/TCP exports: fencing is bookkeeping only.
+//! Fencing is RouterOS's own: each disk's `nvme-tcp-server-allow-host-name` lists the
+//! host NQNs that may connect (every node connects with its own, derived from its node
+//! id); a node losing the volume is taken off the list and the export is cycled, which
+//! drops its live connection. A new disk admits no host until a node is published.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,11 +26,15 @@ use super::{
 };
 use crate::capability::AccessMode;
 use crate::controller::params::ctrl_loss_tmo;
-use crate::export::ExportInfo;
+use crate::export::{node_host_nqn, ExportInfo};
 use crate::ids::{NodeId, SnapshotId, VolumeId};
 
-/// Comments the driver writes start with this, then hex-encoded JSON.
+/// Comments the driver wrote first: this, then hex-encoded JSON (still read).
 const META_PREFIX: &str = "handoff1:";
+/// Comments the driver writes now: this, then unpadded base64url JSON — two thirds the
+/// size of hex, one word without `=` or spaces, so a console that wraps it can be read
+/// back by joining the lines.
+const META_PREFIX_V2: &str = "handoff2:";
 
 #[derive(Debug, Clone)]
 pub struct RdsSettings {
@@ -76,12 +83,20 @@ enum Meta {
 
 impl Meta {
     fn encode(&self) -> String {
+        use base64::Engine;
         let json = serde_json::to_vec(self).expect("metadata serialises");
-        let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{META_PREFIX}{hex}")
+        let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        format!("{META_PREFIX_V2}{text}")
     }
 
     fn decode(comment: &str) -> Option<Meta> {
+        use base64::Engine;
+        if let Some(text) = comment.strip_prefix(META_PREFIX_V2) {
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(text)
+                .ok()?;
+            return serde_json::from_slice(&json).ok();
+        }
         let hex = comment.strip_prefix(META_PREFIX)?;
         if hex.len() % 2 != 0 {
             return None;
@@ -105,6 +120,8 @@ struct Disk {
     status: Option<String>,
     nqn: Option<String>,
     port: Option<u16>,
+    /// Hosts admitted to the export; `None`: any host (an empty list).
+    allowed: Option<Vec<String>>,
     meta: Option<Meta>,
 }
 
@@ -126,6 +143,10 @@ impl Disk {
             status: f.get("status").cloned(),
             nqn: f.get("nvme-tcp-server-nqn").cloned(),
             port: f.get("nvme-tcp-server-port").and_then(|p| p.parse().ok()),
+            allowed: routeros::allowed_hosts(
+                f.get("nvme-tcp-server-allow-host-name")
+                    .map_or("", String::as_str),
+            ),
             meta: f.get("comment").and_then(|c| Meta::decode(c)),
         })
     }
@@ -165,6 +186,9 @@ impl Disk {
 
     fn snapshot(&self) -> Option<SnapshotRecord> {
         let id = SnapshotId::parse(&self.slot).ok()?;
+        if self.meta.is_none() {
+            return go_driver_snapshot(id, self.size);
+        }
         match &self.meta {
             Some(Meta::Snapshot {
                 name,
@@ -181,6 +205,26 @@ impl Disk {
             _ => None,
         }
     }
+}
+
+/// A snapshot the Go driver made: slot `snap-<source uuid>-at-<unix time>`, no comment;
+/// its source is the `pvc-<uuid>` volume and its size the file's.
+fn go_driver_snapshot(id: SnapshotId, size: u64) -> Option<SnapshotRecord> {
+    let rest = id.as_str().strip_prefix("snap-")?;
+    let (uuid, at) = rest.split_once("-at-")?;
+    let source = VolumeId::parse(&format!("pvc-{uuid}")).ok()?;
+    // Decimal seconds as the Go driver writes them; hex as older builds did.
+    let secs = at
+        .parse::<i64>()
+        .ok()
+        .or_else(|| i64::from_str_radix(at, 16).ok())?;
+    Some(SnapshotRecord {
+        name: id.as_str().to_owned(),
+        id,
+        source_volume: source,
+        size_bytes: size,
+        created_at: DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::UNIX_EPOCH),
+    })
 }
 
 /// The Go driver served raw block volumes, single- or multi-node (live migration), and
@@ -322,6 +366,32 @@ impl RdsBackend {
     }
 }
 
+impl RdsBackend {
+    /// Reads the allow list back: a fence (or a grant) counts only when RouterOS shows it.
+    async fn confirm_allowed(
+        &self,
+        slot: &str,
+        node: &NodeId,
+        want: bool,
+    ) -> Result<(), BackendError> {
+        let host = node_host_nqn(node);
+        let disk = self.disk(slot).await?;
+        let admitted = match disk.as_ref().map(|d| &d.allowed) {
+            None => false,
+            Some(None) => true,
+            Some(Some(list)) => list.contains(&host),
+        };
+        if admitted == want {
+            Ok(())
+        } else {
+            Err(BackendError::Target(format!(
+                "RouterOS accepted the allow list of disk {slot} but does not show node {node} {}",
+                if want { "admitted" } else { "removed" }
+            )))
+        }
+    }
+}
+
 /// The command's first words, for logs (never the values).
 fn verb(command: &str) -> String {
     command
@@ -375,7 +445,7 @@ impl Backend for RdsBackend {
         let spec = self.spec(id.as_str(), size, &meta);
         let command = match &source_disk {
             None => spec.create(),
-            Some(src) => spec.copy_from(&src.file_path),
+            Some(src) => spec.copy_from(&src.slot),
         };
         let no_space = || BackendError::NoSpace(id.clone());
         let added = match command {
@@ -388,10 +458,6 @@ impl Backend for RdsBackend {
                 Some(v) if v.incompatibility(req).is_none() => return Ok(v),
                 _ => return Err(e.into_backend(no_space)),
             }
-        }
-        if source_size.is_some_and(|s| s < size) {
-            self.run_or(routeros::resize(id.as_str(), size, &meta))
-                .await?;
         }
         self.disk(id.as_str())
             .await?
@@ -462,7 +528,7 @@ impl Backend for RdsBackend {
     async fn export(
         &self,
         volume: &VolumeRecord,
-        _node: &NodeId,
+        node: &NodeId,
     ) -> Result<ExportInfo, BackendError> {
         let disk = self
             .disk(volume.id.as_str())
@@ -484,12 +550,59 @@ impl Backend for RdsBackend {
             // subsystem's one namespace.
             namespace_uuid: String::new(),
             ctrl_loss_tmo: ctrl_loss_tmo(volume),
-            host_nqn: None,
+            // The name the export admits it by (allow_node).
+            host_nqn: Some(node_host_nqn(node)),
         })
     }
 
     fn fencing(&self) -> Fencing {
-        Fencing::Bookkeeping
+        Fencing::Target
+    }
+
+    /// Adds the node's host NQN to the disk's allow list (a disk that admitted any host
+    /// — the Go driver's — admits only the nodes published from now on).
+    async fn allow_node(&self, volume: &VolumeRecord, node: &NodeId) -> Result<(), BackendError> {
+        let disk = self
+            .disk(volume.id.as_str())
+            .await?
+            .ok_or_else(|| BackendError::NotFound(volume.id.clone()))?;
+        let host = node_host_nqn(node);
+        let mut hosts = disk.allowed.clone().unwrap_or_default();
+        if disk.allowed.is_some() && hosts.contains(&host) {
+            return Ok(());
+        }
+        hosts.push(host);
+        self.run_or(routeros::allow_hosts(volume.id.as_str(), &hosts))
+            .await?;
+        self.confirm_allowed(volume.id.as_str(), node, true).await
+    }
+
+    /// Takes the node off the allow list, then cycles the export so its live connection
+    /// drops (the nodes still allowed reconnect). Fails closed: the fence is confirmed
+    /// only when RouterOS prints the list without the node.
+    async fn deny_node(&self, volume: &VolumeId, node: &NodeId) -> Result<(), BackendError> {
+        let Some(disk) = self.disk(volume.as_str()).await? else {
+            // No disk, no export: nothing can reach it.
+            return Ok(());
+        };
+        let host = node_host_nqn(node);
+        let hosts: Vec<String> = match &disk.allowed {
+            Some(list) if !list.contains(&host) => return Ok(()),
+            Some(list) => list.iter().filter(|h| **h != host).cloned().collect(),
+            // Any host was admitted: from now on only nobody, until a node is published.
+            None => Vec::new(),
+        };
+        self.run_or(routeros::allow_hosts(volume.as_str(), &hosts))
+            .await?;
+        self.confirm_allowed(volume.as_str(), node, false).await?;
+        if disk.exported {
+            for command in routeros::cycle_export(volume.as_str())
+                .map_err(|e| BackendError::TargetRefused(e.to_string()))?
+            {
+                self.run_or(Ok(command)).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn condition(&self, volume: &VolumeRecord) -> Result<Condition, BackendError> {
@@ -517,15 +630,14 @@ impl Backend for RdsBackend {
 
     async fn available_capacity(&self) -> Result<u64, BackendError> {
         let pool = self.settings.pool_slot();
-        let out = self.run_or(routeros::show(pool)).await?;
+        let out = self.run_or(routeros::capacity(pool)).await?;
         routeros::parse_detail(&out)
             .iter()
-            .find(|f| f.get("slot").map(String::as_str) == Some(pool))
-            .and_then(|f| f.get("free"))
+            .find_map(|f| f.get("free"))
             .and_then(|free| routeros::parse_size(free))
             .ok_or_else(|| {
                 BackendError::Target(format!(
-                    "the router does not report the free space of disk {pool:?} (the first component of --rds-volume-dir)"
+                    "the router does not report the free space of the disk mounted at {pool:?} (the first component of --rds-volume-dir)"
                 ))
             })
     }
@@ -554,7 +666,7 @@ impl Backend for RdsBackend {
         let encoded = meta.encode();
         let command = self
             .spec(id.as_str(), size, &encoded)
-            .snapshot_of(&source.file_path)
+            .snapshot_of(&source.slot)
             .map_err(|e| BackendError::TargetRefused(e.to_string()))?;
         self.run(&command)
             .await
@@ -604,14 +716,51 @@ mod tests {
             created: Utc::now(),
         };
         let c = m.encode();
-        assert!(c.starts_with(META_PREFIX));
-        assert!(c[META_PREFIX.len()..]
+        assert!(c.starts_with(META_PREFIX_V2));
+        assert!(c[META_PREFIX_V2.len()..]
             .bytes()
-            .all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(Meta::decode(&c), Some(m));
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_eq!(Meta::decode(&c), Some(m.clone()));
+        // Records written before stay readable.
+        let json = serde_json::to_vec(&m).unwrap();
+        let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            c.len() < hex.len() * 3 / 4 + 16,
+            "base64 is two thirds of hex"
+        );
+        assert_eq!(Meta::decode(&format!("{META_PREFIX}{hex}")), Some(m));
         for junk in ["", "handoff1:zz", "handoff1:7", "a comment by an admin"] {
             assert_eq!(Meta::decode(junk), None, "{junk}");
         }
+    }
+
+    /// Issue 16 point 14: the Go driver's snapshots are adopted.
+    #[test]
+    fn go_driver_snapshots_are_adopted() {
+        let f: BTreeMap<String, String> = [
+            ("type", "file"),
+            (
+                "slot",
+                "snap-3c6f1a2b-1111-4222-8333-944455556666-at-1764547200",
+            ),
+            (
+                "file-path",
+                "/nvme1/snap-3c6f1a2b-1111-4222-8333-944455556666-at-1764547200.img",
+            ),
+            ("file-size", "20.0GiB"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let s = Disk::from_fields(&f).unwrap().snapshot().expect("adopted");
+        assert_eq!(
+            s.source_volume.as_str(),
+            "pvc-3c6f1a2b-1111-4222-8333-944455556666"
+        );
+        assert_eq!(s.size_bytes, 20 << 30);
+        assert_eq!(s.created_at.timestamp(), 1_764_547_200);
+        assert!(SnapshotId::parse("snap-3c6f1a2b-1111-4222-8333-944455556666-at-x").is_err());
+        assert!(SnapshotId::parse("snap-not-a-uuid-at-1").is_err());
     }
 
     #[test]

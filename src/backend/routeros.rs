@@ -77,28 +77,34 @@ impl DiskSpec<'_> {
         format!("{NQN_PREFIX}{}", self.slot)
     }
 
+    /// Exported over NVMe/TCP, admitting no host until a node is allowed (an empty
+    /// allow list would admit every host).
     fn export_args(&self) -> Result<String, RosError> {
         Ok(format!(
-            "slot={} nvme-tcp-export=yes nvme-tcp-server-port={} nvme-tcp-server-nqn={}{}",
+            "slot={} mount-filesystem=no nvme-tcp-export=yes nvme-tcp-server-port={} nvme-tcp-server-nqn={} nvme-tcp-server-allow-host-name={}{}",
             q("slot", self.slot)?,
             self.nvme_port,
             q("nqn", &self.nqn())?,
+            q("host", NO_HOST)?,
             comment_arg(self.comment)?
         ))
     }
 
-    /// A disk holding a copy of `source_path`, not exported (a snapshot).
-    pub fn snapshot_of(&self, source_path: &str) -> Result<String, RosError> {
+    /// A disk holding a copy of disk `source_slot`, not exported (a snapshot). RouterOS
+    /// takes the source as an item (`[find slot=…]`), not a path; the size is the
+    /// source's.
+    pub fn snapshot_of(&self, source_slot: &str) -> Result<String, RosError> {
         Ok(format!(
-            "/disk add type=file file-path={} copy-from={} slot={}{}",
+            "/disk add type=file copy-from=[find slot={}] file-path={} slot={} mount-filesystem=no{}",
+            q("source slot", source_slot)?,
             q("file path", &self.file_path())?,
-            q("source path", source_path)?,
             q("slot", self.slot)?,
             comment_arg(self.comment)?
         ))
     }
 
-    /// `/disk add type=file …`: an empty sparse image, exported over NVMe/TCP.
+    /// `/disk add type=file …`: an empty sparse image, exported over NVMe/TCP. RouterOS
+    /// never mounts it (`mount-filesystem=no`): a node may format it.
     pub fn create(&self) -> Result<String, RosError> {
         Ok(format!(
             "/disk add type=file file-path={} file-size={} {}",
@@ -108,15 +114,72 @@ impl DiskSpec<'_> {
         ))
     }
 
-    /// A new disk holding a copy of `source` (snapshot or restore).
-    pub fn copy_from(&self, source_path: &str) -> Result<String, RosError> {
+    /// A new exported disk holding a copy of disk `source_slot` (restore or clone), as
+    /// large as asked (at least the source).
+    pub fn copy_from(&self, source_slot: &str) -> Result<String, RosError> {
         Ok(format!(
-            "/disk add type=file file-path={} copy-from={} {}",
+            "/disk add type=file copy-from=[find slot={}] file-path={} file-size={} {}",
+            q("source slot", source_slot)?,
             q("file path", &self.file_path())?,
-            q("source path", source_path)?,
+            self.size,
             self.export_args()?
         ))
     }
+}
+
+/// The host NQN an export admits when no node may connect. RouterOS's
+/// `nvme-tcp-server-allow-host-name` lists the hosts (NQNs) allowed to connect, and an
+/// empty list admits every host, so "nobody" is a name no initiator uses.
+pub const NO_HOST: &str = "nqn.2014-08.dev.handoff-csi:no-host";
+
+/// The hosts allowed on a disk as RouterOS prints them: `None` when any host may
+/// connect (an empty list, as the Go driver left its disks).
+pub fn allowed_hosts(printed: &str) -> Option<Vec<String>> {
+    let hosts: Vec<String> = printed
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if hosts.is_empty() {
+        None
+    } else {
+        Some(hosts.into_iter().filter(|h| h != NO_HOST).collect())
+    }
+}
+
+/// Sets the hosts allowed to connect to a disk's export (none: `NO_HOST`).
+pub fn allow_hosts(slot: &str, hosts: &[String]) -> Result<String, RosError> {
+    let list = if hosts.is_empty() {
+        q("host", NO_HOST)?
+    } else {
+        let checked: Result<Vec<&str>, RosError> =
+            hosts.iter().map(|h| checked("host", h)).collect();
+        format!("\"{}\"", checked?.join(","))
+    };
+    Ok(format!(
+        "/disk set [find slot={}] nvme-tcp-server-allow-host-name={list}",
+        q("slot", slot)?
+    ))
+}
+
+/// Turns a disk's export off and on: RouterOS drops every connection, and only hosts
+/// still allowed come back.
+pub fn cycle_export(slot: &str) -> Result<[String; 2], RosError> {
+    let slot = q("slot", slot)?;
+    Ok([
+        format!("/disk set [find slot={slot}] nvme-tcp-export=no"),
+        format!("/disk set [find slot={slot}] nvme-tcp-export=yes"),
+    ])
+}
+
+/// The disk (file system) mounted at `mount_point`, whose `size` and `free` GetCapacity
+/// reads (as the Go driver queries it).
+pub fn capacity(mount_point: &str) -> Result<String, RosError> {
+    Ok(format!(
+        "/disk print detail where mount-point={}",
+        q("mount point", mount_point)?
+    ))
 }
 
 /// Comments carry the driver's record (hex), so they are longer than names may be.
@@ -152,9 +215,23 @@ pub const LIST: &str = "/disk print detail";
 /// A cheap command that answers when the router is up and the login works.
 pub const PROBE: &str = "/system resource print";
 
-/// RouterOS prints sizes rounded with binary units (`10.0GiB`); plain digits are bytes.
+/// RouterOS prints sizes rounded with binary units (`10.0GiB`); plain digits are bytes,
+/// grouped by spaces in thousands (`5 963 595 964 416`).
 pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
+    let joined: String;
+    let mut t = text.trim();
+    if t.contains(' ') {
+        let groups: Vec<&str> = t.split(' ').collect();
+        let digits = |g: &str| g.bytes().all(|b| b.is_ascii_digit());
+        let grouped = (1..=3).contains(&groups[0].len())
+            && digits(groups[0])
+            && groups[1..].iter().all(|g| g.len() == 3 && digits(g));
+        if !grouped {
+            return None;
+        }
+        joined = groups.concat();
+        t = &joined;
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -237,7 +314,8 @@ pub fn check_output(output: &str) -> Result<(), RosError> {
     }
 }
 
-/// Splits `key=value key="quoted value"` text; values may hold spaces inside quotes.
+/// Splits `key=value key="quoted value"` text; values may hold spaces inside quotes,
+/// and an unquoted number may be printed in groups of three (`size=53 687 091 200`).
 fn pairs(text: &str, into: &mut BTreeMap<String, String>) {
     let mut rest = text.trim_start();
     while !rest.is_empty() {
@@ -246,32 +324,84 @@ fn pairs(text: &str, into: &mut BTreeMap<String, String>) {
         let after = &rest[eq + 1..];
         let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
             match quoted.find('"') {
-                Some(end) => (&quoted[..end], &quoted[end + 1..]),
-                None => (quoted, ""),
+                Some(end) => (quoted[..end].to_owned(), &quoted[end + 1..]),
+                None => (quoted.to_owned(), ""),
             }
         } else {
-            match after.find(char::is_whitespace) {
-                Some(end) => (&after[..end], &after[end..]),
-                None => (after, ""),
+            let (mut value, mut tail) = match after.find(char::is_whitespace) {
+                Some(end) => (after[..end].to_owned(), &after[end..]),
+                None => (after.to_owned(), ""),
+            };
+            if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+                loop {
+                    let t = tail.trim_start();
+                    let group = t.split(char::is_whitespace).next().unwrap_or("");
+                    if group.len() == 3 && group.bytes().all(|b| b.is_ascii_digit()) {
+                        value.push(' ');
+                        value.push_str(group);
+                        tail = &t[3..];
+                    } else {
+                        break;
+                    }
+                }
             }
+            (value, tail)
         };
         // A flag word before the first key ("BT type=…") is not a key.
         let key = key.rsplit(char::is_whitespace).next().unwrap_or(key);
         if !key.is_empty() {
-            into.insert(key.to_owned(), value.to_owned());
+            into.insert(key.to_owned(), value);
         }
         rest = tail.trim_start();
     }
 }
 
+fn starts_item(line: &str) -> bool {
+    line.split_whitespace()
+        .next()
+        .is_some_and(|w| w.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Joins a wrapped line onto what came before it. RouterOS wraps at the console width,
+/// between properties but also inside a long unquoted value (a file path) or a long
+/// comment: a continuation that starts with a word holding no `=` goes on the value it
+/// cuts, without a space — unless it is a group of digits (a number printed in groups).
+fn join_wrapped(current: &mut String, next: &str) {
+    let first = next.split_whitespace().next().unwrap_or("");
+    let ends_in_unquoted_value = current
+        .rsplit(char::is_whitespace)
+        .next()
+        .is_some_and(|w| w.contains('=') && !w.ends_with('"'));
+    let inside_value = ends_in_unquoted_value
+        && !first.contains('=')
+        && !first.bytes().all(|b| b.is_ascii_digit());
+    if !inside_value {
+        current.push(' ');
+    }
+    current.push_str(next);
+}
+
+/// A comment's next wrapped line: a record (no spaces) was cut mid-word, prose at a space.
+fn join_comment(comment: &mut String, next: &str) {
+    if comment.contains(' ') {
+        comment.push(' ');
+    }
+    comment.push_str(next);
+}
+
 /// Parses `print detail` output: a `Flags:` legend, then one item per index number,
 /// its `key=value` pairs wrapped over indented lines as the terminal width dictates.
-/// An item's comment (`;;; text`, after its index or on a line of its own before it)
-/// comes back under the key `comment`.
+/// An item's comment (`;;; text`, after its index or on a line of its own before it,
+/// itself wrapped over lines without `=`) comes back under the key `comment`.
 pub fn parse_detail(output: &str) -> Vec<BTreeMap<String, String>> {
-    let mut items: Vec<String> = Vec::new();
-    let mut comments: BTreeMap<usize, String> = BTreeMap::new();
-    let mut pending_comment = None;
+    struct Item {
+        props: String,
+        comment: Option<String>,
+    }
+    let mut items: Vec<Item> = Vec::new();
+    let mut pending_comment: Option<String> = None;
+    // Where a line without `=` goes: the comment being read, if any.
+    let mut in_comment = false;
     let mut in_legend = false;
     for line in output.lines() {
         let t = line.trim();
@@ -284,47 +414,57 @@ pub fn parse_detail(output: &str) -> Vec<BTreeMap<String, String>> {
         }
         if let Some(c) = t.strip_prefix(";;;") {
             pending_comment = Some(c.trim().to_owned());
+            in_comment = true;
+            in_legend = false;
             continue;
         }
-        let starts_item = t
-            .split_whitespace()
-            .next()
-            .is_some_and(|w| w.chars().all(|c| c.is_ascii_digit()));
+        let item_start = starts_item(t);
         // The legend may wrap over several lines until the first item.
-        if in_legend && !starts_item {
+        if in_legend && !item_start {
             continue;
         }
         in_legend = false;
-        let (t, inline_comment) = match t.split_once(";;;") {
-            Some((head, c)) if starts_item => (head.trim_end(), Some(c.trim().to_owned())),
-            _ => (t, None),
-        };
-        if starts_item {
-            if let Some(c) = inline_comment.or(pending_comment.take()) {
-                comments.insert(items.len(), c);
-            }
+        if item_start {
+            let (head, inline) = match t.split_once(";;;") {
+                Some((head, c)) => (head.trim_end(), Some(c.trim().to_owned())),
+                None => (t, None),
+            };
+            in_comment = inline.is_some() || (pending_comment.is_some() && !head.contains('='));
+            let comment = inline.or(pending_comment.take());
+            in_comment &= comment.is_some();
+            items.push(Item {
+                props: head.to_owned(),
+                comment,
+            });
+            continue;
         }
-        let starts_item = t
-            .split_whitespace()
-            .next()
-            .is_some_and(|w| w.chars().all(|c| c.is_ascii_digit()));
-        match items.last_mut() {
-            Some(current) if !starts_item => {
-                current.push(' ');
-                current.push_str(t);
+        if in_comment && !t.contains('=') {
+            match items.last_mut().and_then(|i| i.comment.as_mut()) {
+                Some(c) => join_comment(c, t),
+                None => {
+                    if let Some(c) = pending_comment.as_mut() {
+                        join_comment(c, t);
+                    }
+                }
             }
-            _ => items.push(t.to_owned()),
+            continue;
+        }
+        in_comment = false;
+        if let Some(current) = items.last_mut() {
+            join_wrapped(&mut current.props, t);
         }
     }
     items
         .iter()
-        .enumerate()
-        .map(|(i, item)| {
+        .map(|item| {
             let mut map = BTreeMap::new();
             // Drop the index (and flags, handled in `pairs`).
-            let body = item.split_once(char::is_whitespace).map_or("", |(_, b)| b);
+            let body = item
+                .props
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, b)| b);
             pairs(body, &mut map);
-            if let Some(c) = comments.get(&i) {
+            if let Some(c) = &item.comment {
                 map.insert("comment".to_owned(), c.clone());
             }
             map
@@ -352,7 +492,7 @@ mod tests {
         let s = spec();
         assert_eq!(
             s.create().unwrap(),
-            "/disk add type=file file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" file-size=10737418240 slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-3c6f1a2b-1111-4222-8333-944455556666\""
+            "/disk add type=file file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" file-size=10737418240 slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" mount-filesystem=no nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-3c6f1a2b-1111-4222-8333-944455556666\" nvme-tcp-server-allow-host-name=\"nqn.2014-08.dev.handoff-csi:no-host\""
         );
         assert_eq!(
             resize(s.slot, 20 << 30, "").unwrap(),
@@ -366,10 +506,38 @@ mod tests {
                     .to_owned()
             ]
         );
-        assert!(s
-            .copy_from("/volumes/pvc-src.img")
-            .unwrap()
-            .contains("copy-from=\"/volumes/pvc-src.img\""));
+        // Issue 16 point 9: RouterOS takes the source of a copy as an item, not a path.
+        let restore = s.copy_from("pvc-src").unwrap();
+        assert!(
+            restore.starts_with("/disk add type=file copy-from=[find slot=\"pvc-src\"] ")
+                && restore.contains(" file-size=10737418240 ")
+                && restore.contains(" nvme-tcp-export=yes "),
+            "{restore}"
+        );
+        assert!(
+            s.copy_from("/volumes/pvc-src.img").is_err()
+                || !s.copy_from("x").unwrap().contains(".img\"]")
+        );
+        assert_eq!(
+            allow_hosts(s.slot, &["nqn.a:node-a".into(), "nqn.b:node-b".into()]).unwrap(),
+            "/disk set [find slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\"] nvme-tcp-server-allow-host-name=\"nqn.a:node-a,nqn.b:node-b\""
+        );
+        assert!(
+            allow_hosts(s.slot, &[])
+                .unwrap()
+                .ends_with(&format!("=\"{NO_HOST}\"")),
+            "never empty: empty admits every host"
+        );
+        assert_eq!(allowed_hosts(""), None);
+        assert_eq!(allowed_hosts(NO_HOST), Some(vec![]));
+        assert_eq!(
+            allowed_hosts("nqn.a:x,nqn.b:y"),
+            Some(vec!["nqn.a:x".to_owned(), "nqn.b:y".to_owned()])
+        );
+        assert_eq!(
+            capacity("nvme1").unwrap(),
+            "/disk print detail where mount-point=\"nvme1\""
+        );
         assert_eq!(
             show(s.slot).unwrap(),
             "/disk print detail where slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\""
@@ -449,12 +617,52 @@ mod tests {
         };
         assert!(s.create().unwrap().ends_with(" comment=\"handoff1:00ff\""));
         assert_eq!(
-            s.snapshot_of("/volumes/pvc-src.img").unwrap(),
-            "/disk add type=file file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" copy-from=\"/volumes/pvc-src.img\" slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" comment=\"handoff1:00ff\""
+            s.snapshot_of("pvc-src").unwrap(),
+            "/disk add type=file copy-from=[find slot=\"pvc-src\"] file-path=\"/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img\" slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" mount-filesystem=no comment=\"handoff1:00ff\""
         );
     }
 
     const MIB: u64 = 1 << 20;
+
+    /// Issue 16 points 10–12: what a real router prints (the Go driver's hardware
+    /// captures, pkg/rds/commands_test.go): unquoted file paths wrapped mid-value,
+    /// numbers in groups of three, and a long comment wrapped over lines.
+    #[test]
+    fn real_router_output_parses() {
+        let out = "Flags: B - BLOCK-DEVICE; M - MOUNTED; T - NVME-TCP-EXPORT\n\
+ 0 B  T ;;; handoff2:eyJrIjoidm9sdW1lIiwibmFtZSI6InB2Yy1hIiwic2l6ZSI6MTA0ODU3NjAsImNhcHMi\n\
+        OltdLCJjcmVhdGVkIjoiMjAyNi0xMi0wMVQwMDowMDowMFoifQ\n\
+        type=file slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" slot-default=\"\"\n\
+        parent=\"\" fs=- model=\"/storage-pool/metal-csi/volumes/pvc-3c6f1a2b-1111-4\"\n\
+        size=53 687 091 200 mount-filesystem=no mount-read-only=no compress=no\n\
+        nvme-tcp-export=yes nvme-tcp-server-port=4420\n\
+        nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-3c6f1a2b-1111-4222-8333-944455556666\"\n\
+        nvme-tcp-server-allow-host-name=\"\" iscsi-export=no\n\
+        file-path=/storage-pool/metal-csi/volumes/pvc-3c6f1a2b-1111-4222-8333-9444\n\
+        55556666.img file-size=50.0GiB file-offset=0\n\
+ 1 BM   type=partition slot=\"storage-pool\" mount-point=\"storage-pool\"\n\
+        size=7 681 574 174 720 free=5 963 595 964 416 use=22%\n";
+        let items = parse_detail(out);
+        assert_eq!(items.len(), 2, "{items:?}");
+        let v = &items[0];
+        assert_eq!(
+            v["file-path"],
+            "/storage-pool/metal-csi/volumes/pvc-3c6f1a2b-1111-4222-8333-944455556666.img"
+        );
+        assert_eq!(v["file-size"], "50.0GiB");
+        assert_eq!(v["size"], "53 687 091 200");
+        assert_eq!(parse_size(&v["size"]), Some(53_687_091_200));
+        assert_eq!(v["mount-filesystem"], "no");
+        assert!(v["comment"].starts_with("handoff2:eyJr") && v["comment"].ends_with("ifQ"));
+        assert!(
+            !v["comment"].contains(' '),
+            "the wrapped record is one word again"
+        );
+        assert_eq!(v["nvme-tcp-server-allow-host-name"], "");
+        assert_eq!(parse_size(&items[1]["free"]), Some(5_963_595_964_416));
+        assert_eq!(parse_size("5 963"), Some(5963));
+        assert_eq!(parse_size("5 96"), None, "not a grouped number");
+    }
 
     #[test]
     fn errors_are_classified_for_retries() {

@@ -1,7 +1,15 @@
 //! A fake MikroTik RouterOS reached over real SSH (a russh server): it keeps `/disk`
-//! entries and files, answers the driver's commands the way RouterOS prints them
-//! (flags legend, `;;;` comments, lines wrapped at 80 columns, rounded sizes), records
-//! every command, and can be told to fail the next commands or to be slow.
+//! entries and files, answers the driver's commands the way a real router prints them
+//! — as captured on hardware in the Go driver's tests (3whiskeywhiskey/rds-csi,
+//! pkg/rds/commands_test.go) and MikroTik's `/disk` reference: a flags legend; `;;;`
+//! comments wrapped over lines; properties wrapped at 80 columns, long unquoted values
+//! (file paths) cut mid-value; raw byte counts in groups of three (`size=53 687 091 200`)
+//! next to rounded ones (`file-size=50.0GiB`); the pool as a mounted partition queried by
+//! `mount-point=`; copies made from an item (`copy-from=[find slot=…]`); an export's
+//! `nvme-tcp-server-allow-host-name`. Errors are RouterOS's texts (`failure: …`,
+//! `no such item`, `expected end of command (line 1 column N)`, `invalid internal item
+//! number`) and exit with status 1. It records every command, and can be told to fail
+//! the next commands or to be slow.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -44,6 +52,8 @@ pub struct RouterState {
     /// The next this many commands run, print half their output and close the channel
     /// without an exit status (a session cut mid-command).
     pub cut_without_status: usize,
+    /// Slot → how often its export was turned off and on again (connections dropped).
+    pub export_cycles: BTreeMap<String, usize>,
 }
 
 pub struct FakeRouter {
@@ -91,8 +101,10 @@ impl FakeRouter {
         state.lock().disks.push(
             [
                 ("slot", "\"nvme1\""),
-                ("type", "\"hardware\""),
+                ("type", "\"partition\""),
+                ("mount-point", "\"nvme1\""),
                 ("model", "\"Samsung SSD 990 PRO 2TB\""),
+                ("size", "1 999 844 147 200"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -151,6 +163,11 @@ impl FakeRouter {
         std::mem::take(&mut self.state.lock().commands)
     }
 
+    /// What `/disk print detail` prints now.
+    pub fn print_detail(&self) -> String {
+        print(&self.state.lock(), None)
+    }
+
     pub fn inject(&self, output: &str) {
         self.state.lock().inject.push_back(output.to_owned());
     }
@@ -165,6 +182,26 @@ impl FakeRouter {
             .cloned()
     }
 
+    /// A snapshot as the Go driver made it: `snap-<uuid>-at-<unix time>`, not exported.
+    pub fn add_go_driver_snapshot(&self, slot: &str, dir: &str, size: u64) {
+        let path = format!("{}/{slot}.img", dir.trim_matches('/'));
+        let mut s = self.state.lock();
+        s.free -= size;
+        s.files.insert(path.clone(), size);
+        s.disks.push(
+            [
+                ("slot", format!("\"{slot}\"")),
+                ("type", "file".into()),
+                ("file-path", format!("/{path}")),
+                ("size", spaced(size)),
+                ("file-size", human(size)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        );
+    }
+
     /// A disk as the Go driver made it: exported, no comment.
     pub fn add_go_driver_disk(&self, slot: &str, dir: &str, size: u64, port: u16) {
         let path = format!("{}/{slot}.img", dir.trim_matches('/'));
@@ -174,9 +211,12 @@ impl FakeRouter {
         s.disks.push(
             [
                 ("slot", format!("\"{slot}\"")),
-                ("type", "\"file\"".into()),
-                ("file-path", format!("\"{path}\"")),
+                ("type", "file".into()),
+                ("file-path", format!("/{path}")),
+                ("size", spaced(size)),
                 ("file-size", human(size)),
+                ("mount-filesystem", "yes".into()),
+                ("nvme-tcp-server-allow-host-name", "\"\"".into()),
                 ("nvme-tcp-export", "yes".into()),
                 ("nvme-tcp-server-port", port.to_string()),
                 (
@@ -265,10 +305,13 @@ impl server::Handler for Handler {
                 s.silent_failures -= 1;
                 (String::new(), 1)
             } else {
-                match s.inject.pop_front() {
-                    Some(canned) => (canned, 0),
-                    None => (execute(&mut s, &command), 0),
-                }
+                let out = match s.inject.pop_front() {
+                    Some(canned) => canned,
+                    None => execute(&mut s, &command),
+                };
+                // RouterOS's errors end the command with a non-zero exit.
+                let status = u32::from(is_error(&out));
+                (out, status)
             }
         };
         session.channel_success(channel)?;
@@ -346,8 +389,39 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Bytes as RouterOS prints a raw count: digits in groups of three.
+fn spaced(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What RouterOS answers when a command fails (and exits non-zero).
+fn is_error(out: &str) -> bool {
+    let first = out.lines().next().unwrap_or("");
+    first.starts_with("failure:")
+        || first.starts_with("no such item")
+        || first.starts_with("expected end of command")
+        || first.starts_with("syntax error")
+        || first.starts_with("bad command name")
+        || first.starts_with("invalid value")
+        || first.starts_with("invalid internal item number")
+}
+
 fn slot_of(d: &BTreeMap<String, String>) -> String {
     d.get("slot").map(|s| unquote(s)).unwrap_or_default()
+}
+
+fn file_of(d: &BTreeMap<String, String>) -> String {
+    d.get("file-path")
+        .map(|p| unquote(p).trim_start_matches('/').to_owned())
+        .unwrap_or_default()
 }
 
 fn execute(s: &mut RouterState, command: &str) -> String {
@@ -359,7 +433,7 @@ fn execute(s: &mut RouterState, command: &str) -> String {
         }
         ["/disk", "print", "detail"] => print(s, None),
         ["/disk", "print", "detail", "where", cond] => match cond.split_once('=') {
-            Some(("slot", v)) => print(s, Some(unquote(v))),
+            Some((key @ ("slot" | "mount-point"), v)) => print(s, Some((key, unquote(v)))),
             _ => "syntax error (line 1 column 25)".into(),
         },
         ["/disk", "add", rest @ ..] => {
@@ -378,39 +452,7 @@ fn execute(s: &mut RouterState, command: &str) -> String {
                 Ok(a) => a,
                 Err(e) => return e,
             };
-            let free = s.free;
-            let Some(d) = s.disks.iter_mut().find(|d| slot_of(d) == slot) else {
-                return String::new(); // [find] matched nothing: nothing to set.
-            };
-            let path = d.get("file-path").map(|p| unquote(p)).unwrap_or_default();
-            let mut grow = 0;
-            if let Some(size) = a.get("file-size") {
-                let Ok(size) = size.parse::<u64>() else {
-                    return "invalid value for argument file-size".into();
-                };
-                let old = s.files.get(&path).copied().unwrap_or(0);
-                grow = size.saturating_sub(old);
-                if grow > free {
-                    return "failure: not enough space on disk".into();
-                }
-                let d = s
-                    .disks
-                    .iter_mut()
-                    .find(|d| slot_of(d) == slot)
-                    .expect("found above");
-                d.insert("file-size".into(), human(size));
-                s.files.insert(path, size);
-            }
-            s.free -= grow;
-            let d = s
-                .disks
-                .iter_mut()
-                .find(|d| slot_of(d) == slot)
-                .expect("found above");
-            if let Some(c) = a.get("comment") {
-                d.insert("comment".into(), unquote(c));
-            }
-            String::new()
+            set(s, &slot, &a)
         }
         ["/disk", "remove", sel] => {
             let Some((_, slot)) = find(sel) else {
@@ -432,6 +474,58 @@ fn execute(s: &mut RouterState, command: &str) -> String {
     }
 }
 
+fn set(s: &mut RouterState, slot: &str, a: &BTreeMap<String, String>) -> String {
+    let free = s.free;
+    let Some(d) = s.disks.iter().find(|d| slot_of(d) == slot) else {
+        return String::new(); // [find] matched nothing: nothing to set.
+    };
+    let path = file_of(d);
+    let mut grow = 0;
+    if let Some(size) = a.get("file-size") {
+        let Ok(size) = size.parse::<u64>() else {
+            return "invalid value for argument file-size".into();
+        };
+        let old = s.files.get(&path).copied().unwrap_or(0);
+        grow = size.saturating_sub(old);
+        if grow > free {
+            return "failure: not enough space on disk".into();
+        }
+        s.files.insert(path, size);
+        let d = s
+            .disks
+            .iter_mut()
+            .find(|d| slot_of(d) == slot)
+            .expect("found above");
+        d.insert("file-size".into(), human(size));
+        d.insert("size".into(), spaced(size));
+    }
+    s.free -= grow;
+    if a.get("nvme-tcp-export").map(String::as_str) == Some("no") {
+        *s.export_cycles.entry(slot.to_owned()).or_default() += 1;
+    }
+    let d = s
+        .disks
+        .iter_mut()
+        .find(|d| slot_of(d) == slot)
+        .expect("found above");
+    for key in [
+        "comment",
+        "nvme-tcp-export",
+        "nvme-tcp-server-allow-host-name",
+        "mount-filesystem",
+    ] {
+        if let Some(v) = a.get(key) {
+            let v = if key == "comment" {
+                unquote(v)
+            } else {
+                v.clone()
+            };
+            d.insert(key.into(), v);
+        }
+    }
+    String::new()
+}
+
 fn add(s: &mut RouterState, a: BTreeMap<String, String>) -> String {
     if a.get("type").map(String::as_str) != Some("file") {
         return "failure: only type=file is simulated".into();
@@ -446,16 +540,27 @@ fn add(s: &mut RouterState, a: BTreeMap<String, String>) -> String {
     if s.disks.iter().any(|d| slot_of(d) == slot) {
         return "failure: slot with such name already exists".into();
     }
-    let size = match (a.get("file-size"), a.get("copy-from")) {
-        (Some(size), None) => match size.parse::<u64>() {
-            Ok(n) => n,
+    let source = match a.get("copy-from") {
+        None => None,
+        // RouterOS takes the item to copy, not a path.
+        Some(item) => match find(item) {
+            Some((key, value)) if key == "slot" => {
+                match s.disks.iter().find(|d| slot_of(d) == value) {
+                    Some(d) => Some(s.files.get(&file_of(d)).copied().unwrap_or(0)),
+                    None => return "no such item".into(),
+                }
+            }
+            _ => return "invalid internal item number".into(),
+        },
+    };
+    let size = match (a.get("file-size"), source) {
+        (Some(size), source) => match size.parse::<u64>() {
+            Ok(n) if source.is_none_or(|src| n >= src) => n,
+            Ok(_) => return "failure: file-size is smaller than the copied disk".into(),
             Err(_) => return "invalid value for argument file-size".into(),
         },
-        (None, Some(src)) => match s.files.get(unquote(src).trim_start_matches('/')) {
-            Some(n) => *n,
-            None => return "failure: source file not found".into(),
-        },
-        _ => return "failure: give file-size or copy-from".into(),
+        (None, Some(src)) => src,
+        (None, None) => return "failure: give file-size or copy-from".into(),
     };
     if size > s.free {
         return "failure: not enough space on disk".into();
@@ -464,17 +569,29 @@ fn add(s: &mut RouterState, a: BTreeMap<String, String>) -> String {
     s.files.insert(path.clone(), size);
     let mut d = BTreeMap::new();
     d.insert("slot".to_owned(), format!("\"{slot}\""));
-    d.insert("type".into(), "\"file\"".into());
-    d.insert("file-path".into(), format!("\"{path}\""));
+    d.insert("type".into(), "file".into());
+    // Printed unquoted, as a real router prints a path.
+    d.insert("file-path".into(), format!("/{path}"));
+    d.insert("size".into(), spaced(size));
     d.insert("file-size".into(), human(size));
+    d.insert(
+        "mount-filesystem".into(),
+        a.get("mount-filesystem")
+            .cloned()
+            .unwrap_or_else(|| "yes".into()),
+    );
     for key in [
         "nvme-tcp-export",
         "nvme-tcp-server-port",
         "nvme-tcp-server-nqn",
+        "nvme-tcp-server-allow-host-name",
     ] {
         if let Some(v) = a.get(key) {
             d.insert(key.into(), v.clone());
         }
+    }
+    if d.contains_key("nvme-tcp-export") && !d.contains_key("nvme-tcp-server-allow-host-name") {
+        d.insert("nvme-tcp-server-allow-host-name".into(), "\"\"".into());
     }
     if let Some(c) = a.get("comment") {
         d.insert("comment".into(), unquote(c));
@@ -483,26 +600,70 @@ fn add(s: &mut RouterState, a: BTreeMap<String, String>) -> String {
     String::new()
 }
 
-/// `print detail` the RouterOS way: legend, index and flags, `;;; comment` after the
-/// index, properties wrapped at 80 columns under an 8-space indent.
-fn print(s: &RouterState, slot: Option<String>) -> String {
+const WIDTH: usize = 80;
+
+/// Appends `text` to the item being printed, wrapping at 80 columns under an 8-space
+/// indent; a word longer than the room left is cut where the line ends.
+fn wrap_into(out: &mut String, line: &mut String, word: &str) {
+    let mut word = word;
+    loop {
+        let sep = usize::from(!line.ends_with(' ') && !line.trim().is_empty());
+        if line.len() + sep + word.len() <= WIDTH {
+            if sep == 1 {
+                line.push(' ');
+            }
+            line.push_str(word);
+            return;
+        }
+        let room = WIDTH.saturating_sub(line.len() + sep);
+        // A property moves to the next line whole when it fits there; only a value
+        // longer than a line is cut where the line ends.
+        if line.trim().len() > 3 && (word.len() <= WIDTH - 8 || room < 8) {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            *line = " ".repeat(8);
+            continue;
+        }
+        let cut = room.min(word.len());
+        if sep == 1 {
+            line.push(' ');
+        }
+        line.push_str(&word[..cut]);
+        out.push_str(line.trim_end());
+        out.push('\n');
+        *line = " ".repeat(8);
+        word = &word[cut..];
+        if word.is_empty() {
+            return;
+        }
+    }
+}
+
+/// `print detail` as a real router prints it: legend, index and flags, `;;; comment`
+/// after the index (wrapped), then the properties.
+fn print(s: &RouterState, filter: Option<(&str, String)>) -> String {
     let mut out = String::from(
         "Flags: X - DISABLED; E - EMPTY; B - BLOCK-DEVICE; M - MOUNTED;\n  T - NVME-TCP-EXPORT\n",
     );
     for (i, d) in s.disks.iter().enumerate() {
-        if slot.as_ref().is_some_and(|want| *want != slot_of(d)) {
-            continue;
+        if let Some((key, want)) = &filter {
+            if d.get(*key).map(|v| unquote(v)).as_deref() != Some(want.as_str()) {
+                continue;
+            }
         }
-        let hardware = d.get("type").map(String::as_str) == Some("\"hardware\"");
+        let mounted = d.contains_key("mount-point");
         let exported = d.get("nvme-tcp-export").map(String::as_str) == Some("yes");
         let flags = format!(
             "{}{}",
-            if hardware { "BM" } else { "B " },
+            if mounted { "BM" } else { "B " },
             if exported { "T" } else { " " }
         );
         let mut line = format!("{i:>2} {flags} ");
         if let Some(c) = d.get("comment") {
-            out.push_str(&format!("{line};;; {c}\n"));
+            line.push_str(";;; ");
+            wrap_into(&mut out, &mut line, c);
+            out.push_str(line.trim_end());
+            out.push('\n');
             line = " ".repeat(8);
         }
         let mut props: Vec<String> = d
@@ -510,19 +671,23 @@ fn print(s: &RouterState, slot: Option<String>) -> String {
             .filter(|(k, _)| k.as_str() != "comment")
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        if hardware {
-            props.push(format!("free={}", human(s.free)));
+        if mounted {
+            props.push(format!("free={}", spaced(s.free)));
         }
         for p in props {
-            if line.trim().is_empty() || line.len() + p.len() < 80 {
+            // A grouped number wraps only between properties.
+            if p.starts_with("size=") || p.starts_with("free=") {
+                if line.len() + p.len() + 1 > WIDTH {
+                    out.push_str(line.trim_end());
+                    out.push('\n');
+                    line = " ".repeat(8);
+                }
                 if !line.ends_with(' ') {
                     line.push(' ');
                 }
                 line.push_str(&p);
             } else {
-                out.push_str(line.trim_end());
-                out.push('\n');
-                line = format!("        {p}");
+                wrap_into(&mut out, &mut line, &p);
             }
         }
         out.push_str(line.trim_end());
