@@ -868,3 +868,51 @@ async fn rwx_block_sharing_is_refused_unless_the_policy_allows_it() {
         }
     }
 }
+
+/// A fence that takes a while (a storage target answering slowly).
+struct SlowFence(Duration);
+
+#[async_trait]
+impl fence::NodeFence for SlowFence {
+    async fn fence(
+        &self,
+        _volume: &VolumeId,
+        _node: &NodeId,
+    ) -> Result<fence::FenceReport, fence::FenceError> {
+        tokio::time::sleep(self.0).await;
+        Ok(fence::FenceReport {
+            method: crate::backend::Fencing::Target,
+            connections: 1,
+        })
+    }
+}
+
+/// Issue 16 point 18: ControllerPublish(C) overlapping ControllerUnpublish(A) on one
+/// volume waits for the volume's lock (bounded) instead of answering Aborted, which costs
+/// the attacher a retry after a second or more.
+#[tokio::test]
+async fn an_overlapping_controller_call_waits_for_the_volume_instead_of_aborting() {
+    let (m, _) = manager().await;
+    let m = Arc::new(m.with_fence(Arc::new(SlowFence(Duration::from_millis(400)))));
+    let v = VolumeId::generate();
+    publish(&m, &v, Sharing::Rwx, "a").await.unwrap();
+    publish(&m, &v, Sharing::Rwx, "b").await.unwrap();
+    let unpublish = {
+        let (m, v) = (m.clone(), v.clone());
+        tokio::spawn(async move { m.unpublish(&v, &node("a")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    // A third node while A's fence holds the lock: it waits, then gets A's slot.
+    let c = publish(&m, &v, Sharing::Rwx, "c").await;
+    unpublish.await.unwrap().unwrap();
+    assert!(c.is_ok(), "waited instead of Aborted: {c:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "it did wait for the fence"
+    );
+    assert_eq!(
+        m.attached_nodes(&v).await.unwrap(),
+        vec![node("b"), node("c")]
+    );
+}

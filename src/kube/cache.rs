@@ -541,3 +541,24 @@ impl ClusterCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 point 8: resourceVersions are opaque. Only two versions of one object are
+    /// ever compared, numerically only when both are numbers; anything else is taken as
+    /// the newer (the watch delivers in order).
+    #[test]
+    fn resource_versions_are_compared_only_when_both_are_numbers() {
+        assert!(not_older("100", "101"));
+        assert!(
+            !not_older("101", "100"),
+            "a lagging relist never moves a PV back"
+        );
+        assert!(not_older("100", "100"));
+        for (current, candidate) in [("abc", "abd"), ("100", "x7f"), ("a1", "99")] {
+            assert!(not_older(current, candidate), "{current} → {candidate}");
+        }
+    }
+}
