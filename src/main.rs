@@ -351,7 +351,7 @@ fn open_backend(config: &Config) -> Result<Arc<dyn Backend>, BoxError> {
 /// The node's NVMe/TCP transport, for volumes of the nvmet and rds backends. Without a
 /// stable host identity it is left out (and said so): connecting with a made-up one
 /// would never match target ACLs.
-fn nvme_transport(config: &Config) -> Option<Arc<dyn Transport>> {
+fn nvme_transport(config: &Config, node_id: &NodeId) -> Option<Arc<dyn Transport>> {
     let n = &config.nvme;
     let own_dir = n
         .nvme_host_dir
@@ -365,13 +365,16 @@ fn nvme_transport(config: &Config) -> Option<Arc<dyn Transport>> {
         }
     };
     info!(host_nqn = %host.nqn, "NVMe/TCP data plane ready (needs the nvme-tcp kernel module at connect time)");
-    Some(Arc::new(NvmeTransport::new(
-        NvmePaths::default(),
-        Arc::new(DevFabrics("/dev/nvme-fabrics".into())),
-        host,
-        &[n.nvme_nqn_prefix.as_str(), ROUTEROS_NQN_PREFIX],
-        n.nvme_connect_timeout,
-    )))
+    Some(Arc::new(
+        NvmeTransport::new(
+            NvmePaths::default(),
+            Arc::new(DevFabrics("/dev/nvme-fabrics".into())),
+            host,
+            &[n.nvme_nqn_prefix.as_str(), ROUTEROS_NQN_PREFIX],
+            n.nvme_connect_timeout,
+        )
+        .with_own_host(handoff_csi::export::node_host_nqn(node_id)),
+    ))
 }
 
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
@@ -433,7 +436,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
         })
         .ok();
         let mut planes = DataPlanes::new(file, nbd);
-        if let Some(nvme) = nvme_transport(&config) {
+        if let Some(nvme) = nvme_transport(&config, &node_id) {
             planes = planes.with_nvme(nvme);
         }
         let transport: Arc<dyn Transport> = Arc::new(planes);

@@ -187,7 +187,7 @@ impl NodeFence for FakeTarget {
             .is_some_and(|s| s.remove(node));
         Ok(FenceReport {
             method: Fencing::Target,
-            connections: usize::from(dropped),
+            connections: Some(usize::from(dropped)),
         })
     }
 }

@@ -102,7 +102,7 @@ pub enum AttachEvent {
     Fenced {
         volume: VolumeId,
         node: NodeId,
-        connections: usize,
+        connections: Option<usize>,
         ok: bool,
     },
     /// State was rebuilt at start-up.
@@ -233,10 +233,11 @@ impl EventSink for LogSink {
                 connections,
                 ok,
             } => {
+                let connections = connections.map_or("unknown".to_owned(), |n| n.to_string());
                 if *ok {
-                    info!(volume_id = %volume, node_id = %node, connections, "node fenced at the target")
+                    info!(volume_id = %volume, node_id = %node, connections = %connections, "node fenced at the target")
                 } else {
-                    warn!(volume_id = %volume, node_id = %node, connections, "fencing the node at the target did not complete")
+                    warn!(volume_id = %volume, node_id = %node, "fencing the node at the target did not complete")
                 }
             }
             AttachEvent::Restored {

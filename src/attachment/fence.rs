@@ -19,15 +19,16 @@ pub struct FenceError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FenceReport {
     pub method: Fencing,
-    /// Live connections the target dropped (where it can tell).
-    pub connections: usize,
+    /// Live connections the target dropped, where it can tell (NBD counts them; nvmet
+    /// and RouterOS drop every connection of the export without saying how many).
+    pub connections: Option<usize>,
 }
 
 impl FenceReport {
     /// Nothing to cut: the node reaches the data through a filesystem.
     pub const NONE: FenceReport = FenceReport {
         method: Fencing::None,
-        connections: 0,
+        connections: Some(0),
     };
 }
 

@@ -174,7 +174,7 @@ impl AttachmentManager {
             Ok(r) => (r.connections, true),
             Err(e) => {
                 tracing::warn!(volume_id = %volume, node_id = %node, error = %e, "fence failed; the node keeps its slot");
-                (0, false)
+                (None, false)
             }
         };
         self.events.emit(&AttachEvent::Fenced {

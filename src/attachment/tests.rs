@@ -351,7 +351,7 @@ impl fence::NodeFence for WitnessFence {
         }
         Ok(fence::FenceReport {
             method: crate::backend::Fencing::Target,
-            connections: 1,
+            connections: Some(1),
         })
     }
 }
@@ -882,7 +882,7 @@ impl fence::NodeFence for SlowFence {
         tokio::time::sleep(self.0).await;
         Ok(fence::FenceReport {
             method: crate::backend::Fencing::Target,
-            connections: 1,
+            connections: Some(1),
         })
     }
 }

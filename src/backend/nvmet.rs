@@ -422,7 +422,28 @@ impl<F: ConfigFs> Nvmet<F> {
             self.unlink(&link)?;
             self.link(&sub, &link)?;
         }
+        self.forget_host_if_unused(host);
         Ok(())
+    }
+
+    /// Removes `hosts/<host>` once no subsystem allows that host any more: the entry
+    /// grants nothing by itself, but one per node ever published would pile up. Best
+    /// effort (a host still linked somewhere, or a concurrent allow, keeps it).
+    fn forget_host_if_unused(&self, host: &str) {
+        let subsystems = self.root.join("subsystems");
+        let Ok(names) = self.fs.list(&subsystems) else {
+            return;
+        };
+        let in_use = names.iter().any(|sub| {
+            self.fs
+                .exists(&subsystems.join(sub).join("allowed_hosts").join(host))
+                .unwrap_or(true)
+        });
+        if !in_use {
+            if let Err(e) = self.rmdir(&self.root.join("hosts").join(host)) {
+                tracing::debug!(host, error = %e, "host entry kept");
+            }
+        }
     }
 
     /// Whether the volume has a subsystem here.
@@ -464,7 +485,11 @@ impl<F: ConfigFs> Nvmet<F> {
             self.write(&ns.join("enable"), "0")?;
         }
         self.rmdir(&ns)?;
-        self.rmdir(&sub)
+        self.rmdir(&sub)?;
+        for host in hosts.iter().filter(|h| component(h)) {
+            self.forget_host_if_unused(host);
+        }
+        Ok(())
     }
 }
 
@@ -654,9 +679,14 @@ pub(crate) mod tests {
         );
         // Deny without evict only removes the permission.
         t.deny_host(&v, host, false).unwrap();
+        // …and the host's entry, which no subsystem allows any more (issue 17: entries
+        // piled up one per node ever published).
         assert_eq!(
             t.fs.take(),
-            [format!("unlink subsystems/{nqn}/allowed_hosts/{host}")]
+            [
+                format!("unlink subsystems/{nqn}/allowed_hosts/{host}"),
+                format!("rmdir hosts/{host}"),
+            ]
         );
         // Deny with evict removes the permission first (the host cannot reconnect while
         // the port cycles), then cycles the port link so the live controller drops.
@@ -669,6 +699,7 @@ pub(crate) mod tests {
         ];
         let mut want = vec![format!("unlink subsystems/{nqn}/allowed_hosts/{host}")];
         want.extend(cycle.clone());
+        want.push(format!("rmdir hosts/{host}"));
         assert_eq!(t.fs.take(), want);
         // A retry (the permission already gone after a failure mid-way) evicts again.
         t.deny_host(&v, host, true).unwrap();
@@ -724,6 +755,7 @@ pub(crate) mod tests {
                 format!("write subsystems/{nqn}/namespaces/1/enable=0"),
                 format!("rmdir subsystems/{nqn}/namespaces/1"),
                 format!("rmdir subsystems/{nqn}"),
+                "rmdir hosts/h1".to_owned(),
             ]
         );
         // Unexporting again touches nothing.

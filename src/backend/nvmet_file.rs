@@ -250,6 +250,7 @@ mod tests {
                 format!("unlink {sub}/allowed_hosts/{host}"),
                 format!("unlink ports/1/subsystems/{subsystem_nqn}"),
                 format!("link ports/1/subsystems/{subsystem_nqn} -> {sub}"),
+                format!("rmdir hosts/{host}"),
             ]
         );
     }
@@ -279,7 +280,15 @@ mod tests {
             ops.first(),
             Some(&format!("unlink ports/1/subsystems/{nqn}"))
         );
-        assert_eq!(ops.last(), Some(&format!("rmdir subsystems/{nqn}")));
+        assert!(ops.contains(&format!("rmdir subsystems/{nqn}")), "{ops:?}");
+        assert_eq!(
+            ops.last(),
+            Some(&format!(
+                "rmdir hosts/{}",
+                crate::export::node_host_nqn(&node)
+            )),
+            "the host entry goes once no subsystem allows it"
+        );
         assert!(b.get_volume(&v.id).await.unwrap().is_none());
         assert!(std::fs::read_dir(dir.path().join("volumes"))
             .map(|d| d.count() == 0)

@@ -59,7 +59,7 @@ impl NodeFence for PlaneFence {
                     .map_err(|e| failed(e.to_string()))?;
                 Ok(FenceReport {
                     method: Fencing::Target,
-                    connections,
+                    connections: Some(connections),
                 })
             }
             (DataPlane::Nbd, None) => Err(failed(
@@ -69,16 +69,17 @@ impl NodeFence for PlaneFence {
                 Fencing::None => Ok(FenceReport::NONE),
                 Fencing::Bookkeeping => Ok(FenceReport {
                     method: Fencing::Bookkeeping,
-                    connections: 0,
+                    connections: Some(0),
                 }),
                 Fencing::Target => {
                     self.backend
                         .deny_node(volume, node)
                         .await
                         .map_err(|e| failed(e.to_string()))?;
+                    // The target drops the export's connections without counting them.
                     Ok(FenceReport {
                         method: Fencing::Target,
-                        connections: 0,
+                        connections: None,
                     })
                 }
             },

@@ -157,7 +157,10 @@ fn describe(event: &AttachEvent) -> Option<(&'static str, &'static str, String)>
         AttachEvent::Fenced { node, connections, ok: true, .. } => (
             "Normal",
             "NodeFenced",
-            format!("node {node} cut off at the storage target ({connections} connection(s) dropped); it can no longer read or write the volume"),
+            format!(
+                "node {node} cut off at the storage target ({}); it can no longer read or write the volume",
+                connections.map_or("its live connections dropped".to_owned(), |n| format!("{n} connection(s) dropped"))
+            ),
         ),
         AttachEvent::Fenced { node, ok: false, .. } => (
             "Warning",

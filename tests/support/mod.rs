@@ -33,6 +33,7 @@ pub fn require_root(test: &str) -> bool {
 
 pub mod attacher;
 pub mod fake_kube;
+pub mod kernel_lab;
 pub mod kubevirt_sim;
 pub mod netns;
 pub mod routeros;

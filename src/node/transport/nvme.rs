@@ -238,6 +238,9 @@ pub struct NvmeTransport {
     prefixes: Vec<String>,
     /// How long a new namespace may take to appear.
     wait: Duration,
+    /// Host NQNs this node connects as (its identity, and the one derived from its node
+    /// id that ACL'd targets admit): only controllers of these are this node's.
+    own_hosts: Vec<String>,
 }
 
 fn sys_err<'a>(
@@ -262,10 +265,31 @@ impl NvmeTransport {
         NvmeTransport {
             paths,
             fabrics,
+            own_hosts: vec![host.nqn.clone()],
             host,
             timeouts: Timeouts::default(),
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             wait,
+        }
+    }
+
+    /// Also counts controllers connected as `nqn` (the node-derived host NQN) as ours.
+    pub fn with_own_host(mut self, nqn: String) -> Self {
+        if !self.own_hosts.contains(&nqn) {
+            self.own_hosts.push(nqn);
+        }
+        self
+    }
+
+    /// Whether a controller connected as `host` is this node's. Another host's
+    /// controller of the same subsystem (a second initiator in this kernel, a stale
+    /// identity) is never used, reused or disconnected. A kernel that does not say
+    /// (no `hostnqn` attribute) is taken as ours.
+    fn is_own(&self, host: Option<&str>, want: Option<&str>) -> bool {
+        match (host, want) {
+            (None, _) => true,
+            (Some(h), Some(w)) => h == w,
+            (Some(h), None) => self.own_hosts.iter().any(|o| o == h),
         }
     }
 
@@ -280,8 +304,9 @@ impl NvmeTransport {
             .find_map(|p| VolumeId::parse(nqn.strip_prefix(p.as_str())?).ok())
     }
 
-    /// (controller name, subsystem NQN) of every NVMe controller on the host.
-    fn controllers(&self) -> Vec<(String, String)> {
+    /// (controller name, subsystem NQN) of this node's NVMe controllers: those
+    /// connected as `host` when given, else as any of its own host NQNs.
+    fn controllers_as(&self, host: Option<&str>) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.paths.sys_class_nvme)
             .into_iter()
@@ -290,11 +315,18 @@ impl NvmeTransport {
         {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Ok(nqn) = std::fs::read_to_string(entry.path().join("subsysnqn")) {
-                out.push((name, nqn.trim().to_owned()));
+                let hostnqn = std::fs::read_to_string(entry.path().join("hostnqn")).ok();
+                if self.is_own(hostnqn.as_deref().map(str::trim), host) {
+                    out.push((name, nqn.trim().to_owned()));
+                }
             }
         }
         out.sort();
         out
+    }
+
+    fn controllers(&self) -> Vec<(String, String)> {
+        self.controllers_as(None)
     }
 
     /// Namespace block devices (heads) reached through controller `ctrl`.
@@ -312,8 +344,8 @@ impl NvmeTransport {
 
     /// The device of namespace `uuid` in subsystem `nqn`, if connected. An empty `uuid`
     /// (RouterOS does not say its namespaces' UUIDs) means the subsystem's one namespace.
-    fn find(&self, nqn: &str, uuid: &str) -> Option<PathBuf> {
-        self.controllers()
+    fn find(&self, nqn: &str, uuid: &str, host: &str) -> Option<PathBuf> {
+        self.controllers_as(Some(host))
             .into_iter()
             .filter(|(_, n)| n == nqn)
             .flat_map(|(ctrl, _)| self.namespaces(&ctrl))
@@ -365,10 +397,20 @@ impl NvmeTransport {
             path,
             backing_deleted: false,
         };
-        if let Some(path) = self.find(subsystem_nqn, namespace_uuid) {
+        // The host this connect is made as: the one the target admits, else our own.
+        let as_host = match export {
+            ExportInfo::NvmeTcp {
+                host_nqn: Some(h), ..
+            } => h.clone(),
+            _ => self.host.nqn.clone(),
+        };
+        if let Some(path) = self.find(subsystem_nqn, namespace_uuid, &as_host) {
             return Ok(device(path));
         }
-        let connected = self.controllers().iter().any(|(_, n)| n == subsystem_nqn);
+        let connected = self
+            .controllers_as(Some(&as_host))
+            .iter()
+            .any(|(_, n)| n == subsystem_nqn);
         // Listen for the kernel's uevents before connecting, so the namespace's "add"
         // cannot slip by between the connect and the first look.
         let uevents = Uevents::open();
@@ -403,7 +445,7 @@ impl NvmeTransport {
         let deadline = Instant::now() + self.wait;
         let mut pause = Duration::from_millis(10);
         loop {
-            if let Some(path) = self.find(subsystem_nqn, namespace_uuid) {
+            if let Some(path) = self.find(subsystem_nqn, namespace_uuid, &as_host) {
                 return Ok(device(path));
             }
             if Instant::now() >= deadline {

@@ -355,3 +355,38 @@ fn a_uevent_wakes_the_wait() {
     trigger.join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
+
+/// Issue 17: another initiator's controller of the same subsystem in this kernel (or
+/// one left under a stale identity) is never this node's: not reused at connect, not
+/// found, not disconnected. The kernel lab's fence runs two such nodes in one guest.
+#[tokio::test]
+async fn another_hosts_controller_of_the_subsystem_is_not_ours() {
+    let (dir, fabrics, t) = setup(Layout::Plain);
+    let v = VolumeId::generate();
+    let nqn = format!("{PREFIX}{v}");
+    add_controller(dir.path(), 0, &nqn, UUID, Layout::Plain);
+    fs::write(
+        dir.path().join("sys/class/nvme/nvme0/hostnqn"),
+        "nqn.2014-08.org.nvmexpress:uuid:someone-else\n",
+    )
+    .unwrap();
+    assert!(t.find_device(&v).await.unwrap().is_none(), "not ours");
+    let dev = t.connect(&v, &export(&v), false).await.unwrap();
+    assert_eq!(
+        fabrics.writes.lock().len(),
+        1,
+        "connected as itself, not reused"
+    );
+    assert_eq!(dev.path, dir.path().join("dev/nvme3n1"));
+    t.disconnect(&dev).await.unwrap();
+    assert!(
+        !dir.path()
+            .join("sys/class/nvme/nvme0/delete_controller")
+            .exists(),
+        "the other host's controller is left alone"
+    );
+    assert!(dir
+        .path()
+        .join("sys/class/nvme/nvme3/delete_controller")
+        .exists());
+}

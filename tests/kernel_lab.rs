@@ -1,0 +1,355 @@
+//! The NVMe/TCP data plane on a real kernel (Debian's 6.1 under QEMU, see
+//! support/kernel_lab.rs): nvmet's configfs, the kernel's nvme-tcp host, a node's
+//! connect, namespace discovery in the real sysfs, O_DIRECT data, and the fence. Each
+//! `guest_*` test runs inside the guest; the host test boots it once and runs them.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use handoff_csi::csi;
+use handoff_csi::export::node_host_nqn;
+use handoff_csi::ids::NodeId;
+use support::kernel_lab::{in_lab, Lab};
+use support::*;
+
+const PREFIX: &str = "nqn.2026-11.dev.handoff-csi:";
+const CONFIGFS: &str = "/sys/kernel/config/nvmet";
+
+#[test]
+fn nvme_tcp_and_nvmet_on_a_real_kernel() {
+    if std::env::var("HANDOFF_SKIP_KERNEL_LAB").as_deref() == Ok("1") {
+        eprintln!("SKIPPED nvme_tcp_and_nvmet_on_a_real_kernel: HANDOFF_SKIP_KERNEL_LAB=1");
+        return;
+    }
+    let mut lab = Lab::prepare().unwrap_or_else(|e| {
+        panic!(
+            "the kernel lab cannot run: {e} (HANDOFF_SKIP_KERNEL_LAB=1 skips it on a workstation)"
+        )
+    });
+    // Native NVMe multipath (the kernel's default): the namespace appears under its
+    // subsystem's head device.
+    let run = lab
+        .run_tests(
+            "nvme-multipath",
+            &["guest_csi_lifecycle_on_nvmet"],
+            Duration::from_secs(600),
+        )
+        .expect("lab boots");
+    eprintln!(
+        "kernel lab (multipath): guest ran {:?} (TCG; lab timing only)",
+        run.elapsed
+    );
+    assert_eq!(run.exit, Some(0), "guest log:\n{}", run.log);
+    assert_eq!(passed(&run.log), 1, "{}", run.log);
+    // Plain (multipath=N): one device per controller, as two separate hosts have — the
+    // only way two "nodes" in one kernel keep separate paths for the fence.
+    lab.module_params = vec![("nvme-core.ko".into(), "multipath=N".into())];
+    let run = lab
+        .run_tests(
+            "nvme-plain",
+            &[
+                "guest_csi_lifecycle_on_nvmet",
+                "guest_the_fence_cuts_the_source_off",
+            ],
+            Duration::from_secs(900),
+        )
+        .expect("lab boots");
+    eprintln!(
+        "kernel lab (plain): guest ran {:?} (TCG; lab timing only)",
+        run.elapsed
+    );
+    assert_eq!(run.exit, Some(0), "guest log:\n{}", run.log);
+    assert_eq!(passed(&run.log), 2, "{}", run.log);
+}
+
+/// Guest test runs that passed (each runs one test; kernel messages may interleave).
+fn passed(log: &str) -> usize {
+    log.matches("test result: ok. 1 passed; 0 failed").count()
+}
+
+fn rwx() -> csi::VolumeCapability {
+    block_cap(csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter)
+}
+
+fn nvmet_args() -> Vec<String> {
+    [
+        "--backend",
+        "nvmet",
+        "--nvmet-configfs",
+        CONFIGFS,
+        "--nvmet-address",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn stage(
+    id: &str,
+    ctx: &std::collections::HashMap<String, String>,
+    staging: &Path,
+) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwx()),
+        ..Default::default()
+    }
+}
+
+fn publish_node(
+    id: &str,
+    ctx: &std::collections::HashMap<String, String>,
+    staging: &Path,
+    target: &Path,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwx()),
+        ..Default::default()
+    }
+}
+
+/// O_DIRECT: what reaches the device, not the page cache.
+fn open_direct(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+fn aligned(fill: u8) -> Vec<u8> {
+    let mut v = vec![0u8; 8192];
+    let off = v.as_ptr().align_offset(4096);
+    v.drain(..off);
+    v.truncate(4096);
+    v.iter_mut().for_each(|b| *b = fill);
+    v
+}
+
+fn write_read(path: &Path, offset: u64, fill: u8) -> std::io::Result<()> {
+    let f = open_direct(path)?;
+    let block = aligned(fill);
+    f.write_all_at(&block, offset)?;
+    let mut back = aligned(0);
+    f.read_exact_at(&mut back, offset)?;
+    if back != block {
+        return Err(std::io::Error::other("read back other data"));
+    }
+    Ok(())
+}
+
+fn controllers_of(nqn: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/nvme")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("subsysnqn")).is_ok_and(|s| s.trim() == nqn)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn host(node: &str) -> String {
+    node_host_nqn(&NodeId::parse(node).unwrap())
+}
+
+/// The whole CSI lifecycle on the kernel's nvmet and nvme-tcp.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the kernel lab guest (nvme_tcp_and_nvmet_on_a_real_kernel boots it)"]
+async fn guest_csi_lifecycle_on_nvmet() {
+    assert!(in_lab(), "a guest half of the kernel lab");
+    let d = Driver::start_with(DriverOptions {
+        extra_args: nvmet_args(),
+        ..Default::default()
+    })
+    .await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let v = c
+        .create_volume(create_request("lab-disk", 64 << 20, rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let nqn = format!("{PREFIX}{}", v.volume_id);
+    let sub = Path::new(CONFIGFS).join("subsystems").join(&nqn);
+    assert!(!sub.exists(), "exported only once published");
+    let ctx = c
+        .controller_publish_volume(publish_request(&v.volume_id, "node-a", rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["nvmeHostNqn"], host("node-a"));
+    assert_eq!(
+        std::fs::read_to_string(sub.join("attr_allow_any_host"))
+            .unwrap()
+            .trim(),
+        "0",
+        "no subsystem admits any host"
+    );
+    assert!(sub.join("allowed_hosts").join(host("node-a")).exists());
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(stage(&v.volume_id, &ctx, &staging))
+        .await
+        .unwrap();
+    assert_eq!(controllers_of(&nqn).len(), 1, "one controller connected");
+    n.node_publish_volume(publish_node(&v.volume_id, &ctx, &staging, &target))
+        .await
+        .unwrap();
+    write_read(&target, 1 << 20, 0x5a).expect("O_DIRECT through the NVMe/TCP device");
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(controllers_of(&nqn).is_empty(), "unstage disconnects");
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!sub.join("allowed_hosts").join(host("node-a")).exists());
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!sub.exists(), "delete unexports");
+    assert!(
+        !Path::new(CONFIGFS)
+            .join("hosts")
+            .join(host("node-a"))
+            .exists(),
+        "no host entry left behind"
+    );
+}
+
+/// Two nodes (two host NQNs) on one RWX block volume, as in a live migration; the
+/// source does not tear its device down. After ControllerUnpublish(A) A's I/O fails and
+/// it cannot reconnect, while B keeps reading A's last write and writing.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the kernel lab guest (nvme_tcp_and_nvmet_on_a_real_kernel boots it)"]
+async fn guest_the_fence_cuts_the_source_off() {
+    assert!(in_lab(), "a guest half of the kernel lab");
+    let a = Driver::start_with(DriverOptions {
+        extra_args: nvmet_args(),
+        ..Default::default()
+    })
+    .await;
+    let b = Driver::start_with(DriverOptions {
+        mode: "node",
+        node_id: "node-b".into(),
+        data_dir: Some(a.data_dir()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = a.controller().await;
+    let mut params = create_request("lab-migrating", 64 << 20, rwx());
+    params
+        .parameters
+        .insert("nvmeCtrlLossTmo".into(), "10".into());
+    let v = c
+        .create_volume(params)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut devices = Vec::new();
+    for (d, node) in [(&a, "node-a"), (&b, "node-b")] {
+        let ctx = c
+            .controller_publish_volume(publish_request(&v.volume_id, node, rwx()))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        let (staging, target) = (d.path("staging"), d.path("target"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let mut n = d.node().await;
+        n.node_stage_volume(stage(&v.volume_id, &ctx, &staging))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_node(&v.volume_id, &ctx, &staging, &target))
+            .await
+            .unwrap();
+        devices.push(target);
+    }
+    let (dev_a, dev_b) = (devices[0].clone(), devices[1].clone());
+    write_read(&dev_a, 0, 0xa1).expect("A writes");
+    write_read(&dev_b, 4096, 0xb1).expect("B writes");
+    // A's last write, then the fence (A never unstaged).
+    write_read(&dev_a, 8192, 0xa2).expect("A's last write");
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A may retry for ctrl_loss_tmo (10 s): its I/O must fail by then.
+    let fenced_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        if write_read(&dev_a, 12288, 0xa3).is_err() {
+            break;
+        }
+        assert!(Instant::now() < fenced_by, "A still writes after its fence");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // B sees A's last write and keeps writing (it reconnects after the port cycle).
+    let ok_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let f = open_direct(&dev_b).unwrap();
+        let mut back = aligned(0);
+        match f.read_exact_at(&mut back, 8192) {
+            Ok(()) => {
+                assert_eq!(back, aligned(0xa2), "B reads A's last write");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < ok_by, "B lost the volume: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    write_read(&dev_b, 16384, 0xb2).expect("B writes after A's fence");
+    assert!(
+        write_read(&dev_a, 12288, 0xa4).is_err(),
+        "A cannot come back"
+    );
+    let nqn = format!("{PREFIX}{}", v.volume_id);
+    let gone_by = Instant::now() + Duration::from_secs(60);
+    while controllers_of(&nqn).len() > 1 {
+        assert!(
+            Instant::now() < gone_by,
+            "A's controller never gave up: {:?}",
+            controllers_of(&nqn)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(controllers_of(&nqn).len(), 1, "B's controller stays");
+}

@@ -1,0 +1,432 @@
+//! A real Linux kernel under QEMU for the data planes this machine's kernel lacks
+//! (nvme-tcp, nvmet, nbd, configfs). Everything comes from Debian packages: the kernel
+//! is `linux-image-6.1.0-*-amd64` fetched once with `apt-get download` (the newest ABI
+//! listed, one package), unpacked under `target/kernel-lab/`; the guest is busybox-static
+//! plus the modules the scenarios need, booted under TCG (KVM hangs on these machines).
+//!
+//! The guest's root is an ext4 image (a virtio disk, so O_DIRECT works) holding the
+//! driver binary and the running test binary at their host paths, with their shared
+//! libraries: a scenario is an `#[ignore]`d test of the same file, run inside the guest
+//! by the host test with `--ignored --exact`. The guest prints its exit status on the
+//! serial console; the host returns it with the whole log.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Modules the scenarios use; their dependencies are resolved from modules.dep.
+const MODULES: &[&str] = &[
+    "kernel/crypto/crct10dif_generic.ko",
+    "kernel/crypto/crc64_rocksoft_generic.ko",
+    "kernel/crypto/crc32c_generic.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+    "kernel/fs/ext4/ext4.ko",
+    "kernel/fs/configfs/configfs.ko",
+    "kernel/drivers/nvme/target/nvmet.ko",
+    "kernel/drivers/nvme/target/nvmet-tcp.ko",
+    "kernel/drivers/nvme/host/nvme-tcp.ko",
+    "kernel/drivers/block/loop.ko",
+    "kernel/drivers/block/nbd.ko",
+];
+
+const EXIT_MARK: &str = "HANDOFF-LAB-EXIT=";
+
+pub struct Lab {
+    /// Module parameters by module file name (e.g. nvme-core.ko → multipath=N).
+    pub module_params: Vec<(String, String)>,
+    dir: PathBuf,
+    kernel: PathBuf,
+    release: String,
+    modules_root: PathBuf,
+}
+
+pub struct LabRun {
+    pub exit: Option<i32>,
+    pub log: String,
+    pub elapsed: Duration,
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn need(tool: &str, package: &str) -> Result<(), String> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} is missing: apt-get install {package} (.ci/run installs it)"
+        ))
+    }
+}
+
+impl Lab {
+    /// Finds or fetches the kernel; says why the lab cannot run when it cannot.
+    pub fn prepare() -> Result<Lab, String> {
+        for (tool, pkg) in [
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("busybox", "busybox-static"),
+            ("depmod", "kmod"),
+            ("cpio", "cpio"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("dpkg-deb", "dpkg"),
+        ] {
+            need(tool, pkg)?;
+        }
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kernel-lab");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{dir:?}: {e}"))?;
+        let root = dir.join("linux");
+        let find_kernel = || -> Option<(PathBuf, String)> {
+            let boot = std::fs::read_dir(root.join("boot")).ok()?;
+            boot.filter_map(Result::ok).map(|e| e.path()).find_map(|p| {
+                let name = p.file_name()?.to_str()?.to_owned();
+                let release = name.strip_prefix("vmlinuz-")?.to_owned();
+                Some((p, release))
+            })
+        };
+        if find_kernel().is_none() {
+            Self::fetch_kernel(&dir, &root)?;
+        }
+        let (kernel, release) = find_kernel().ok_or("the kernel package held no vmlinuz")?;
+        Ok(Lab {
+            module_params: Vec::new(),
+            dir,
+            kernel,
+            modules_root: root.join("lib/modules").join(&release),
+            release,
+        })
+    }
+
+    fn fetch_kernel(dir: &Path, root: &Path) -> Result<(), String> {
+        let listed = run(
+            Command::new("apt-cache").args([
+                "search",
+                "--names-only",
+                r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+            ]),
+            "apt-cache search",
+        )?;
+        let mut names: Vec<(u32, String)> = listed
+            .lines()
+            .filter_map(|l| {
+                let name = l.split_whitespace().next()?;
+                let abi: u32 = name
+                    .strip_prefix("linux-image-6.1.0-")?
+                    .strip_suffix("-amd64")?
+                    .parse()
+                    .ok()?;
+                Some((abi, name.to_owned()))
+            })
+            .collect();
+        names.sort();
+        let (_, package) = names.pop().ok_or(
+            "no linux-image-6.1.0-*-amd64 in the package lists: run apt-get update (.ci/run does)",
+        )?;
+        eprintln!("kernel lab: fetching {package} (one package, ~70 MB)");
+        run(
+            Command::new("apt-get")
+                .arg("download")
+                .arg(&package)
+                .current_dir(dir),
+            "apt-get download",
+        )?;
+        let deb = std::fs::read_dir(dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or("apt-get download left no .deb")?;
+        run(
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root),
+            "dpkg-deb -x",
+        )?;
+        let _ = std::fs::remove_file(&deb);
+        let release = std::fs::read_dir(root.join("lib/modules"))
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .find_map(|e| e.file_name().into_string().ok())
+            .ok_or("no modules in the kernel package")?;
+        run(
+            Command::new("depmod").arg("-b").arg(root).arg(&release),
+            "depmod",
+        )?;
+        Ok(())
+    }
+
+    /// The modules to load, dependencies first.
+    fn module_order(&self) -> Result<Vec<String>, String> {
+        let dep = std::fs::read_to_string(self.modules_root.join("modules.dep"))
+            .map_err(|e| format!("modules.dep: {e}"))?;
+        let deps: std::collections::HashMap<&str, Vec<&str>> = dep
+            .lines()
+            .filter_map(|l| {
+                let (m, d) = l.split_once(':')?;
+                Some((m, d.split_whitespace().collect()))
+            })
+            .collect();
+        fn visit<'a>(
+            m: &'a str,
+            deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+            seen: &mut BTreeSet<&'a str>,
+            out: &mut Vec<String>,
+        ) {
+            if !seen.insert(m) {
+                return;
+            }
+            // modules.dep lists every indirect dependency too; reversed, deepest first.
+            for d in deps.get(m).into_iter().flatten().rev() {
+                visit(d, deps, seen, out);
+            }
+            out.push(m.to_owned());
+        }
+        let (mut seen, mut out) = (BTreeSet::new(), Vec::new());
+        for m in MODULES {
+            if deps.contains_key(m) {
+                visit(m, &deps, &mut seen, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies `file` into `root` at its own path, with the shared libraries it needs.
+    fn install_elf(root: &Path, file: &Path) -> Result<(), String> {
+        Self::copy_at(root, file)?;
+        let ldd = run(Command::new("ldd").arg(file), "ldd").unwrap_or_default();
+        for line in ldd.lines() {
+            let lib = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.starts_with('/')),
+            };
+            if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+                Self::copy_at(root, Path::new(lib))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_at(root: &Path, file: &Path) -> Result<(), String> {
+        let dest = root.join(file.strip_prefix("/").unwrap_or(file));
+        if dest.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dest.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::fs::copy(file, &dest).map_err(|e| format!("copy {file:?}: {e}"))?;
+        Ok(())
+    }
+
+    /// Builds the guest (initramfs + root disk) for this test binary and boots it; the
+    /// guest runs `script` (sh) in its root and powers off.
+    pub fn boot(&self, name: &str, script: &str, timeout: Duration) -> Result<LabRun, String> {
+        let work = self.dir.join(format!("run-{name}"));
+        let _ = std::fs::remove_dir_all(&work);
+        let (initrd_dir, root) = (work.join("initramfs"), work.join("root"));
+        for d in ["bin", "dev", "proc", "sys", "newroot", "lib/modules"] {
+            std::fs::create_dir_all(initrd_dir.join(d)).map_err(|e| e.to_string())?;
+        }
+        let busybox = run(
+            Command::new("sh").args(["-c", "command -v busybox"]),
+            "busybox",
+        )?;
+        let busybox = PathBuf::from(busybox.trim());
+        std::fs::copy(&busybox, initrd_dir.join("bin/busybox")).map_err(|e| e.to_string())?;
+        let mut insmods = String::new();
+        for m in self.module_order()? {
+            let file = Path::new(&m).file_name().unwrap().to_owned();
+            std::fs::copy(
+                self.modules_root.join(&m),
+                initrd_dir.join("lib/modules").join(&file),
+            )
+            .map_err(|e| format!("module {m}: {e}"))?;
+            let file = file.to_string_lossy().into_owned();
+            let params = self
+                .module_params
+                .iter()
+                .filter(|(m, _)| *m == file)
+                .map(|(_, p)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(" ");
+            insmods.push_str(&format!(
+                "insmod /lib/modules/{file} {params} || echo 'lab: insmod {file} failed'\n"
+            ));
+        }
+        let init = format!(
+            r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+{insmods}
+mount -t configfs none /sys/kernel/config
+mount -t ext4 -o rw /dev/vda /newroot || {{ echo 'lab: no root disk'; echo {EXIT_MARK}125; poweroff -f; }}
+for d in proc sys dev sys/kernel/config; do mkdir -p /newroot/$d; mount --bind /$d /newroot/$d; done
+mkdir -p /newroot/dev/pts /newroot/run /newroot/tmp
+mount -t devpts devpts /newroot/dev/pts
+mount -t tmpfs run /newroot/run
+chroot /newroot /bin/busybox sh -c 'ip link set lo up; . /lab-run.sh'
+echo {EXIT_MARK}$?
+sync
+poweroff -f
+"#
+        );
+        std::fs::write(initrd_dir.join("init"), init).map_err(|e| e.to_string())?;
+        set_exec(&initrd_dir.join("init"))?;
+        let initrd = work.join("initrd.cpio");
+        run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "find . | cpio -o -H newc --quiet > {}",
+                    initrd.display()
+                ))
+                .current_dir(&initrd_dir),
+            "cpio",
+        )?;
+        // The root: busybox, the driver, this test binary, their libraries, the script.
+        std::fs::create_dir_all(root.join("bin")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(root.join("tmp")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(root.join("etc")).map_err(|e| e.to_string())?;
+        std::fs::copy(&busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
+        for tool in [
+            "sh", "ip", "mount", "umount", "ls", "cat", "sleep", "dd", "mkdir", "losetup",
+            "blockdev",
+        ] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
+        }
+        Self::install_elf(&root, Path::new(env!("CARGO_BIN_EXE_handoff-csi")))?;
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        Self::install_elf(&root, &me)?;
+        std::fs::write(
+            root.join("lab-run.sh"),
+            format!("export PATH=/bin TMPDIR=/tmp HANDOFF_IN_KERNEL_LAB=1 RUST_BACKTRACE=1\ncd /tmp\n{script}\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        let disk = work.join("root.ext4");
+        let size_mb = 3 * 1024;
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-d"])
+                .arg(&root)
+                .arg(&disk)
+                .arg(format!("{size_mb}M")),
+            "mkfs.ext4 -d",
+        )?;
+        let _ = std::fs::remove_dir_all(&root);
+        self.qemu(&initrd, &disk, timeout)
+    }
+
+    fn qemu(&self, initrd: &Path, disk: &Path, timeout: Duration) -> Result<LabRun, String> {
+        let started = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1536"])
+            .args([
+                "-nodefaults",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,cache=none,aio=threads",
+                disk.display()
+            ))
+            .args(["-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("qemu-system-x86_64: {e}"))?;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut log = String::new();
+        let mut exit = None;
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+                Ok(line) => {
+                    if let Some(code) = line.trim().strip_prefix(EXIT_MARK) {
+                        exit = code.trim().parse().ok();
+                    }
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if started.elapsed() >= timeout {
+                        let _ = child.kill();
+                        log.push_str(&format!("\nlab: guest killed after {timeout:?}\n"));
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = child.wait();
+        Ok(LabRun {
+            exit,
+            log,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Boots a guest that runs the named `#[ignore]`d tests of this test binary.
+    pub fn run_tests(
+        &self,
+        name: &str,
+        tests: &[&str],
+        timeout: Duration,
+    ) -> Result<LabRun, String> {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut script = String::new();
+        for t in tests {
+            script.push_str(&format!(
+                "echo 'lab: running {t}'\n{} --ignored --exact {t} --test-threads=1 --nocapture || exit $?\n",
+                me.display()
+            ));
+        }
+        self.boot(name, &script, timeout)
+    }
+}
+
+fn set_exec(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
+}
+
+/// Inside the guest, for the guest halves of lab scenarios.
+pub fn in_lab() -> bool {
+    std::env::var("HANDOFF_IN_KERNEL_LAB").as_deref() == Ok("1")
+}
