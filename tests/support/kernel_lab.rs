@@ -421,6 +421,63 @@ poweroff -f
     }
 }
 
+impl Lab {
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    /// A small initramfs for a VM guest: busybox, the virtio block driver, and `script`
+    /// run as the guest's workload (its state lives in guest RAM, so it migrates).
+    pub fn vm_initrd(&self, name: &str, script: &str) -> Result<PathBuf, String> {
+        let work = self.dir.join(format!("vm-{name}"));
+        let _ = std::fs::remove_dir_all(&work);
+        let root = work.join("initramfs");
+        for d in ["bin", "dev", "proc", "sys", "tmp", "lib/modules"] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
+        }
+        let busybox = run(
+            Command::new("sh").args(["-c", "command -v busybox"]),
+            "busybox",
+        )?;
+        std::fs::copy(busybox.trim(), root.join("bin/busybox")).map_err(|e| e.to_string())?;
+        let mut insmods = String::new();
+        for m in self.module_order()? {
+            if !(m.contains("virtio") || m.contains("crc")) {
+                continue;
+            }
+            let file = Path::new(&m)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            std::fs::copy(
+                self.modules_root.join(&m),
+                root.join("lib/modules").join(&file),
+            )
+            .map_err(|e| format!("module {m}: {e}"))?;
+            insmods.push_str(&format!("insmod /lib/modules/{file} 2>/dev/null\n"));
+        }
+        let init = format!(
+            "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n{insmods}\nwhile [ ! -b /dev/vda ]; do sleep 0.2; done\necho VM-READY\n. /workload.sh\npoweroff -f\n"
+        );
+        std::fs::write(root.join("init"), init).map_err(|e| e.to_string())?;
+        set_exec(&root.join("init"))?;
+        std::fs::write(root.join("workload.sh"), script).map_err(|e| e.to_string())?;
+        let initrd = work.join("initrd.cpio");
+        run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "find . | cpio -o -H newc --quiet > {}",
+                    initrd.display()
+                ))
+                .current_dir(&root),
+            "cpio",
+        )?;
+        Ok(initrd)
+    }
+}
+
 fn set_exec(p: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
