@@ -53,6 +53,8 @@ fn nvme_tcp_and_nvmet_on_a_real_kernel() {
             &[
                 "guest_csi_lifecycle_on_nvmet",
                 "guest_the_fence_cuts_the_source_off",
+                "guest_growth_and_a_lost_target",
+                "guest_ext4_grows_online_where_cap_sys_resource_exists",
             ],
             Duration::from_secs(900),
         )
@@ -62,7 +64,10 @@ fn nvme_tcp_and_nvmet_on_a_real_kernel() {
         run.elapsed
     );
     assert_eq!(run.exit, Some(0), "guest log:\n{}", run.log);
-    assert_eq!(passed(&run.log), 2, "{}", run.log);
+    assert_eq!(passed(&run.log), 4, "{}", run.log);
+    for line in run.log.lines().filter(|l| l.starts_with("lab: ")) {
+        eprintln!("{line}");
+    }
 }
 
 /// Guest test runs that passed (each runs one test; kernel messages may interleave).
@@ -352,4 +357,196 @@ async fn guest_the_fence_cuts_the_source_off() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(controllers_of(&nqn).len(), 1, "B's controller stays");
+}
+
+/// Growth reaches a connected node (revalidate_size), and `nvmeCtrlLossTmo` bounds a
+/// lost target: the port goes, the device is gone after the timeout, NodeUnstage still
+/// succeeds.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the kernel lab guest (nvme_tcp_and_nvmet_on_a_real_kernel boots it)"]
+async fn guest_growth_and_a_lost_target() {
+    assert!(in_lab(), "a guest half of the kernel lab");
+    let d = Driver::start_with(DriverOptions {
+        extra_args: nvmet_args(),
+        ..Default::default()
+    })
+    .await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let mut req = create_request("lab-grow", 32 << 20, rwx());
+    req.parameters.insert("nvmeCtrlLossTmo".into(), "10".into());
+    let v = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let ctx = c
+        .controller_publish_volume(publish_request(&v.volume_id, "node-a", rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(stage(&v.volume_id, &ctx, &staging))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_node(&v.volume_id, &ctx, &staging, &target))
+        .await
+        .unwrap();
+    let size = |p: &Path| {
+        let f = std::fs::File::open(p).unwrap();
+        nix::sys::stat::fstat(&f).unwrap();
+        std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0)).unwrap()
+    };
+    assert_eq!(size(&target), 32 << 20);
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 64 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(rwx()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grown_by = Instant::now() + Duration::from_secs(30);
+    while size(&target) != 64 << 20 {
+        assert!(Instant::now() < grown_by, "the node never saw the growth");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    write_read(&target, (64 << 20) - 4096, 0x6e).expect("the new end is usable");
+    // The target goes away (its port is removed, as when a storage host dies).
+    let port = Path::new(CONFIGFS).join("ports/1/subsystems");
+    let nqn = format!("{PREFIX}{}", v.volume_id);
+    std::fs::remove_file(port.join(&nqn)).unwrap();
+    let lost_at = Instant::now();
+    let gone_by = Instant::now() + Duration::from_secs(90);
+    while !controllers_of(&nqn).is_empty() {
+        assert!(
+            Instant::now() < gone_by,
+            "the controller outlived ctrl_loss_tmo"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let waited = lost_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8),
+        "gave up before ctrl_loss_tmo: {waited:?}"
+    );
+    eprintln!("lab: controller removed {waited:?} after its target was lost (ctrl_loss_tmo 10 s)");
+    assert!(
+        write_read(&target, 0, 1).is_err(),
+        "no I/O to a lost target"
+    );
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .expect("unstage succeeds after the target is gone");
+}
+
+/// ext4 online growth needs CAP_SYS_RESOURCE (EXT4_IOC_RESIZE_FS), which the host
+/// machines withhold; the guest's root has it. NodeExpandVolume after NodePublish grows
+/// the mounted filesystem, and what was written stays.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the kernel lab guest (nvme_tcp_and_nvmet_on_a_real_kernel boots it)"]
+async fn guest_ext4_grows_online_where_cap_sys_resource_exists() {
+    assert!(in_lab(), "a guest half of the kernel lab");
+    assert!(
+        handoff_csi::node::mount::has_capability(handoff_csi::node::mount::CAP_SYS_RESOURCE),
+        "the guest's root has CAP_SYS_RESOURCE"
+    );
+    let d = Driver::start().await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let cap = rwo_mount("ext4");
+    let v = c
+        .create_volume(create_request("lab-ext4", 64 << 20, cap.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let ctx = c
+        .controller_publish_volume(publish_request(&v.volume_id, "node-a", cap.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        publish_context: ctx,
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::fs::write(target.join("keep"), b"still here").unwrap();
+    let total = |p: &Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks() as u64 * s.fragment_size() as u64
+    };
+    let before = total(&target);
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 192 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grown = n
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("ext4 grows online with CAP_SYS_RESOURCE")
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 192 << 20);
+    let after = total(&target);
+    assert!(after > before + (100 << 20), "{before} → {after}");
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"still here");
+    eprintln!("lab: ext4 grew online {before} → {after} bytes");
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
 }

@@ -316,11 +316,35 @@ poweroff -f
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
         }
         Self::install_elf(&root, Path::new(env!("CARGO_BIN_EXE_handoff-csi")))?;
+        // The filesystem tools the node plugin runs, from the host, with their libraries.
+        for tool in [
+            "mkfs.ext4",
+            "resize2fs",
+            "e2fsck",
+            "blkid",
+            "mkfs.xfs",
+            "xfs_growfs",
+        ] {
+            if let Ok(path) = run(
+                Command::new("sh").args(["-c", &format!("command -v {tool}")]),
+                tool,
+            ) {
+                let path = PathBuf::from(path.trim());
+                let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
+                Self::install_elf(&root, &real)?;
+                if real != path {
+                    Self::copy_at(&root, &real)?;
+                    let dest = root.join(path.strip_prefix("/").unwrap_or(&path));
+                    std::fs::create_dir_all(dest.parent().unwrap()).map_err(|e| e.to_string())?;
+                    let _ = std::fs::copy(&real, &dest);
+                }
+            }
+        }
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         Self::install_elf(&root, &me)?;
         std::fs::write(
             root.join("lab-run.sh"),
-            format!("export PATH=/bin TMPDIR=/tmp HANDOFF_IN_KERNEL_LAB=1 RUST_BACKTRACE=1\ncd /tmp\n{script}\n"),
+            format!("export PATH=/bin:/sbin:/usr/bin:/usr/sbin TMPDIR=/tmp HANDOFF_IN_KERNEL_LAB=1 RUST_BACKTRACE=1\ncd /tmp\n{script}\n"),
         )
         .map_err(|e| e.to_string())?;
         let disk = work.join("root.ext4");
