@@ -20,6 +20,7 @@ pub mod export;
 pub mod identity;
 pub mod ids;
 pub mod kube;
+pub mod lab;
 pub mod locks;
 pub mod metrics;
 pub mod nbd;

@@ -11,11 +11,12 @@
 //! serial console; the host returns it with the whole log.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use handoff_csi::lab::Kernel;
 
 /// Modules the scenarios use; their dependencies are resolved from modules.dep.
 const MODULES: &[&str] = &[
@@ -39,9 +40,7 @@ pub struct Lab {
     /// Module parameters by module file name (e.g. nvme-core.ko → multipath=N).
     pub module_params: Vec<(String, String)>,
     dir: PathBuf,
-    kernel: PathBuf,
-    release: String,
-    modules_root: PathBuf,
+    pub kernel: Kernel,
 }
 
 pub struct LabRun {
@@ -64,147 +63,18 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn need(tool: &str, package: &str) -> Result<(), String> {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if found {
-        Ok(())
-    } else {
-        Err(format!(
-            "{tool} is missing: apt-get install {package} (.ci/run installs it)"
-        ))
-    }
-}
-
 impl Lab {
-    /// Finds or fetches the kernel; says why the lab cannot run when it cannot.
+    /// Finds or fetches the kernel (cached under `target/kernel-lab/`); says why the lab
+    /// cannot run when it cannot.
     pub fn prepare() -> Result<Lab, String> {
-        for (tool, pkg) in [
-            ("qemu-system-x86_64", "qemu-system-x86"),
-            ("busybox", "busybox-static"),
-            ("depmod", "kmod"),
-            ("cpio", "cpio"),
-            ("mkfs.ext4", "e2fsprogs"),
-            ("dpkg-deb", "dpkg"),
-        ] {
-            need(tool, pkg)?;
-        }
+        handoff_csi::lab::need("mkfs.ext4", "e2fsprogs")?;
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kernel-lab");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{dir:?}: {e}"))?;
-        let root = dir.join("linux");
-        let find_kernel = || -> Option<(PathBuf, String)> {
-            let boot = std::fs::read_dir(root.join("boot")).ok()?;
-            boot.filter_map(Result::ok).map(|e| e.path()).find_map(|p| {
-                let name = p.file_name()?.to_str()?.to_owned();
-                let release = name.strip_prefix("vmlinuz-")?.to_owned();
-                Some((p, release))
-            })
-        };
-        if find_kernel().is_none() {
-            Self::fetch_kernel(&dir, &root)?;
-        }
-        let (kernel, release) = find_kernel().ok_or("the kernel package held no vmlinuz")?;
+        let kernel = Kernel::prepare(&dir)?;
         Ok(Lab {
             module_params: Vec::new(),
             dir,
             kernel,
-            modules_root: root.join("lib/modules").join(&release),
-            release,
         })
-    }
-
-    fn fetch_kernel(dir: &Path, root: &Path) -> Result<(), String> {
-        let listed = run(
-            Command::new("apt-cache").args([
-                "search",
-                "--names-only",
-                r"^linux-image-6\.1\.0-[0-9]+-amd64$",
-            ]),
-            "apt-cache search",
-        )?;
-        let mut names: Vec<(u32, String)> = listed
-            .lines()
-            .filter_map(|l| {
-                let name = l.split_whitespace().next()?;
-                let abi: u32 = name
-                    .strip_prefix("linux-image-6.1.0-")?
-                    .strip_suffix("-amd64")?
-                    .parse()
-                    .ok()?;
-                Some((abi, name.to_owned()))
-            })
-            .collect();
-        names.sort();
-        let (_, package) = names.pop().ok_or(
-            "no linux-image-6.1.0-*-amd64 in the package lists: run apt-get update (.ci/run does)",
-        )?;
-        eprintln!("kernel lab: fetching {package} (one package, ~70 MB)");
-        run(
-            Command::new("apt-get")
-                .arg("download")
-                .arg(&package)
-                .current_dir(dir),
-            "apt-get download",
-        )?;
-        let deb = std::fs::read_dir(dir)
-            .map_err(|e| e.to_string())?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or("apt-get download left no .deb")?;
-        run(
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root),
-            "dpkg-deb -x",
-        )?;
-        let _ = std::fs::remove_file(&deb);
-        let release = std::fs::read_dir(root.join("lib/modules"))
-            .map_err(|e| e.to_string())?
-            .filter_map(Result::ok)
-            .find_map(|e| e.file_name().into_string().ok())
-            .ok_or("no modules in the kernel package")?;
-        run(
-            Command::new("depmod").arg("-b").arg(root).arg(&release),
-            "depmod",
-        )?;
-        Ok(())
-    }
-
-    /// The modules to load, dependencies first.
-    fn module_order(&self) -> Result<Vec<String>, String> {
-        let dep = std::fs::read_to_string(self.modules_root.join("modules.dep"))
-            .map_err(|e| format!("modules.dep: {e}"))?;
-        let deps: std::collections::HashMap<&str, Vec<&str>> = dep
-            .lines()
-            .filter_map(|l| {
-                let (m, d) = l.split_once(':')?;
-                Some((m, d.split_whitespace().collect()))
-            })
-            .collect();
-        fn visit<'a>(
-            m: &'a str,
-            deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
-            seen: &mut BTreeSet<&'a str>,
-            out: &mut Vec<String>,
-        ) {
-            if !seen.insert(m) {
-                return;
-            }
-            // modules.dep lists every indirect dependency too; reversed, deepest first.
-            for d in deps.get(m).into_iter().flatten().rev() {
-                visit(d, deps, seen, out);
-            }
-            out.push(m.to_owned());
-        }
-        let (mut seen, mut out) = (BTreeSet::new(), Vec::new());
-        for m in MODULES {
-            if deps.contains_key(m) {
-                visit(m, &deps, &mut seen, &mut out);
-            }
-        }
-        Ok(out)
     }
 
     /// Copies `file` into `root` at its own path, with the shared libraries it needs.
@@ -242,35 +112,11 @@ impl Lab {
         let work = self.dir.join(format!("run-{name}"));
         let _ = std::fs::remove_dir_all(&work);
         let (initrd_dir, root) = (work.join("initramfs"), work.join("root"));
-        for d in ["bin", "dev", "proc", "sys", "newroot", "lib/modules"] {
-            std::fs::create_dir_all(initrd_dir.join(d)).map_err(|e| e.to_string())?;
-        }
-        let busybox = run(
-            Command::new("sh").args(["-c", "command -v busybox"]),
-            "busybox",
-        )?;
-        let busybox = PathBuf::from(busybox.trim());
-        std::fs::copy(&busybox, initrd_dir.join("bin/busybox")).map_err(|e| e.to_string())?;
-        let mut insmods = String::new();
-        for m in self.module_order()? {
-            let file = Path::new(&m).file_name().unwrap().to_owned();
-            std::fs::copy(
-                self.modules_root.join(&m),
-                initrd_dir.join("lib/modules").join(&file),
-            )
-            .map_err(|e| format!("module {m}: {e}"))?;
-            let file = file.to_string_lossy().into_owned();
-            let params = self
-                .module_params
-                .iter()
-                .filter(|(m, _)| *m == file)
-                .map(|(_, p)| p.as_str())
-                .collect::<Vec<_>>()
-                .join(" ");
-            insmods.push_str(&format!(
-                "insmod /lib/modules/{file} {params} || echo 'lab: insmod {file} failed'\n"
-            ));
-        }
+        let insmods = self
+            .kernel
+            .install_base(&initrd_dir, MODULES, &self.module_params)?;
+        std::fs::create_dir_all(initrd_dir.join("newroot")).map_err(|e| e.to_string())?;
+        let busybox = handoff_csi::lab::need("busybox", "busybox-static")?;
         let init = format!(
             r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -291,19 +137,9 @@ sync
 poweroff -f
 "#
         );
-        std::fs::write(initrd_dir.join("init"), init).map_err(|e| e.to_string())?;
-        set_exec(&initrd_dir.join("init"))?;
+        handoff_csi::lab::write_exec(&initrd_dir.join("init"), &init)?;
         let initrd = work.join("initrd.cpio");
-        run(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "find . | cpio -o -H newc --quiet > {}",
-                    initrd.display()
-                ))
-                .current_dir(&initrd_dir),
-            "cpio",
-        )?;
+        Kernel::pack(&initrd_dir, &initrd)?;
         // The root: busybox, the driver, this test binary, their libraries, the script.
         std::fs::create_dir_all(root.join("bin")).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(root.join("tmp")).map_err(|e| e.to_string())?;
@@ -373,7 +209,7 @@ poweroff -f
                 "-no-reboot",
             ])
             .arg("-kernel")
-            .arg(&self.kernel)
+            .arg(&self.kernel.vmlinuz)
             .arg("-initrd")
             .arg(initrd)
             .arg("-drive")
@@ -443,68 +279,6 @@ poweroff -f
         }
         self.boot(name, &script, timeout)
     }
-}
-
-impl Lab {
-    pub fn kernel(&self) -> &Path {
-        &self.kernel
-    }
-
-    /// A small initramfs for a VM guest: busybox, the virtio block driver, and `script`
-    /// run as the guest's workload (its state lives in guest RAM, so it migrates).
-    pub fn vm_initrd(&self, name: &str, script: &str) -> Result<PathBuf, String> {
-        let work = self.dir.join(format!("vm-{name}"));
-        let _ = std::fs::remove_dir_all(&work);
-        let root = work.join("initramfs");
-        for d in ["bin", "dev", "proc", "sys", "tmp", "lib/modules"] {
-            std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
-        }
-        let busybox = run(
-            Command::new("sh").args(["-c", "command -v busybox"]),
-            "busybox",
-        )?;
-        std::fs::copy(busybox.trim(), root.join("bin/busybox")).map_err(|e| e.to_string())?;
-        let mut insmods = String::new();
-        for m in self.module_order()? {
-            if !(m.contains("virtio") || m.contains("crc")) {
-                continue;
-            }
-            let file = Path::new(&m)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            std::fs::copy(
-                self.modules_root.join(&m),
-                root.join("lib/modules").join(&file),
-            )
-            .map_err(|e| format!("module {m}: {e}"))?;
-            insmods.push_str(&format!("insmod /lib/modules/{file} 2>/dev/null\n"));
-        }
-        let init = format!(
-            "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n{insmods}\nwhile [ ! -b /dev/vda ]; do sleep 0.2; done\necho VM-READY\n. /workload.sh\npoweroff -f\n"
-        );
-        std::fs::write(root.join("init"), init).map_err(|e| e.to_string())?;
-        set_exec(&root.join("init"))?;
-        std::fs::write(root.join("workload.sh"), script).map_err(|e| e.to_string())?;
-        let initrd = work.join("initrd.cpio");
-        run(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "find . | cpio -o -H newc --quiet > {}",
-                    initrd.display()
-                ))
-                .current_dir(&root),
-            "cpio",
-        )?;
-        Ok(initrd)
-    }
-}
-
-fn set_exec(p: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
 }
 
 /// Inside the guest, for the guest halves of lab scenarios.
