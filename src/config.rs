@@ -152,6 +152,14 @@ pub enum DemoScenario {
         /// Number of 4 KiB checksummed blocks the VM writes and the target verifies.
         #[arg(long, default_value_t = 4096)]
         blocks: u64,
+        /// A real VM instead: QEMU live-migrates a running guest (Debian's kernel and
+        /// busybox) that verifies its disk round after round (needs qemu-system-x86,
+        /// busybox-static, cpio, kmod; the kernel is fetched once with apt-get download).
+        #[arg(long)]
+        vm: bool,
+        /// Live migrations of the VM (with --vm), alternating between the two nodes.
+        #[arg(long, default_value_t = 2)]
+        hops: u32,
     },
 }
 
@@ -701,7 +709,11 @@ mod tests {
         assert!(matches!(
             cli.command,
             Some(Command::Demo {
-                scenario: DemoScenario::Migration { blocks: 8 }
+                scenario: DemoScenario::Migration {
+                    blocks: 8,
+                    vm: false,
+                    hops: 2
+                }
             })
         ));
         let cli = Cli::try_parse_from(["handoff-csi", "attachments", "--state-dir", "/x"]).unwrap();

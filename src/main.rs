@@ -560,12 +560,18 @@ fn run_command(command: Command) -> ExitCode {
     let result: Result<(), BoxError> = runtime.block_on(async {
         match command {
             Command::Demo {
-                scenario: DemoScenario::Migration { blocks },
+                scenario: DemoScenario::Migration { blocks, vm, hops },
             } => {
                 let binary = std::env::current_exe()?;
-                handoff_csi::demo::migration(&binary, blocks)
-                    .await
-                    .map(drop)
+                if vm {
+                    handoff_csi::demo::vm::migration(&binary, hops)
+                        .await
+                        .map(drop)
+                } else {
+                    handoff_csi::demo::migration(&binary, blocks)
+                        .await
+                        .map(drop)
+                }
             }
             Command::Attachments(args) => print_attachments(args).await,
             Command::Target(args) => run_target(args).await,

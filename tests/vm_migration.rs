@@ -165,7 +165,10 @@ async fn qemu_live_migrates_a_running_vm_between_two_node_plugins() {
     let mut doomed = start(&attached[to].target, "cancelled", Some(port));
     // Slow enough that the target dies mid-way.
     let capped = vm
-        .qmp("migrate-set-parameters", json!({"max-bandwidth": 1_000_000}))
+        .qmp(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1_000_000}),
+        )
         .unwrap();
     assert!(capped.get("error").is_none(), "{capped}");
     // Once the target listens (a refused connect is no migration at all).
@@ -201,4 +204,35 @@ async fn qemu_live_migrates_a_running_vm_between_two_node_plugins() {
     drop(vm);
     let a = attached.remove(on).unwrap();
     detach(&cl, &vol, on, &a).await;
+}
+
+/// `demo migration --vm` for a person: the same real-VM migration, printed as a timeline.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_vm_demo_migrates_a_running_guest_and_says_so() {
+    if !require_root("the_vm_demo_migrates_a_running_guest_and_says_so") {
+        return;
+    }
+    if std::env::var("HANDOFF_SKIP_KERNEL_LAB").as_deref() == Ok("1") {
+        eprintln!(
+            "SKIPPED the_vm_demo_migrates_a_running_guest_and_says_so: HANDOFF_SKIP_KERNEL_LAB=1"
+        );
+        return;
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+        .args(["demo", "migration", "--vm", "--hops", "1"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("migrated node-a → node-b"), "{text}");
+    assert!(text.contains("ControllerUnpublish on node-a"), "{text}");
+    assert!(
+        text.contains("rounds verified across 1 live migration(s); no block lost or stale"),
+        "{text}"
+    );
 }

@@ -16,6 +16,8 @@ use crate::csi;
 use crate::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
 use crate::datacheck;
 
+pub mod vm;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One process of the demo cluster.
