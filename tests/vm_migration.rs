@@ -21,6 +21,10 @@ use support::kernel_lab::Lab;
 use support::*;
 
 const BLOCKS: u32 = 64;
+
+/// One VM scenario at a time: each runs up to three TCG guests, and two cores shared by
+/// several would stretch every timeout.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Attached {
     staging: PathBuf,
     target: PathBuf,
@@ -118,6 +122,7 @@ enum Plane {
 }
 
 async fn ping_pong(plane: Plane) {
+    let _one = ONE_AT_A_TIME.lock().await;
     if std::env::var("HANDOFF_SKIP_KERNEL_LAB").as_deref() == Ok("1") {
         eprintln!("SKIPPED the {plane:?}-plane VM migration: HANDOFF_SKIP_KERNEL_LAB=1");
         return;
@@ -247,6 +252,7 @@ async fn the_vm_demo_migrates_a_running_guest_and_says_so() {
         );
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
         .args(["demo", "migration", "--vm", "--hops", "1"])
         .output()
