@@ -32,6 +32,10 @@ fn first_in_window(key: String) -> bool {
         .lock();
     if seen.len() > 4096 {
         seen.retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+        if seen.len() > 4096 {
+            // A flood of distinct failures: forget them rather than grow without bound.
+            seen.clear();
+        }
     }
     match seen.get(&key) {
         Some(at) if now.duration_since(*at) < REPEAT_WINDOW => false,

@@ -902,3 +902,55 @@ async fn a_real_routers_output_is_read_right() {
         .unwrap_err();
     assert!(matches!(err, BackendError::NoSpace(_)), "{err}");
 }
+
+/// The fence at RouterOS fails closed and heals: a repeated unpublish (a retry after a
+/// failure mid-way) cycles the export again, and an export left off by a cut-short cycle
+/// is turned back on for the nodes still allowed.
+#[tokio::test]
+async fn the_routeros_fence_is_repeated_on_retry_and_leaves_the_export_on() {
+    let router = FakeRouter::start(100 * GIB).await;
+    let b = backend(&router);
+    let v = b.create_volume(&request("fenced-disk", GIB)).await.unwrap();
+    let (a_node, b_node) = (
+        NodeId::parse("node-a").unwrap(),
+        NodeId::parse("node-b").unwrap(),
+    );
+    for n in [&a_node, &b_node] {
+        b.export(&v, n).await.unwrap();
+        b.allow_node(&v, n).await.unwrap();
+    }
+    let nqn = |n: &NodeId| handoff_csi::export::node_host_nqn(n);
+    assert_eq!(
+        router.disk(v.id.as_str()).unwrap()["nvme-tcp-server-allow-host-name"],
+        format!("\"{},{}\"", nqn(&a_node), nqn(&b_node))
+    );
+    b.deny_node(&v.id, &a_node).await.unwrap();
+    b.deny_node(&v.id, &a_node).await.unwrap();
+    assert_eq!(
+        router.state.lock().export_cycles[v.id.as_str()],
+        2,
+        "cycled on the retry too"
+    );
+    // A cycle cut short left the export off: the next attempt turns it back on.
+    router
+        .state
+        .lock()
+        .disks
+        .iter_mut()
+        .find(|d| d.get("slot").is_some_and(|s| s.contains(v.id.as_str())))
+        .unwrap()
+        .insert("nvme-tcp-export".into(), "no".into());
+    b.deny_node(&v.id, &a_node).await.unwrap();
+    let disk = router.disk(v.id.as_str()).unwrap();
+    assert_eq!(disk["nvme-tcp-export"], "yes");
+    assert_eq!(
+        disk["nvme-tcp-server-allow-host-name"],
+        format!("\"{}\"", nqn(&b_node))
+    );
+    // Unpublishing the last node admits nobody (never the empty "any host" list).
+    b.deny_node(&v.id, &b_node).await.unwrap();
+    assert_eq!(
+        router.disk(v.id.as_str()).unwrap()["nvme-tcp-server-allow-host-name"],
+        format!("\"{}\"", handoff_csi::backend::routeros::NO_HOST)
+    );
+}

@@ -579,7 +579,9 @@ impl Backend for RdsBackend {
 
     /// Takes the node off the allow list, then cycles the export so its live connection
     /// drops (the nodes still allowed reconnect). Fails closed: the fence is confirmed
-    /// only when RouterOS prints the list without the node.
+    /// only when RouterOS prints the list without the node, and the export is cycled on
+    /// every call — a retry after a failure mid-way (list changed, connection still up)
+    /// must still cut the connection, and leaves the export on for the others.
     async fn deny_node(&self, volume: &VolumeId, node: &NodeId) -> Result<(), BackendError> {
         let Some(disk) = self.disk(volume.as_str()).await? else {
             // No disk, no export: nothing can reach it.
@@ -587,21 +589,21 @@ impl Backend for RdsBackend {
         };
         let host = node_host_nqn(node);
         let hosts: Vec<String> = match &disk.allowed {
-            Some(list) if !list.contains(&host) => return Ok(()),
             Some(list) => list.iter().filter(|h| **h != host).cloned().collect(),
             // Any host was admitted: from now on only nobody, until a node is published.
             None => Vec::new(),
         };
-        self.run_or(routeros::allow_hosts(volume.as_str(), &hosts))
-            .await?;
-        self.confirm_allowed(volume.as_str(), node, false).await?;
-        if disk.exported {
-            for command in routeros::cycle_export(volume.as_str())
-                .map_err(|e| BackendError::TargetRefused(e.to_string()))?
-            {
-                self.run_or(Ok(command)).await?;
-            }
+        if disk.allowed.as_ref() != Some(&hosts) {
+            self.run_or(routeros::allow_hosts(volume.as_str(), &hosts))
+                .await?;
         }
+        self.confirm_allowed(volume.as_str(), node, false).await?;
+        let [off, on] = routeros::cycle_export(volume.as_str())
+            .map_err(|e| BackendError::TargetRefused(e.to_string()))?;
+        if disk.exported {
+            self.run_or(Ok(off)).await?;
+        }
+        self.run_or(Ok(on)).await?;
         Ok(())
     }
 

@@ -368,14 +368,15 @@ fn starts_item(line: &str) -> bool {
 /// cuts, without a space — unless it is a group of digits (a number printed in groups).
 fn join_wrapped(current: &mut String, next: &str) {
     let first = next.split_whitespace().next().unwrap_or("");
-    let ends_in_unquoted_value = current
-        .rsplit(char::is_whitespace)
-        .next()
-        .is_some_and(|w| w.contains('=') && !w.ends_with('"'));
-    let inside_value = ends_in_unquoted_value
-        && !first.contains('=')
-        && !first.bytes().all(|b| b.is_ascii_digit());
-    if !inside_value {
+    let last = current.rsplit(char::is_whitespace).next().unwrap_or("");
+    let digits = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit());
+    let ends_in_unquoted_value = last.contains('=') && !last.ends_with('"');
+    let inside_value = ends_in_unquoted_value && !first.contains('=') && !digits(first);
+    // A property longer than the console is cut where the line ends, even inside its
+    // key: once properties have begun, a last word without `=` is half a key.
+    let inside_key =
+        current.contains('=') && !last.contains('=') && !last.ends_with('"') && !digits(last);
+    if !(inside_value || inside_key) {
         current.push(' ');
     }
     current.push_str(next);
@@ -634,7 +635,8 @@ mod tests {
         OltdLCJjcmVhdGVkIjoiMjAyNi0xMi0wMVQwMDowMDowMFoifQ\n\
         type=file slot=\"pvc-3c6f1a2b-1111-4222-8333-944455556666\" slot-default=\"\"\n\
         parent=\"\" fs=- model=\"/storage-pool/metal-csi/volumes/pvc-3c6f1a2b-1111-4\"\n\
-        size=53 687 091 200 mount-filesystem=no mount-read-only=no compress=no\n\
+        size=53 687 091 200 mount-filesystem=no mount-read-only=no compress=no nvme-tcp\n\
+        -server-port-unused=1\n\
         nvme-tcp-export=yes nvme-tcp-server-port=4420\n\
         nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-3c6f1a2b-1111-4222-8333-944455556666\"\n\
         nvme-tcp-server-allow-host-name=\"\" iscsi-export=no\n\
@@ -653,6 +655,10 @@ mod tests {
         assert_eq!(v["size"], "53 687 091 200");
         assert_eq!(parse_size(&v["size"]), Some(53_687_091_200));
         assert_eq!(v["mount-filesystem"], "no");
+        assert_eq!(
+            v["nvme-tcp-server-port-unused"], "1",
+            "a key cut at the line end"
+        );
         assert!(v["comment"].starts_with("handoff2:eyJr") && v["comment"].ends_with("ifQ"));
         assert!(
             !v["comment"].contains(' '),

@@ -71,6 +71,9 @@ impl KubeEvents {
         let mut recent = self.recent.lock();
         if recent.len() > 4096 {
             recent.retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+            if recent.len() > 4096 {
+                recent.clear();
+            }
         }
         match recent.get(&key) {
             Some(at) if now.duration_since(*at) < REPEAT_WINDOW => true,
