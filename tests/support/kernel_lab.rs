@@ -32,9 +32,14 @@ const MODULES: &[&str] = &[
     "kernel/drivers/nvme/host/nvme-tcp.ko",
     "kernel/drivers/block/loop.ko",
     "kernel/drivers/block/nbd.ko",
+    "kernel/fs/nfsd/nfsd.ko",
+    "kernel/fs/nfs/nfsv4.ko",
 ];
 
 const EXIT_MARK: &str = "HANDOFF-LAB-EXIT=";
+
+/// What libtirpc reads to find its transports (rpcbind, mountd).
+const NETCONFIG: &str = "udp        tpi_clts      v     inet     udp     -       -\ntcp        tpi_cots_ord  v     inet     tcp     -       -\nudp6       tpi_clts      v     inet6    udp     -       -\ntcp6       tpi_cots_ord  v     inet6    tcp     -       -\nlocal      tpi_cots_ord  -     loopback -       -       -\nunix       tpi_cots_ord  -     loopback -       -       -\n";
 
 pub struct Lab {
     /// Module parameters by module file name (e.g. nvme-core.ko → multipath=N).
@@ -152,7 +157,19 @@ poweroff -f
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
         }
         Self::install_elf(&root, Path::new(env!("CARGO_BIN_EXE_handoff-csi")))?;
-        // The filesystem tools the node plugin runs, from the host, with their libraries.
+        for d in ["var/lib/nfs/v4recovery", "run/rpcbind", "srv"] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(root.join("etc/exports"), "").map_err(|e| e.to_string())?;
+        for f in ["etc/services", "etc/protocols"] {
+            let _ = std::fs::copy(Path::new("/").join(f), root.join(f));
+        }
+        for f in ["var/lib/nfs/etab", "var/lib/nfs/rmtab"] {
+            std::fs::write(root.join(f), "").map_err(|e| e.to_string())?;
+        }
+        std::fs::write(root.join("etc/netconfig"), NETCONFIG).map_err(|e| e.to_string())?;
+        // The filesystem tools the node plugin runs, and an NFS server and client for
+        // the file backend on NFS (nfs-kernel-server), from the host with their libraries.
         for tool in [
             "mkfs.ext4",
             "resize2fs",
@@ -160,6 +177,11 @@ poweroff -f
             "blkid",
             "mkfs.xfs",
             "xfs_growfs",
+            "rpc.nfsd",
+            "rpc.mountd",
+            "exportfs",
+            "rpcbind",
+            "mount.nfs",
         ] {
             if let Ok(path) = run(
                 Command::new("sh").args(["-c", &format!("command -v {tool}")]),

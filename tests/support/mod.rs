@@ -51,6 +51,9 @@ pub struct DriverOptions {
     /// Node ids registered on the data dir before start, as if their node plugins ran
     /// there (a standalone controller refuses nodes that never registered).
     pub known_nodes: Vec<&'static str>,
+    /// Runs the driver in a mount namespace of its own with this NFS mount (source,
+    /// target, options) over the host's: another machine's view of the same share.
+    pub own_nfs_mount: Option<(String, PathBuf, String)>,
 }
 
 impl Default for DriverOptions {
@@ -63,6 +66,7 @@ impl Default for DriverOptions {
             data_dir: None,
             netns: None,
             known_nodes: vec!["node-a", "node-b", "node-c"],
+            own_nfs_mount: None,
         }
     }
 }
@@ -161,6 +165,31 @@ impl Driver {
             .stdin(Stdio::null());
         if let Some(ns) = &self.options.netns {
             netns::enter(&mut cmd, ns);
+        }
+        if let Some((source, target, opts)) = self.options.own_nfs_mount.clone() {
+            use nix::mount::{mount, MsFlags};
+            use std::os::unix::process::CommandExt;
+            // SAFETY: unshare and mount run in the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+                    mount(
+                        None::<&str>,
+                        "/",
+                        None::<&str>,
+                        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                        None::<&str>,
+                    )?;
+                    mount(
+                        Some(source.as_str()),
+                        &target,
+                        Some("nfs4"),
+                        MsFlags::empty(),
+                        Some(opts.as_str()),
+                    )?;
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("spawn handoff-csi");
         self.child = Some(child);

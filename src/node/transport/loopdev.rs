@@ -220,6 +220,15 @@ impl LoopTransport {
             .open(image)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => TransportError::ImageMissing(image.to_path_buf()),
+                // open(2) answers EINVAL for O_DIRECT on a filesystem without it (tmpfs
+                // before Linux 6.6, some FUSE mounts): the same refusal as a loop device
+                // that would not take direct I/O.
+                _ if e.raw_os_error() == Some(libc::EINVAL) => {
+                    TransportError::DirectIoUnavailable {
+                        device: PathBuf::from("(none yet)"),
+                        image: image.to_path_buf(),
+                    }
+                }
                 _ => sys_err("open image", image)(e),
             })?;
         let ctl_path = self.paths.dev.join("loop-control");
