@@ -73,6 +73,7 @@ impl Lab {
     /// cannot run when it cannot.
     pub fn prepare() -> Result<Lab, String> {
         handoff_csi::lab::need("mkfs.ext4", "e2fsprogs")?;
+        handoff_csi::lab::need("rpc.nfsd", "nfs-kernel-server")?;
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kernel-lab");
         let kernel = Kernel::prepare(&dir)?;
         Ok(Lab {
