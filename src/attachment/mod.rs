@@ -698,8 +698,15 @@ impl AttachmentManager {
         }
         let loaded = state.clone();
         let mut before = state;
-        let matched = self.match_late(&mut before).await?;
-        self.refresh_clock(&mut before, now).await?;
+        // Naming and timing a migration is information: a cluster read that fails here
+        // must not hold up fences and clears, so it is logged and tried next pass.
+        let matched = self.match_late(&mut before).await.unwrap_or_else(|e| {
+            tracing::warn!(volume_id = %id, error = %e, "could not match the dual attach to a migration this pass");
+            false
+        });
+        if let Err(e) = self.refresh_clock(&mut before, now).await {
+            tracing::warn!(volume_id = %id, error = %e, "could not follow the migration's clock this pass");
+        }
         let cleared_nodes: Vec<NodeId> = cleared.iter().map(|(n, _)| n.clone()).collect();
         let decision = decide_reconcile(&before, &cleared_nodes, &unfenced, now);
         let mut next = decision.next;
