@@ -131,15 +131,27 @@ impl ClusterView for KubeCluster {
         // A fresh list, not a cache: the target pod was created moments ago, and it is
         // the only object that ties this attach to a migration (KubeVirt names the
         // target node elsewhere only after this attach made the pod Ready).
-        let pods = Api::<Pod>::namespaced(self.client.clone(), &namespace)
+        let pods = match Api::<Pod>::namespaced(self.client.clone(), &namespace)
             .list(&ListParams::default())
             .await
-            .map_err(|e| {
-                ClusterError(format!(
+        {
+            Ok(pods) => pods.items,
+            // Checking who uses the claim is a safety rule: no answer, no second node.
+            Err(e) if check_pods => {
+                return Err(ClusterError(format!(
                     "cannot list pods in namespace {namespace} to check who uses claim {claim}: {e}"
-                ))
-            })?;
-        let using = pods_using(&pods.items, &claim);
+                )))
+            }
+            // Matching the migration only names it: the reconciler tries again.
+            Err(e) => {
+                tracing::warn!(namespace = %namespace, error = %e, "pods not listed; the dual attach is matched to its migration later");
+                if let Some(vmi) = &vmi {
+                    workload.vmi = self.kubevirt.clock(vmi, None);
+                }
+                return Ok(workload);
+            }
+        };
+        let using = pods_using(&pods, &claim);
         if kubevirt {
             workload.migration =
                 self.kubevirt
