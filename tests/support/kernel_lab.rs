@@ -217,7 +217,10 @@ poweroff -f
             "mkfs.ext4 -d",
         )?;
         let _ = std::fs::remove_dir_all(&root);
-        self.qemu(&initrd, &disk, timeout)
+        let result = self.qemu(&initrd, &disk, timeout);
+        // The root image holds copies of the binaries (hundreds of MB): not kept.
+        let _ = std::fs::remove_dir_all(&work);
+        result
     }
 
     fn qemu(&self, initrd: &Path, disk: &Path, timeout: Duration) -> Result<LabRun, String> {
