@@ -185,6 +185,20 @@ async fn ping_pong(plane: Plane) {
         drop(std::mem::replace(&mut vm, target));
         let a = attached.remove(on).unwrap();
         detach(&cl, &vol, on, &a).await;
+        if plane == Plane::Nbd {
+            // The source was cut off at the NBD target, not only forgotten.
+            let table = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
+                .args(["attachments", "--output", "json", "--state-dir"])
+                .arg(cl.controller.state_dir())
+                .output()
+                .unwrap();
+            let report: Value = serde_json::from_slice(&table.stdout).unwrap();
+            let fenced = report["volumes"][0]["fenced"].to_string();
+            assert!(
+                fenced.contains(on) && fenced.contains("target"),
+                "hop {hop}: {on} not fenced at the target: {report}"
+            );
+        }
         // The guest goes on verifying on the target, its expectations intact.
         round = vm
             .wait_rounds_past(before.max(round) + 1, Duration::from_secs(180))
