@@ -289,22 +289,11 @@ async fn guest_the_fence_cuts_the_source_off() {
         .unwrap();
     let mut devices = Vec::new();
     for (d, node) in [(&a, "node-a"), (&b, "node-b")] {
-        let ctx = c
-            .controller_publish_volume(publish_request(&v.volume_id, node, rwx()))
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
-        let (staging, target) = (d.path("staging"), d.path("target"));
-        std::fs::create_dir_all(&staging).unwrap();
-        let mut n = d.node().await;
-        n.node_stage_volume(stage(&v.volume_id, &ctx, &staging))
-            .await
-            .unwrap();
-        n.node_publish_volume(publish_node(&v.volume_id, &ctx, &staging, &target))
-            .await
-            .unwrap();
-        devices.push(target);
+        devices.push(
+            attach_to(&a, d, node, &v.volume_id, &rwx(), "fence")
+                .await
+                .1,
+        );
     }
     let (dev_a, dev_b) = (devices[0].clone(), devices[1].clone());
     write_read(&dev_a, 0, 0xa1).expect("A writes");

@@ -18,6 +18,7 @@ use handoff_csi::csi;
 use handoff_csi::lab::{workload_script, Vm};
 use serde_json::{json, Value};
 use support::kernel_lab::Lab;
+use support::steps::{attach, detach, Attached};
 use support::*;
 
 const BLOCKS: u32 = 64;
@@ -25,75 +26,8 @@ const BLOCKS: u32 = 64;
 /// One VM scenario at a time: each runs up to three TCG guests, and two cores shared by
 /// several would stretch every timeout.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-struct Attached {
-    staging: PathBuf,
-    target: PathBuf,
-}
-
 fn rwx() -> csi::VolumeCapability {
     block_cap(csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter)
-}
-
-async fn attach(cl: &LocalCluster, volume: &str, node: &str) -> Attached {
-    let ctx = cl
-        .controller
-        .controller()
-        .await
-        .controller_publish_volume(publish_request(volume, node, rwx()))
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
-    let d = cl.node(node);
-    let (staging, target) = (d.path("staging"), d.path("vm-disk"));
-    std::fs::create_dir_all(&staging).unwrap();
-    let mut n = d.node().await;
-    n.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: volume.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(rwx()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    n.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        publish_context: ctx,
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(rwx()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    Attached { staging, target }
-}
-
-async fn detach(cl: &LocalCluster, volume: &str, node: &str, a: &Attached) {
-    let mut n = cl.node(node).node().await;
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: a.target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: a.staging.display().to_string(),
-    })
-    .await
-    .unwrap();
-    cl.controller
-        .controller()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -184,7 +118,7 @@ async fn ping_pong(plane: Plane) {
         assert!(failed.is_empty(), "source {}: {failed:?}", vm.name);
         drop(std::mem::replace(&mut vm, target));
         let a = attached.remove(on).unwrap();
-        detach(&cl, &vol, on, &a).await;
+        detach(&cl, &vol, &a).await;
         if plane == Plane::Nbd {
             // The source was cut off at the NBD target, not only forgotten.
             let table = std::process::Command::new(env!("CARGO_BIN_EXE_handoff-csi"))
@@ -242,7 +176,7 @@ async fn ping_pong(plane: Plane) {
     let status = vm.qmp("query-status", Value::Null).unwrap();
     assert_eq!(status["return"]["status"], "running", "{status}");
     let a = attached.remove(to).unwrap();
-    detach(&cl, &vol, to, &a).await;
+    detach(&cl, &vol, &a).await;
     let last = vm
         .wait_rounds_past(round.max(vm.last_round()), Duration::from_secs(180))
         .unwrap();
@@ -251,7 +185,7 @@ async fn ping_pong(plane: Plane) {
     );
     drop(vm);
     let a = attached.remove(on).unwrap();
-    detach(&cl, &vol, on, &a).await;
+    detach(&cl, &vol, &a).await;
 }
 
 /// `demo migration --vm` for a person: the same real-VM migration, printed as a timeline.

@@ -84,6 +84,34 @@ async fn attach(
     Ok(Attached { staging, disk })
 }
 
+/// NodeUnpublish, NodeUnstage and ControllerUnpublish on `node`, in that order.
+async fn detach(
+    ctl: &mut Controller,
+    nodes: &mut HashMap<&'static str, NodeClient>,
+    id: &str,
+    node: &'static str,
+    a: &Attached,
+) -> Result<(), BoxError> {
+    let n = nodes.get_mut(node).ok_or("no such node")?;
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: a.disk.display().to_string(),
+    })
+    .await?;
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: a.staging.display().to_string(),
+    })
+    .await?;
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
 async fn run(binary: &Path, root: &Path, kernel: &Kernel, hops: u32) -> Result<u64, BoxError> {
     let initrd = kernel.vm_initrd(&root.join("initrd"), &workload_script(BLOCKS))?;
     let controller = spawn(binary, root, "controller", "controller")?;
@@ -178,23 +206,7 @@ async fn run(binary: &Path, root: &Path, kernel: &Kernel, hops: u32) -> Result<u
         )
         .await;
         let old = attached.remove(on).expect("attached");
-        let n = node_clients.get_mut(on).expect("node client");
-        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: old.disk.display().to_string(),
-        })
-        .await?;
-        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: old.staging.display().to_string(),
-        })
-        .await?;
-        ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: on.into(),
-            ..Default::default()
-        })
-        .await?;
+        detach(&mut ctl, &mut node_clients, &id, on, &old).await?;
         t.step(
             "kubelet+attacher",
             &format!("NodeUnpublish + NodeUnstage + ControllerUnpublish on {on}"),
@@ -207,23 +219,7 @@ async fn run(binary: &Path, root: &Path, kernel: &Kernel, hops: u32) -> Result<u
     }
     drop(vm);
     let last = attached.remove(on).expect("attached");
-    let n = node_clients.get_mut(on).expect("node client");
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: last.disk.display().to_string(),
-    })
-    .await?;
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: last.staging.display().to_string(),
-    })
-    .await?;
-    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: on.into(),
-        ..Default::default()
-    })
-    .await?;
+    detach(&mut ctl, &mut node_clients, &id, on, &last).await?;
     ctl.delete_volume(csi::DeleteVolumeRequest {
         volume_id: id.clone(),
         ..Default::default()
