@@ -219,18 +219,9 @@ async fn guest_csi_lifecycle_on_nvmet() {
         .await
         .unwrap();
     write_read(&target, 1 << 20, 0x5a).expect("O_DIRECT through the NVMe/TCP device");
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node_teardown(&mut n, &v.volume_id, &staging, &target)
+        .await
+        .unwrap();
     assert!(controllers_of(&nqn).is_empty(), "unstage disconnects");
     c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
         volume_id: v.volume_id.clone(),
@@ -433,18 +424,9 @@ async fn guest_growth_and_a_lost_target() {
         write_read(&target, 0, 1).is_err(),
         "no I/O to a lost target"
     );
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .expect("unstage succeeds after the target is gone");
+    node_teardown(&mut n, &v.volume_id, &staging, &target)
+        .await
+        .expect("unstage succeeds after the target is gone");
 }
 
 /// ext4 online growth needs CAP_SYS_RESOURCE (EXT4_IOC_RESIZE_FS), which the host
@@ -528,18 +510,29 @@ async fn guest_ext4_grows_online_where_cap_sys_resource_exists() {
     assert!(after > before + (100 << 20), "{before} → {after}");
     assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"still here");
     eprintln!("lab: ext4 grew online {before} → {after} bytes");
+    node_teardown(&mut n, &v.volume_id, &staging, &target)
+        .await
+        .unwrap();
+}
+
+/// NodeUnpublish, then NodeUnstage, as kubelet tears a volume down.
+async fn node_teardown(
+    n: &mut handoff_csi::csi::node_client::NodeClient<tonic::transport::Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), tonic::Status> {
     n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
+        volume_id: id.into(),
         target_path: target.display().to_string(),
     })
-    .await
-    .unwrap();
+    .await?;
     n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: v.volume_id.clone(),
+        volume_id: id.into(),
         staging_target_path: staging.display().to_string(),
     })
-    .await
-    .unwrap();
+    .await?;
+    Ok(())
 }
 
 /// ControllerPublish (through `ctl`), NodeStage and NodePublish on `d`.
@@ -582,18 +575,7 @@ async fn detach_from(
     (staging, target): (std::path::PathBuf, std::path::PathBuf),
 ) {
     let mut n = d.node().await;
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node_teardown(&mut n, id, &staging, &target).await.unwrap();
     ctl.controller()
         .await
         .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {

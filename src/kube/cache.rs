@@ -140,56 +140,39 @@ impl ClusterCache {
         })
     }
 
-    /// Starts the three watches; they reconnect with backoff for as long as the process runs.
+    /// Starts the watches; they reconnect with backoff for as long as the process runs.
     pub fn spawn_watches(self: &Arc<Self>, client: Client) {
-        let cache = self.clone();
-        let api: Api<PersistentVolume> = Api::all(client.clone());
-        tokio::spawn(async move {
-            let mut pending = HashMap::new();
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(e) => cache.on_pv_event(e, &mut pending),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "PersistentVolume watch interrupted; retrying")
-                    }
-                }
-            }
+        Self::watch(
+            Api::<PersistentVolume>::all(client.clone()),
+            "PersistentVolume",
+            {
+                let cache = self.clone();
+                move |e, p| cache.on_pv_event(e, p)
+            },
+        );
+        Self::watch(Api::<Node>::all(client.clone()), "Node", {
+            let cache = self.clone();
+            move |e, p| cache.on_node_event(e, p)
         });
-        let cache = self.clone();
-        let api: Api<Node> = Api::all(client.clone());
-        tokio::spawn(async move {
-            let mut pending = HashMap::new();
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(e) => cache.on_node_event(e, &mut pending),
-                    Err(e) => tracing::warn!(error = %e, "Node watch interrupted; retrying"),
-                }
-            }
+        // Until it lists, node ids resolve to Node names by equality.
+        Self::watch(Api::<CSINode>::all(client.clone()), "CSINode", {
+            let cache = self.clone();
+            move |e, p| cache.on_csinode_event(e, p)
         });
-        let cache = self.clone();
-        let api: Api<CSINode> = Api::all(client.clone());
-        tokio::spawn(async move {
-            let mut pending = HashMap::new();
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(e) => cache.on_csinode_event(e, &mut pending),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "CSINode watch interrupted; retrying (node ids resolve to Node names by equality meanwhile)")
-                    }
-                }
-            }
+        Self::watch(Api::<VolumeAttachment>::all(client), "VolumeAttachment", {
+            let cache = self.clone();
+            move |e, p| cache.on_va_event(e, p)
         });
-        let cache = self.clone();
-        let api: Api<VolumeAttachment> = Api::all(client);
+    }
+
+    /// One watch of `kind`, each event handed to `on` with the relist buffer it keeps.
+    fn watch<K, V, F>(api: Api<K>, kind: &'static str, mut on: F)
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+        K::DynamicType: Default,
+        V: Send + 'static,
+        F: FnMut(Event<K>, &mut HashMap<String, V>) + Send + 'static,
+    {
         tokio::spawn(async move {
             let mut pending = HashMap::new();
             let mut stream = watcher::watcher(api, watcher::Config::default())
@@ -197,10 +180,8 @@ impl ClusterCache {
                 .boxed();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(e) => cache.on_va_event(e, &mut pending),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "VolumeAttachment watch interrupted; retrying")
-                    }
+                    Ok(e) => on(e, &mut pending),
+                    Err(e) => tracing::warn!(error = %e, kind, "watch interrupted; retrying"),
                 }
             }
         });
