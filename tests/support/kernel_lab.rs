@@ -108,8 +108,39 @@ impl Lab {
             return Ok(());
         }
         std::fs::create_dir_all(dest.parent().unwrap()).map_err(|e| e.to_string())?;
-        std::fs::copy(file, &dest).map_err(|e| format!("copy {file:?}: {e}"))?;
+        // Debug info is most of a debug test binary (hundreds of MB) and the guest needs
+        // none of it; copied whole where objcopy is missing or refuses the file.
+        let stripped = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(file)
+            .arg(&dest)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
+            std::fs::copy(file, &dest).map_err(|e| format!("copy {file:?}: {e}"))?;
+        }
+        let mode = std::fs::metadata(file)
+            .map_err(|e| e.to_string())?
+            .permissions();
+        std::fs::set_permissions(&dest, mode).map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Bytes of the files under `dir` (the guest root before it becomes an image).
+    fn bytes_under(dir: &Path) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(entry.path()),
+                    Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        total
     }
 
     /// Builds the guest (initramfs + root disk) for this test binary and boots it; the
@@ -207,7 +238,28 @@ poweroff -f
         )
         .map_err(|e| e.to_string())?;
         let disk = work.join("root.ext4");
+        // Sparse: the host pays for what is written into it (the root's files, the
+        // guest's volumes), so a host short of that is named before mkfs fails inside.
         let size_mb = 3 * 1024;
+        let content = Self::bytes_under(&root);
+        let free = nix::sys::statvfs::statvfs(&work)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map_err(|e| e.to_string())?;
+        let needed = content + (512 << 20);
+        if free < needed {
+            return Err(format!(
+                "the kernel lab needs {} MiB free under {} for the guest root image and has {} MiB",
+                needed >> 20,
+                work.display(),
+                free >> 20
+            ));
+        }
+        if content + (512 << 20) > (size_mb as u64) << 20 {
+            return Err(format!(
+                "the guest root ({} MiB) does not fit the {size_mb} MiB image",
+                content >> 20
+            ));
+        }
         run(
             Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-d"])
