@@ -243,7 +243,7 @@ poweroff -f
         let size_mb = 3 * 1024;
         let content = Self::bytes_under(&root);
         let free = nix::sys::statvfs::statvfs(&work)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .map_err(|e| e.to_string())?;
         let needed = content + (512 << 20);
         if free < needed {
