@@ -131,6 +131,14 @@ pub struct TargetArgs {
     pub nbd_key_file: PathBuf,
 }
 
+/// Which NBD client a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NbdClientKind {
+    Auto,
+    Kernel,
+    Fuse,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct NbdClientArgs {
     /// host:port of the NBD target.
@@ -143,6 +151,13 @@ pub struct NbdClientArgs {
     /// fails with EIO instead of hanging.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub io_timeout: Duration,
+    /// Drive the kernel's nbd device (nbd.ko) under this backend identifier instead of
+    /// serving a FUSE file; --mountpoint then names the supervisor's lock and state.
+    #[arg(long)]
+    pub kernel_backend: Option<String>,
+    /// With --kernel-backend: a read-only device.
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -333,6 +348,11 @@ pub struct Config {
     /// needed) fails with EIO instead of hanging the VM's I/O forever.
     #[arg(long, env = "HANDOFF_NBD_IO_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub nbd_io_timeout: Duration,
+
+    /// Node: how NBD-plane volumes become block devices: the kernel's nbd driver, FUSE +
+    /// a loop device, or `auto` (the kernel's when nbd.ko is there, FUSE otherwise).
+    #[arg(long, env = "HANDOFF_NBD_CLIENT", value_enum, default_value_t = NbdClientKind::Auto)]
+    pub nbd_client: NbdClientKind,
 
     /// Topology pool this driver serves: nodes that reach the same data dir share a pool
     /// (reported as topology.handoff.csi.dev/pool; CreateVolume honours it).

@@ -177,6 +177,7 @@ fn transport_code(e: &TransportError) -> Code {
         // The target may be unreachable for now: retryable.
         TransportError::NvmeConnect { .. } => Code::Unavailable,
         TransportError::Sys { .. } => Code::Internal,
+        TransportError::DeviceBusy { .. } => Code::FailedPrecondition,
     }
 }
 

@@ -429,6 +429,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
                 Some(socket) => Launcher::Keeper(socket.clone()),
                 None => Launcher::Direct,
             },
+            config.nbd_client,
         )
         .map(|t| Arc::new(t) as Arc<dyn Transport>)
         .map_err(|e| {
@@ -533,7 +534,8 @@ async fn print_attachments(args: AttachmentsArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// `handoff-csi nbd-client`: mounts the export and serves it until unmounted.
+/// `handoff-csi nbd-client`: serves the export through FUSE until unmounted, or drives
+/// the kernel's nbd device until it is disconnected.
 fn nbd_client(args: NbdClientArgs) -> Result<(), BoxError> {
     let mut export = String::new();
     std::io::stdin().read_line(&mut export)?;
@@ -546,6 +548,17 @@ fn nbd_client(args: NbdClientArgs) -> Result<(), BoxError> {
         export,
         io_timeout: args.io_timeout,
     };
+    if let Some(backend) = args.kernel_backend {
+        handoff_csi::nbd::kernel::check_backend(&backend)?;
+        let supervise = handoff_csi::nbd::kernel::Supervise {
+            remote,
+            backend,
+            read_only: args.read_only,
+            files: handoff_csi::nbd::kernel::SupervisorFiles::new(&args.mountpoint),
+            sys: handoff_csi::nbd::kernel::SysBlock::default(),
+        };
+        return Ok(supervise.run()?);
+    }
     let disk = FuseDisk::connect(remote)?;
     info!(mountpoint = %args.mountpoint.display(), "NBD export connected; serving it through FUSE");
     fuse_disk::serve(disk, &args.mountpoint)?;

@@ -140,6 +140,29 @@ impl NbdClient {
         self.size
     }
 
+    /// The export's transmission flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// The negotiated connection as a blocking socket, for the kernel's nbd driver to
+    /// carry the transmission phase. Call inside the runtime that made it.
+    pub fn into_std(self) -> Result<std::net::TcpStream, ClientError> {
+        if !self.rd.buffer().is_empty() || !self.wr.buffer().is_empty() {
+            return Err(ClientError::Protocol(
+                "bytes left over from the handshake".into(),
+            ));
+        }
+        let stream = self
+            .rd
+            .into_inner()
+            .reunite(self.wr.into_inner())
+            .map_err(|_| ClientError::Protocol("socket halves do not match".into()))?;
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+
     pub fn read_only(&self) -> bool {
         self.flags & TFLAG_READ_ONLY != 0
     }

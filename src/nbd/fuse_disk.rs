@@ -23,7 +23,7 @@ use super::client::{ClientError, NbdClient};
 /// The one file of the mount.
 pub const DISK_NAME: &str = "disk";
 const DISK_INO: INodeNo = INodeNo(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// FUSE worker threads, each with its own NBD connection: requests from the loop
 /// device run in parallel instead of one at a time.
 pub const WORKERS: usize = 4;
@@ -70,7 +70,7 @@ pub struct FuseDisk {
 
 /// Runs `fut` on the link's runtime for at most `limit`; `None` when it timed out. (The
 /// timer is created inside the runtime, which tokio requires.)
-fn within<F: std::future::Future>(
+pub(crate) fn within<F: std::future::Future>(
     rt: &tokio::runtime::Runtime,
     limit: Duration,
     fut: F,

@@ -68,6 +68,24 @@ fn check_mountpoint(run_dir: &Path, mountpoint: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A launch names a volume's place in the run dir and, for the kernel's driver, a
+/// backend identifier of that same volume.
+fn check_launch(run_dir: &Path, launch: &ClientLaunch) -> Result<(), String> {
+    check_mountpoint(run_dir, &launch.mountpoint)?;
+    if let Some(k) = &launch.kernel {
+        crate::nbd::kernel::check_backend(&k.backend)?;
+        let volume = launch.mountpoint.file_name().and_then(|n| n.to_str());
+        if volume.is_none_or(|v| !k.backend.ends_with(&format!("/{v}"))) {
+            return Err(format!(
+                "backend {:?} is not the volume of {}",
+                k.backend,
+                launch.mountpoint.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn handle(stream: tokio::net::UnixStream, run_dir: &Path, binary: &Path) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
@@ -76,7 +94,7 @@ async fn handle(stream: tokio::net::UnixStream, run_dir: &Path, binary: &Path) {
         Err(e) => Err(format!("read request: {e}")),
         Ok(_) => match serde_json::from_str::<ClientLaunch>(&line) {
             Err(e) => Err(format!("malformed request: {e}")),
-            Ok(launch) => match check_mountpoint(run_dir, &launch.mountpoint) {
+            Ok(launch) => match check_launch(run_dir, &launch) {
                 Err(e) => Err(e),
                 Ok(()) => {
                     let binary = binary.to_path_buf();

@@ -6,6 +6,8 @@ pub mod client;
 pub mod fence;
 pub mod fuse_disk;
 pub mod keeper;
+pub mod kernel;
+pub mod netlink;
 pub mod proto;
 pub mod server;
 

@@ -380,6 +380,15 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub async fn start(node_names: &[&str], controller_args: Vec<String>) -> LocalCluster {
+        Self::start_with(node_names, controller_args, vec![]).await
+    }
+
+    /// `node_args` go to every node plugin.
+    pub async fn start_with(
+        node_names: &[&str],
+        controller_args: Vec<String>,
+        node_args: Vec<String>,
+    ) -> LocalCluster {
         let shared = tempfile::Builder::new()
             .prefix("handoff-test-shared-")
             .tempdir()
@@ -400,6 +409,7 @@ impl LocalCluster {
                     mode: "node",
                     node_id: name.to_string(),
                     data_dir: Some(data.clone()),
+                    extra_args: node_args.clone(),
                     ..Default::default()
                 })
                 .await,

@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod loopdev;
 pub mod nbd;
+pub mod nbd_kernel;
 pub mod nvme;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum TransportError {
     NvmeConnect { volume: VolumeId, reason: String },
     #[error("NBD client for volume {volume} did not come up: {reason}")]
     NbdClient { volume: VolumeId, reason: String },
+    #[error("{device:?} is still open by another process after NBD_CMD_DISCONNECT; it is released once that process closes it")]
+    DeviceBusy { device: PathBuf },
     #[error("no free loop device after {attempts} attempts (other processes keep taking them)")]
     NoFreeDevice { attempts: u32 },
     #[error("{op} {path:?}: {source}")]

@@ -1,8 +1,9 @@
-//! The `nbd` transport: a per-volume `handoff-csi nbd-client` process presents the export
-//! as `<run dir>/<volume>/disk` through FUSE, and a loop device with direct I/O turns
-//! that file into the block device. The client is a process of its own (its own process
-//! group), so a crash or restart of the node plugin leaves I/O running; the restarted
-//! plugin finds its devices through sysfs like the `loop` transport does.
+//! The `nbd` transport: a per-volume `handoff-csi nbd-client` process connects the
+//! export either to the kernel's nbd driver (`/dev/nbd<N>`, see `nbd_kernel`) or, where
+//! nbd.ko is absent, presents it as `<run dir>/<volume>/disk` through FUSE with a loop
+//! device with direct I/O on that file. The client is a process of its own (its own
+//! process group), so a crash or restart of the node plugin leaves I/O running; the
+//! restarted plugin finds its devices through sysfs.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -14,10 +15,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::loopdev::{ImageNames, LoopPaths, LoopTransport};
+use super::nbd_kernel::KernelDevices;
 use super::{Device, Transport, TransportError};
+use crate::config::NbdClientKind;
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
 use crate::nbd::fuse_disk::DISK_NAME;
+use crate::nbd::kernel::{SupervisorFiles, SysBlock};
 use crate::node::mountinfo::find_mount;
 
 /// FUSE filesystem type of our disks in mountinfo.
@@ -71,27 +75,66 @@ pub struct ClientLaunch {
     pub export: String,
     pub mountpoint: PathBuf,
     pub io_timeout_ms: u64,
+    /// Drive the kernel's nbd device instead of FUSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelLaunch>,
+}
+
+/// A client for the kernel's nbd driver: the device's backend identifier.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KernelLaunch {
+    pub backend: String,
+    pub read_only: bool,
+}
+
+impl ClientLaunch {
+    /// Whether the client `pid` has come up: its FUSE disk is there, or it published
+    /// the kernel device it connected or adopted.
+    fn ready(&self, pid: u32) -> bool {
+        match &self.kernel {
+            None => std::fs::metadata(self.mountpoint.join(DISK_NAME)).is_ok(),
+            Some(k) => {
+                let state = SupervisorFiles::new(&self.mountpoint)
+                    .state()
+                    .ok()
+                    .flatten();
+                state.is_some_and(|s| {
+                    s.pid == pid && s.index == SysBlock::default().find(&k.backend).ok().flatten()
+                })
+            }
+        }
+    }
 }
 
 /// Starts `binary nbd-client` for `launch` in its own process group and waits until its
 /// disk appears; a client that exits first reports the tail of its log.
 pub fn launch_client(binary: &Path, launch: &ClientLaunch) -> Result<(), String> {
     let mnt = &launch.mountpoint;
-    std::fs::create_dir_all(mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
+    if launch.kernel.is_none() {
+        std::fs::create_dir_all(mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
+    }
     let log_path = mnt.with_extension("log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .arg("nbd-client")
         .arg("--address")
         .arg(&launch.address)
         .arg("--mountpoint")
         .arg(mnt)
         .arg("--io-timeout")
-        .arg(format!("{}ms", launch.io_timeout_ms))
+        .arg(format!("{}ms", launch.io_timeout_ms));
+    if let Some(k) = &launch.kernel {
+        command.arg("--kernel-backend").arg(&k.backend);
+        if k.read_only {
+            command.arg("--read-only");
+        }
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(log)
@@ -108,10 +151,9 @@ pub fn launch_client(binary: &Path, launch: &ClientLaunch) -> Result<(), String>
         let _ = child.kill();
         return Err(format!("write to nbd-client: {e}"));
     }
-    let disk = mnt.join(DISK_NAME);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if std::fs::metadata(&disk).is_ok() {
+        if launch.ready(child.id()) {
             // Reaped by a thread of ours, or by init once the launcher is gone.
             std::thread::spawn(move || child.wait());
             return Ok(());
@@ -138,6 +180,10 @@ pub struct NbdTransport {
     binary: PathBuf,
     io_timeout: Duration,
     launcher: Launcher,
+    /// New attachments go to the kernel's nbd driver; None: through FUSE.
+    kernel: Option<KernelDevices>,
+    /// Devices of either kind are found, whichever made them (a node may change).
+    kernel_devices: KernelDevices,
 }
 
 fn sys_err<'a>(
@@ -153,6 +199,8 @@ fn sys_err<'a>(
 
 impl NbdTransport {
     /// `run_dir` is created if missing; it must be on a local filesystem of this node.
+    /// `client` picks the kernel's nbd driver or FUSE; `auto` takes the kernel's where
+    /// nbd.ko answers, and an explicit `kernel` without it is an error.
     pub fn new(
         run_dir: &Path,
         paths: LoopPaths,
@@ -160,10 +208,31 @@ impl NbdTransport {
         binary: PathBuf,
         io_timeout: Duration,
         launcher: Launcher,
+        client: NbdClientKind,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         // sysfs reports the resolved backing path.
         let run_dir = std::fs::canonicalize(run_dir)?;
+        let kernel_devices = KernelDevices::new(SysBlock::default(), owner, &run_dir);
+        let kernel = match client {
+            NbdClientKind::Fuse => None,
+            NbdClientKind::Kernel => {
+                crate::nbd::kernel::available().map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("--nbd-client kernel: {e}"))
+                })?;
+                Some(kernel_devices.clone())
+            }
+            NbdClientKind::Auto => match crate::nbd::kernel::available() {
+                Ok(()) => Some(kernel_devices.clone()),
+                Err(e) => {
+                    tracing::info!(reason = %e, "kernel NBD client unavailable; NBD volumes go through FUSE and a loop device");
+                    None
+                }
+            },
+        };
+        if kernel.is_some() {
+            tracing::info!("NBD volumes use the kernel's nbd driver");
+        }
         let disks = Arc::new(NbdDisks { run_dir });
         Ok(NbdTransport {
             loops: LoopTransport::for_images(disks.clone(), paths, owner),
@@ -171,7 +240,14 @@ impl NbdTransport {
             binary,
             io_timeout,
             launcher,
+            kernel,
+            kernel_devices,
         })
+    }
+
+    /// Whether new attachments use the kernel's nbd driver.
+    pub fn uses_kernel(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Whether a live client serves `volume`'s disk (mounted, and answering a stat).
@@ -195,12 +271,14 @@ impl NbdTransport {
         volume: &VolumeId,
         address: &str,
         export: &str,
+        kernel: Option<KernelLaunch>,
     ) -> Result<(), TransportError> {
         let launch = ClientLaunch {
             address: address.to_owned(),
             export: export.to_owned(),
             mountpoint: self.disks.mountpoint(volume),
             io_timeout_ms: self.io_timeout.as_millis() as u64,
+            kernel,
         };
         let result = match &self.launcher {
             Launcher::Direct => launch_client(&self.binary, &launch),
@@ -247,8 +325,33 @@ impl Transport for NbdTransport {
             if let Some(existing) = t.loops.scan()?.into_iter().find(|d| d.volume_id == volume) {
                 return Ok(existing);
             }
+            let kernel_launch = |k: &KernelDevices| {
+                Some(KernelLaunch {
+                    backend: k.backend(&volume),
+                    read_only,
+                })
+            };
+            if let Some(existing) = t.kernel_devices.find(&volume)? {
+                // Its supervisor may have ended with an old plugin: one adopts it.
+                let files = t.kernel_devices.files(&volume);
+                if !files
+                    .supervised()
+                    .map_err(sys_err("lock", &existing.path))?
+                {
+                    t.start_client(&volume, &address, &export, kernel_launch(&t.kernel_devices))?;
+                }
+                return Ok(existing);
+            }
+            if let Some(k) = &t.kernel {
+                t.start_client(&volume, &address, &export, kernel_launch(k))?;
+                return k.find(&volume)?.ok_or_else(|| TransportError::NbdClient {
+                    volume: volume.clone(),
+                    reason: "the client reported its device ready, but sysfs does not list it"
+                        .into(),
+                });
+            }
             if !t.client_alive(&volume)? {
-                t.start_client(&volume, &address, &export)?;
+                t.start_client(&volume, &address, &export, None)?;
             }
             let path = t.loops.attach(&t.disks.disk(&volume), read_only)?;
             Ok(Device {
@@ -261,12 +364,19 @@ impl Transport for NbdTransport {
     }
 
     async fn find_device(&self, volume: &VolumeId) -> Result<Option<Device>, TransportError> {
+        let v = volume.clone();
+        if let Some(d) = self.blocking(move |t| t.kernel_devices.find(&v)).await? {
+            return Ok(Some(d));
+        }
         self.loops.find_device(volume).await
     }
 
     async fn disconnect(&self, device: &Device) -> Result<(), TransportError> {
         let device = device.clone();
         self.blocking(move |t| {
+            if crate::nbd::kernel::index_of(&device.path).is_some() {
+                return t.kernel_devices.disconnect(&device);
+            }
             t.loops.detach(&device.path)?;
             let mnt = t.disks.mountpoint(&device.volume_id);
             unmount(&mnt)?;
@@ -277,10 +387,18 @@ impl Transport for NbdTransport {
     }
 
     async fn list(&self) -> Result<Vec<Device>, TransportError> {
-        self.loops.list().await
+        let mut devices = self.blocking(|t| t.kernel_devices.list()).await?;
+        devices.extend(self.loops.list().await?);
+        Ok(devices)
     }
 
     async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError> {
+        if crate::nbd::kernel::index_of(&device.path).is_some() {
+            let device = device.clone();
+            return self
+                .blocking(move |t| t.kernel_devices.refresh_capacity(&device, t.io_timeout))
+                .await;
+        }
         // A stat makes the client ask the target for the size, so the kernel's view of
         // the file grows before the loop device re-reads it.
         let disk = self.disks.disk(&device.volume_id);
@@ -291,6 +409,11 @@ impl Transport for NbdTransport {
     }
 
     async fn probe(&self) -> Result<(), TransportError> {
+        if self.kernel.is_some() {
+            return crate::nbd::netlink::NbdNetlink::open()
+                .map(drop)
+                .map_err(sys_err("netlink", Path::new("nbd")));
+        }
         let fuse = Path::new("/dev/fuse");
         std::fs::OpenOptions::new()
             .read(true)
