@@ -139,6 +139,17 @@ pub enum NbdClientKind {
     Fuse,
 }
 
+impl From<NbdClientKind> for crate::nbd::launch::ClientKind {
+    fn from(kind: NbdClientKind) -> Self {
+        use crate::nbd::launch::ClientKind;
+        match kind {
+            NbdClientKind::Auto => ClientKind::Auto,
+            NbdClientKind::Kernel => ClientKind::Kernel,
+            NbdClientKind::Fuse => ClientKind::Fuse,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct NbdClientArgs {
     /// host:port of the NBD target.

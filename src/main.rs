@@ -429,7 +429,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
                 Some(socket) => Launcher::Keeper(socket.clone()),
                 None => Launcher::Direct,
             },
-            config.nbd_client,
+            config.nbd_client.into(),
         )
         .map(|t| Arc::new(t) as Arc<dyn Transport>)
         .map_err(|e| {

@@ -53,6 +53,7 @@ fn nvme_tcp_and_nvmet_on_a_real_kernel() {
             &[
                 "guest_csi_lifecycle_on_nvmet",
                 "guest_the_fence_cuts_the_source_off",
+                "guest_a_reconnect_during_the_eviction_is_refused",
                 "guest_growth_and_a_lost_target",
                 "guest_ext4_grows_online_where_cap_sys_resource_exists",
                 "guest_file_backend_on_nfs_migrates_without_stale_blocks",
@@ -66,7 +67,7 @@ fn nvme_tcp_and_nvmet_on_a_real_kernel() {
         run.elapsed
     );
     assert_eq!(run.exit, Some(0), "guest log:\n{}", run.log);
-    assert_eq!(passed(&run.log), 6, "{}", run.log);
+    assert_eq!(passed(&run.log), 7, "{}", run.log);
     for line in run.log.lines().filter(|l| l.starts_with("lab: ")) {
         eprintln!("{line}");
     }
@@ -339,6 +340,147 @@ async fn guest_the_fence_cuts_the_source_off() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(controllers_of(&nqn).len(), 1, "B's controller stays");
+}
+
+/// One Fabrics Connect of our own through /dev/nvme-fabrics (what a reconnecting kernel
+/// or an operator's `nvme connect` does); the kernel's `instance=…` answer on success.
+fn fabrics_connect(options: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/nvme-fabrics")?;
+    f.write_all(options.as_bytes())?;
+    let mut answer = String::new();
+    f.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// A's host keeps connecting to the subsystem while ControllerUnpublish(A) runs
+/// (duplicate_connect: every success is a new controller). Once the call has returned no
+/// attempt gets in, every controller A got before is cut off, and B keeps its own.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the kernel lab guest (nvme_tcp_and_nvmet_on_a_real_kernel boots it)"]
+async fn guest_a_reconnect_during_the_eviction_is_refused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    assert!(in_lab(), "a guest half of the kernel lab");
+    let a = Driver::start_with(DriverOptions {
+        extra_args: nvmet_args(),
+        ..Default::default()
+    })
+    .await;
+    let b = Driver::start_with(DriverOptions {
+        mode: "node",
+        node_id: "node-b".into(),
+        data_dir: Some(a.data_dir()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = a.controller().await;
+    let mut params = create_request("lab-hammered", 64 << 20, rwx());
+    params
+        .parameters
+        .insert("nvmeCtrlLossTmo".into(), "10".into());
+    let v = c
+        .create_volume(params)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let dev_a = attach_to(&a, &a, "node-a", &v.volume_id, &rwx(), "hammer")
+        .await
+        .1;
+    let dev_b = attach_to(&a, &b, "node-b", &v.volume_id, &rwx(), "hammer")
+        .await
+        .1;
+    write_read(&dev_b, 0, 0xb1).expect("B writes");
+    // The same publish again (idempotent) names the target A dials.
+    let ctx = c
+        .controller_publish_volume(publish_request(&v.volume_id, "node-a", rwx()))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let nqn = ctx["nvmeSubsystemNqn"].clone();
+    let options = format!(
+        "transport=tcp,traddr={},trsvcid={},nqn={nqn},hostnqn={},ctrl_loss_tmo=2,reconnect_delay=1,duplicate_connect",
+        ctx["nvmeAddress"],
+        ctx["nvmePort"],
+        host("node-a")
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let refused = Arc::new(Mutex::new(0u32));
+    let hammer = {
+        let (stop, admitted, refused) = (stop.clone(), admitted.clone(), refused.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match fabrics_connect(&options) {
+                    Ok(_) => admitted.lock().unwrap().push(Instant::now()),
+                    Err(_) => *refused.lock().unwrap() += 1,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let warm_by = Instant::now() + Duration::from_secs(30);
+    while admitted.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < warm_by,
+            "A's own connects never got in before the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let fenced = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    hammer.join().unwrap();
+    let admitted = admitted.lock().unwrap().clone();
+    let late = admitted.iter().filter(|t| **t > fenced).count();
+    let refused = *refused.lock().unwrap();
+    assert_eq!(
+        late, 0,
+        "{late} of A's connects got in after ControllerUnpublish(A) returned"
+    );
+    assert!(refused > 0, "A kept trying after the fence");
+    // Every controller A had (the plugin's and the hammer's) is cut off and goes away.
+    let a_controllers = || {
+        controllers_of(&nqn)
+            .into_iter()
+            .filter(|c| {
+                std::fs::read_to_string(format!("/sys/class/nvme/{c}/hostnqn"))
+                    .is_ok_and(|h| h.trim() == host("node-a"))
+            })
+            .collect::<Vec<_>>()
+    };
+    let gone_by = Instant::now() + Duration::from_secs(60);
+    while !a_controllers().is_empty() {
+        assert!(
+            Instant::now() < gone_by,
+            "A's controllers stayed: {:?}",
+            a_controllers()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(write_read(&dev_a, 4096, 0xa9).is_err(), "A cannot write");
+    let ok_by = Instant::now() + Duration::from_secs(60);
+    while write_read(&dev_b, 8192, 0xb2).is_err() {
+        assert!(Instant::now() < ok_by, "B lost the volume");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "lab: {} of A's own connects got in before the fence, {refused} refused during and after it, none after it returned",
+        admitted.len()
+    );
 }
 
 /// Growth reaches a connected node (revalidate_size), and `nvmeCtrlLossTmo` bounds a

@@ -197,6 +197,21 @@ async fn guest_kernel_nbd_lifecycle_and_growth() {
         devices[0].0
     );
 
+    // Why deploy/ runs the node plugin and the keeper with hostNetwork: nbd.ko's
+    // netlink family exists only in the host's network namespace.
+    let in_pod_netns = std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        handoff_csi::nbd::netlink::NbdNetlink::open().map(drop)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        in_pod_netns
+            .expect_err("nbd netlink in a network namespace of its own")
+            .kind(),
+        std::io::ErrorKind::NotFound
+    );
+
     drop(dev);
     detach(&cluster, &id, &a).await;
     assert!(

@@ -5,50 +5,13 @@
 //! Protocol: one JSON `ClientLaunch` per connection on a 0600 Unix socket, answered by
 //! `{"ok":true}` once the disk is mounted, or `{"error":"…"}`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+use super::launch::{launch_client, ClientLaunch, Reply, MAX_REQUEST};
 use crate::ids::VolumeId;
-use crate::node::transport::nbd::{launch_client, ClientLaunch};
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Reply {
-    #[serde(default)]
-    ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-/// Largest request line accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
-
-/// Asks the keeper at `socket` to start a client; blocks until it answers.
-pub fn request(socket: &Path, launch: &ClientLaunch) -> Result<(), String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("nbd-keeper at {}: {e}", socket.display()))?;
-    let mut line = serde_json::to_vec(launch).expect("launch requests serialise");
-    line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| format!("nbd-keeper: {e}"))?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("nbd-keeper: {e}"))?;
-    let reply: Reply = serde_json::from_str(&answer)
-        .map_err(|e| format!("nbd-keeper answered {answer:?}: {e}"))?;
-    match (reply.ok, reply.error) {
-        (true, _) => Ok(()),
-        (false, e) => Err(format!(
-            "nbd-keeper: {}",
-            e.unwrap_or_else(|| "no reason given".into())
-        )),
-    }
-}
 
 /// Only `<run dir>/<volume id>` may be mounted: the socket is root's, but a request is
 /// still input.

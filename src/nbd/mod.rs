@@ -7,6 +7,7 @@ pub mod fence;
 pub mod fuse_disk;
 pub mod keeper;
 pub mod kernel;
+pub mod launch;
 pub mod netlink;
 pub mod proto;
 pub mod server;

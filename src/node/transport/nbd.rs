@@ -5,29 +5,24 @@
 //! process group), so a crash or restart of the node plugin leaves I/O running; the
 //! restarted plugin finds its devices through sysfs.
 
-use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::loopdev::{ImageNames, LoopPaths, LoopTransport};
 use super::nbd_kernel::KernelDevices;
 use super::{Device, Transport, TransportError};
-use crate::config::NbdClientKind;
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
 use crate::nbd::fuse_disk::DISK_NAME;
-use crate::nbd::kernel::{SupervisorFiles, SysBlock};
+use crate::nbd::kernel::SysBlock;
+use crate::nbd::launch::{launch_client, ClientKind, ClientLaunch, KernelLaunch};
 use crate::node::mountinfo::find_mount;
 
 /// FUSE filesystem type of our disks in mountinfo.
 const FS_TYPE: &str = "fuse.handoff-nbd";
-/// How long a starting client may take to mount its disk.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `<run dir>/<volume id>/disk`: the only backing files this transport attaches.
 #[derive(Debug)]
@@ -67,111 +62,6 @@ pub enum Launcher {
     Keeper(PathBuf),
 }
 
-/// What it takes to start one client.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ClientLaunch {
-    pub address: String,
-    /// Carries the attachment's secret: never logged.
-    pub export: String,
-    pub mountpoint: PathBuf,
-    pub io_timeout_ms: u64,
-    /// Drive the kernel's nbd device instead of FUSE.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<KernelLaunch>,
-}
-
-/// A client for the kernel's nbd driver: the device's backend identifier.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct KernelLaunch {
-    pub backend: String,
-    pub read_only: bool,
-}
-
-impl ClientLaunch {
-    /// Whether the client `pid` has come up: its FUSE disk is there, or it published
-    /// the kernel device it connected or adopted.
-    fn ready(&self, pid: u32) -> bool {
-        match &self.kernel {
-            None => std::fs::metadata(self.mountpoint.join(DISK_NAME)).is_ok(),
-            Some(k) => {
-                let state = SupervisorFiles::new(&self.mountpoint)
-                    .state()
-                    .ok()
-                    .flatten();
-                state.is_some_and(|s| {
-                    s.pid == pid && s.index == SysBlock::default().find(&k.backend).ok().flatten()
-                })
-            }
-        }
-    }
-}
-
-/// Starts `binary nbd-client` for `launch` in its own process group and waits until its
-/// disk appears; a client that exits first reports the tail of its log.
-pub fn launch_client(binary: &Path, launch: &ClientLaunch) -> Result<(), String> {
-    let mnt = &launch.mountpoint;
-    if launch.kernel.is_none() {
-        std::fs::create_dir_all(mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
-    }
-    let log_path = mnt.with_extension("log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-    let mut command = Command::new(binary);
-    command
-        .arg("nbd-client")
-        .arg("--address")
-        .arg(&launch.address)
-        .arg("--mountpoint")
-        .arg(mnt)
-        .arg("--io-timeout")
-        .arg(format!("{}ms", launch.io_timeout_ms));
-    if let Some(k) = &launch.kernel {
-        command.arg("--kernel-backend").arg(&k.backend);
-        if k.read_only {
-            command.arg("--read-only");
-        }
-    }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(log)
-        // Its own process group: a signal to the launcher's group leaves it running.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-    // The export name carries the attachment's secret: stdin, never argv.
-    let sent = child
-        .stdin
-        .take()
-        .map(|mut stdin| stdin.write_all(format!("{}\n", launch.export).as_bytes()));
-    if let Some(Err(e)) = sent {
-        let _ = child.kill();
-        return Err(format!("write to nbd-client: {e}"));
-    }
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if launch.ready(child.id()) {
-            // Reaped by a thread of ours, or by init once the launcher is gone.
-            std::thread::spawn(move || child.wait());
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-            return Err(format!("exited with {status}: {tail}"));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("no disk after {START_TIMEOUT:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct NbdTransport {
     loops: LoopTransport,
@@ -208,21 +98,21 @@ impl NbdTransport {
         binary: PathBuf,
         io_timeout: Duration,
         launcher: Launcher,
-        client: NbdClientKind,
+        client: ClientKind,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         // sysfs reports the resolved backing path.
         let run_dir = std::fs::canonicalize(run_dir)?;
         let kernel_devices = KernelDevices::new(SysBlock::default(), owner, &run_dir);
         let kernel = match client {
-            NbdClientKind::Fuse => None,
-            NbdClientKind::Kernel => {
+            ClientKind::Fuse => None,
+            ClientKind::Kernel => {
                 crate::nbd::kernel::available().map_err(|e| {
                     std::io::Error::new(e.kind(), format!("--nbd-client kernel: {e}"))
                 })?;
                 Some(kernel_devices.clone())
             }
-            NbdClientKind::Auto => match crate::nbd::kernel::available() {
+            ClientKind::Auto => match crate::nbd::kernel::available() {
                 Ok(()) => Some(kernel_devices.clone()),
                 Err(e) => {
                     tracing::info!(reason = %e, "kernel NBD client unavailable; NBD volumes go through FUSE and a loop device");
@@ -282,7 +172,7 @@ impl NbdTransport {
         };
         let result = match &self.launcher {
             Launcher::Direct => launch_client(&self.binary, &launch),
-            Launcher::Keeper(socket) => crate::nbd::keeper::request(socket, &launch),
+            Launcher::Keeper(socket) => crate::nbd::launch::request_keeper(socket, &launch),
         };
         result.map_err(|reason| TransportError::NbdClient {
             volume: volume.clone(),
