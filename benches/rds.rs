@@ -13,7 +13,6 @@ mod args;
 mod routeros;
 
 use args::arg;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,7 @@ fn request(name: &str) -> CreateVolume {
             mode: AccessMode::MultiNodeMultiWriter,
             block: true,
         }],
-        parameters: BTreeMap::new(),
+        parameters: Default::default(),
         source: None,
         source_in_use: false,
     }

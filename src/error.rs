@@ -7,7 +7,6 @@ use crate::attachment::store::StoreError;
 use crate::attachment::{state::PublishRefusal, AttachError};
 use crate::backend::{BackendError, CapacityError};
 use crate::capability::CapabilityError;
-use crate::controller::params::ParamError;
 use crate::export::ExportError;
 use crate::ids::{IdError, NodeId, VolumeId};
 use crate::locks::Busy;
@@ -16,6 +15,7 @@ use crate::node::command::ToolError;
 use crate::node::lifecycle::NodeError;
 use crate::node::mount::MountError;
 use crate::node::transport::TransportError;
+use crate::params::ParamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

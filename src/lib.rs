@@ -7,6 +7,7 @@
 
 pub mod attachment;
 pub mod backend;
+pub mod blocking;
 pub mod capability;
 pub mod client;
 pub mod config;
@@ -25,6 +26,9 @@ pub mod locks;
 pub mod metrics;
 pub mod nbd;
 pub mod node;
+pub mod params;
 pub mod registry;
 pub mod rpc;
 pub mod server;
+pub mod service;
+pub mod topology;

@@ -53,8 +53,8 @@ use handoff_csi::node::transport::loopdev::{LoopPaths, LoopTransport};
 use handoff_csi::node::transport::nbd::{Launcher, NbdTransport};
 use handoff_csi::node::transport::nvme::{DevFabrics, HostIdentity, NvmePaths, NvmeTransport};
 use handoff_csi::node::transport::Transport;
-use handoff_csi::node::NodeService;
 use handoff_csi::server::{self, Services};
+use handoff_csi::service::node::NodeService;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

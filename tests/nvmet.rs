@@ -224,7 +224,10 @@ async fn real_kernel_export_connect_io_and_fence() {
                 mode: AccessMode::MultiNodeMultiWriter,
                 block: true,
             }],
-            parameters: [("nvmeCtrlLossTmo".to_owned(), "10".to_owned())].into(),
+            parameters: handoff_csi::params::VolumeParams::try_from(
+                &std::collections::HashMap::from([("nvmeCtrlLossTmo".to_owned(), "10".to_owned())]),
+            )
+            .unwrap(),
             source: None,
             source_in_use: false,
         })

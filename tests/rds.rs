@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +72,7 @@ fn request(name: &str, size: u64) -> CreateVolume {
             mode: AccessMode::MultiNodeMultiWriter,
             block: true,
         }],
-        parameters: BTreeMap::new(),
+        parameters: Default::default(),
         source: None,
         source_in_use: false,
     }

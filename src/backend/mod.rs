@@ -7,7 +7,7 @@ pub mod rds;
 pub mod routeros;
 pub mod ssh;
 
-use std::collections::BTreeMap;
+use crate::params::VolumeParams;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -177,7 +177,7 @@ pub struct CreateVolume {
     pub name: VolumeName,
     pub capacity: CapacityRange,
     pub capabilities: Vec<StoredCapability>,
-    pub parameters: BTreeMap<String, String>,
+    pub parameters: VolumeParams,
     pub source: Option<ContentSource>,
     /// The source volume is attached somewhere: its copy must be atomic.
     pub source_in_use: bool,
@@ -230,7 +230,7 @@ pub struct VolumeRecord {
     pub name: String,
     pub capacity_bytes: u64,
     pub capabilities: Vec<StoredCapability>,
-    pub parameters: BTreeMap<String, String>,
+    pub parameters: VolumeParams,
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
@@ -270,7 +270,7 @@ impl VolumeRecord {
             ));
         }
         if self.parameters != req.parameters {
-            return Some(format!("parameters {:?}", self.parameters));
+            return Some(format!("parameters {:?}", self.parameters.raw));
         }
         if self.source != req.source {
             return Some(format!("content source {:?}", self.source));
@@ -423,7 +423,7 @@ mod tests {
             name: "n".into(),
             capacity_bytes: 10 * MIB,
             capabilities: vec![cap],
-            parameters: BTreeMap::new(),
+            parameters: VolumeParams::default(),
             created_at: Utc::now(),
             source: None,
         };
@@ -431,7 +431,7 @@ mod tests {
             name: VolumeName::parse("n").unwrap(),
             capacity: range(10 * MIB, 0),
             capabilities: vec![cap],
-            parameters: BTreeMap::new(),
+            parameters: VolumeParams::default(),
             source: None,
             source_in_use: false,
         };
@@ -445,7 +445,11 @@ mod tests {
         }];
         assert!(rec.incompatibility(&req).unwrap().contains("capabilities"));
         req.capabilities = vec![cap];
-        req.parameters.insert("k".into(), "v".into());
+        req.parameters = VolumeParams::try_from(&std::collections::HashMap::from([(
+            "migrationTimeoutSeconds".to_owned(),
+            "600".to_owned(),
+        )]))
+        .unwrap();
         assert!(rec.incompatibility(&req).unwrap().contains("parameters"));
     }
 }

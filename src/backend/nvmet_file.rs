@@ -12,7 +12,6 @@ use super::{
     Backend, BackendError, Condition, CreateSnapshot, CreateVolume, Fencing, SnapshotRecord,
     VolumeRecord,
 };
-use crate::controller::params::ctrl_loss_tmo;
 use crate::export::{node_host_nqn, ExportInfo};
 use crate::ids::{NodeId, SnapshotId, VolumeId};
 
@@ -42,9 +41,8 @@ impl<F: ConfigFs> NvmetBackend<F> {
         f: impl FnOnce(&Nvmet<F>) -> Result<T, NvmetError> + Send + 'static,
     ) -> Result<T, BackendError> {
         let target = self.target.clone();
-        tokio::task::spawn_blocking(move || f(&target))
+        crate::blocking::run_blocking(move || f(&target))
             .await
-            .expect("nvmet task panicked")
             .map_err(BackendError::from)
     }
 
@@ -99,7 +97,11 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
         node: &NodeId,
     ) -> Result<ExportInfo, BackendError> {
         let image = self.image(self.files.export(volume, node).await?)?;
-        let (v, uuid, tmo) = (volume.id.clone(), volume.id.uuid(), ctrl_loss_tmo(volume));
+        let (v, uuid, tmo) = (
+            volume.id.clone(),
+            volume.id.uuid(),
+            volume.parameters.ctrl_loss_tmo,
+        );
         let mut export = self
             .on_target(move |t| t.export(&v, &uuid, &image, tmo))
             .await?;
@@ -147,9 +149,8 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
     async fn probe(&self) -> Result<(), BackendError> {
         self.files.probe().await?;
         let target = self.target.clone();
-        let available = tokio::task::spawn_blocking(move || target.available())
+        let available = crate::blocking::run_blocking(move || target.available())
             .await
-            .expect("nvmet task panicked")
             .map_err(|e| BackendError::Target(e.to_string()))?;
         if available {
             Ok(())
@@ -163,7 +164,6 @@ impl<F: ConfigFs> Backend for NvmetBackend<F> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::path::PathBuf;
 
     use super::super::file::FileBackend;
@@ -198,10 +198,13 @@ mod tests {
                 mode: AccessMode::MultiNodeMultiWriter,
                 block: true,
             }],
-            parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
+            parameters: crate::params::VolumeParams::try_from(
+                &params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap(),
             source: None,
             source_in_use: false,
         }

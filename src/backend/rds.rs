@@ -25,9 +25,9 @@ use super::{
     SnapshotRecord, StoredCapability, VolumeRecord,
 };
 use crate::capability::AccessMode;
-use crate::controller::params::ctrl_loss_tmo;
 use crate::export::{node_host_nqn, ExportInfo};
 use crate::ids::{NodeId, SnapshotId, VolumeId};
+use crate::params::VolumeParams;
 
 /// Comments the driver wrote first: this, then hex-encoded JSON (still read).
 const META_PREFIX: &str = "handoff1:";
@@ -68,7 +68,7 @@ enum Meta {
         size: u64,
         caps: Vec<StoredCapability>,
         #[serde(default)]
-        params: BTreeMap<String, String>,
+        params: VolumeParams,
         created: DateTime<Utc>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<ContentSource>,
@@ -177,7 +177,7 @@ impl Disk {
                 id,
                 capacity_bytes: self.size,
                 capabilities: adopted_capabilities(),
-                parameters: BTreeMap::new(),
+                parameters: VolumeParams::default(),
                 created_at: DateTime::UNIX_EPOCH,
                 source: None,
             },
@@ -549,7 +549,7 @@ impl Backend for RdsBackend {
             // RouterOS does not print its namespaces' UUIDs: the node takes the
             // subsystem's one namespace.
             namespace_uuid: String::new(),
-            ctrl_loss_tmo: ctrl_loss_tmo(volume),
+            ctrl_loss_tmo: volume.parameters.ctrl_loss_tmo,
             // The name the export admits it by (allow_node).
             host_nqn: Some(node_host_nqn(node)),
         })

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::params::{DataPlane, VolumeParams};
 use crate::attachment::fence::{FenceError, FenceReport, NodeFence};
 use crate::backend::{Backend, Fencing};
 use crate::ids::{NodeId, VolumeId};
 use crate::nbd::NbdPlane;
+use crate::params::DataPlane;
 
 pub struct PlaneFence {
     backend: Arc<dyn Backend>,
@@ -47,9 +47,7 @@ impl NodeFence for PlaneFence {
         let Some(record) = record else {
             return Ok(FenceReport::NONE);
         };
-        let plane = VolumeParams::of(&record)
-            .map_err(|e| failed(format!("the volume's stored parameters: {e}")))?
-            .data_plane;
+        let plane = record.parameters.data_plane;
         match (plane, &self.nbd) {
             (DataPlane::Nbd, Some(nbd)) => {
                 let connections = nbd

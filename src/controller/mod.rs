@@ -3,7 +3,6 @@
 
 pub mod fence;
 pub mod pagination;
-pub mod params;
 mod snapshots;
 pub mod volumes;
 

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use super::pagination::page;
-use super::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
 use super::ControllerService;
 use crate::attachment::state::PublishRequest;
 use crate::backend::{
@@ -14,13 +13,8 @@ use crate::capability::{self, Capability};
 use crate::csi;
 use crate::error::Error;
 use crate::ids::{IdError, NodeId, SnapshotId, VolumeId, VolumeName};
-
-pub const TOPOLOGY_KEY: &str = "topology.handoff.csi.dev/pool";
-
-/// The typed parameters of a stored volume (validated when it was created).
-pub(super) fn stored_params(volume: &VolumeRecord) -> Result<VolumeParams, Error> {
-    Ok(VolumeParams::of(volume)?)
-}
+use crate::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
+use crate::topology::TOPOLOGY_KEY;
 
 fn content_source(src: &Option<csi::VolumeContentSource>) -> Result<Option<ContentSource>, Error> {
     use csi::volume_content_source::Type;
@@ -82,7 +76,7 @@ impl ControllerService {
         Ok(csi::Volume {
             capacity_bytes: volume.capacity_bytes as i64,
             volume_id: volume.id.to_string(),
-            volume_context: stored_params(volume)?.volume_context(),
+            volume_context: volume.parameters.volume_context(),
             content_source: to_csi_source(&volume.source),
             accessible_topology: vec![self.pool_topology()],
         })
@@ -135,7 +129,7 @@ impl ControllerService {
                 name,
                 capacity,
                 capabilities: stored,
-                parameters: params.raw.clone(),
+                parameters: params.clone(),
                 source,
                 source_in_use,
             })
@@ -177,7 +171,7 @@ impl ControllerService {
                 capability: format!("{:?}", StoredCapability::from(&cap)),
             });
         }
-        let params = stored_params(&volume)?;
+        let params = volume.parameters.clone();
         let nbd = match (params.data_plane, &self.nbd) {
             (DataPlane::File, _) => None,
             (DataPlane::Nbd, Some(nbd)) => Some(nbd),

@@ -166,8 +166,7 @@ impl NodeVolumes {
         fs: FsType,
     ) {
         let path = device.path.clone();
-        let Ok(Ok(device_size)) =
-            tokio::task::spawn_blocking(move || block_device_size(&path)).await
+        let Ok(device_size) = crate::blocking::run_blocking(move || block_device_size(&path)).await
         else {
             return;
         };
@@ -355,9 +354,8 @@ impl NodeVolumes {
             .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
         self.transport.refresh_capacity(&device).await?;
         let path = device.path.clone();
-        let size = tokio::task::spawn_blocking(move || block_device_size(&path))
+        let size = crate::blocking::run_blocking(move || block_device_size(&path))
             .await
-            .expect("size task panicked")
             .map_err(io("size", &device.path))?;
         if let Some(m) = self.mounter.mount_at(volume_path).await? {
             let fs = match m.fs_type.as_str() {

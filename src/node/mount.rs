@@ -199,9 +199,7 @@ impl SysMounter {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, MountError> + Send + 'static,
 ) -> Result<T, MountError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("mount task panicked")
+    crate::blocking::run_blocking(f).await
 }
 
 /// mountinfo lists resolved paths; resolve ours the same way (a missing path stays as is).
@@ -240,10 +238,7 @@ impl Mounter for SysMounter {
         if out.status.code() == Some(2) {
             // blkid also reports "nothing found" when it could not read the device.
             let dev = device.to_path_buf();
-            return match tokio::task::spawn_blocking(move || confirm_readable(&dev))
-                .await
-                .expect("read check panicked")
-            {
+            return match crate::blocking::run_blocking(move || confirm_readable(&dev)).await {
                 Ok(()) => Ok(None),
                 Err(source) => Err(MountError::Unreadable {
                     device: device.to_path_buf(),

@@ -18,7 +18,7 @@ use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::identity::IdentityService;
-use crate::node::NodeService;
+use crate::service::node::NodeService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

@@ -485,7 +485,6 @@ impl Backend for FileBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
@@ -501,7 +500,7 @@ mod tests {
                 mode: AccessMode::SingleNodeWriter,
                 block: true,
             }],
-            parameters: BTreeMap::new(),
+            parameters: Default::default(),
             source: None,
             source_in_use: false,
         }

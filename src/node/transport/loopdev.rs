@@ -238,6 +238,7 @@ impl LoopTransport {
             .open(&ctl_path)
             .map_err(sys_err("open", &ctl_path))?;
 
+        // SAFETY: LoopInfo64 is plain old data; all-zero is its empty value.
         let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
         info.lo_flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
         let tag = self.tag.as_bytes();
@@ -303,9 +304,7 @@ impl LoopTransport {
         f: impl FnOnce(&LoopTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .expect("loop transport task panicked")
+        crate::blocking::run_blocking(move || f(&this)).await
     }
 }
 

@@ -185,9 +185,7 @@ impl NbdTransport {
         f: impl FnOnce(&NbdTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .expect("nbd transport task panicked")
+        crate::blocking::run_blocking(move || f(&this)).await
     }
 }
 

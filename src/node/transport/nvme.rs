@@ -493,9 +493,7 @@ impl NvmeTransport {
         f: impl FnOnce(&NvmeTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .expect("nvme transport task panicked")
+        crate::blocking::run_blocking(move || f(&this)).await
     }
 }
 

@@ -1,4 +1,6 @@
-//! StorageClass parameters, parsed into a typed struct at CreateVolume.
+//! StorageClass parameters, parsed into a typed struct at CreateVolume and kept typed in
+//! every volume record (stored as the map they came as; a stored map that no longer
+//! parses fails the load instead of falling back to defaults).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -15,12 +17,6 @@ pub const CTRL_LOSS_TMO_KEY: &str = "nvmeCtrlLossTmo";
 /// state forever when a target is gone.
 pub const CTRL_LOSS_TMO_DEFAULT: u32 = 600;
 const CTRL_LOSS_TMO_RANGE: std::ops::RangeInclusive<u32> = 10..=86_400;
-
-/// The NVMe/TCP `ctrl_loss_tmo` of a volume: its StorageClass's, else the default (a
-/// volume adopted from another driver has no parameters of ours).
-pub fn ctrl_loss_tmo(volume: &crate::backend::VolumeRecord) -> u32 {
-    VolumeParams::of(volume).map_or(CTRL_LOSS_TMO_DEFAULT, |p| p.ctrl_loss_tmo)
-}
 
 /// How nodes reach the volume's image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,13 +144,27 @@ fn parse_migration_timeout(value: &str) -> Result<Duration, ParamError> {
     Ok(Duration::from_secs(secs))
 }
 
-impl VolumeParams {
-    /// The parameters `volume` was created with (validated then).
-    pub fn of(volume: &crate::backend::VolumeRecord) -> Result<Self, ParamError> {
-        let raw: HashMap<String, String> = volume.parameters.clone().into_iter().collect();
-        Self::try_from(&raw)
+/// No parameters: every default (a volume adopted from another driver has none of ours).
+impl Default for VolumeParams {
+    fn default() -> Self {
+        Self::try_from(&HashMap::new()).expect("the defaults are valid")
     }
+}
 
+impl serde::Serialize for VolumeParams {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VolumeParams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: HashMap<String, String> = HashMap::deserialize(d)?;
+        Self::try_from(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl VolumeParams {
     /// Static per-volume facts the node and later calls see in volume_context.
     pub fn volume_context(&self) -> HashMap<String, String> {
         HashMap::from([(

@@ -1,0 +1,27 @@
+//! Blocking work (syscalls, sysfs, configfs, files) runs off the async workers through one
+//! helper.
+
+/// Runs `f` on tokio's blocking pool and returns its result; a panic in `f` is resumed
+/// in the caller, as if `f` had run inline.
+pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Only when the runtime shuts down under us.
+        Err(e) => panic!("blocking task cancelled: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn results_come_back_and_panics_reach_the_caller() {
+        assert_eq!(run_blocking(|| 41 + 1).await, 42);
+        let caught = tokio::spawn(run_blocking(|| -> u8 { panic!("inside") }))
+            .await
+            .expect_err("the panic propagates");
+        assert!(caught.is_panic());
+    }
+}
