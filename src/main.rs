@@ -19,15 +19,12 @@ use handoff_csi::attachment::{
     spawn_reconciler, Always, AttachmentManager, BackgroundGate, Policy,
 };
 use handoff_csi::backend::file::FileBackend;
-use handoff_csi::backend::nvmet::{KernelConfigFs, Nvmet, PortConfig, RemoteConfigFs};
-use handoff_csi::backend::nvmet_file::NvmetBackend;
-use handoff_csi::backend::rds::{RdsBackend, RdsSettings};
+use handoff_csi::backend::open::BackendSettings;
 use handoff_csi::backend::routeros::NQN_PREFIX as ROUTEROS_NQN_PREFIX;
-use handoff_csi::backend::ssh::{Credentials, HostKeyPolicy, SshShell, SshTarget};
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
-    AttachmentStoreKind, AttachmentsArgs, BackendKind, Cli, Command, Config, DemoScenario,
-    LogFormat, NbdClientArgs, OutputFormat, TargetArgs,
+    AttachmentStoreKind, AttachmentsArgs, Cli, Command, Config, DemoScenario, LogFormat,
+    NbdClientArgs, OutputFormat, TargetArgs,
 };
 use handoff_csi::controller::fence::PlaneFence;
 use handoff_csi::controller::ControllerService;
@@ -254,100 +251,6 @@ async fn run_target(args: TargetArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// The storage backend the flags name.
-fn open_backend(config: &Config) -> Result<Arc<dyn Backend>, BoxError> {
-    Ok(match config.backend {
-        BackendKind::File => Arc::new(FileBackend::open(&config.data_dir)?),
-        BackendKind::Nvmet => {
-            let n = &config.nvme;
-            let address = n.nvmet_address.expect("validated: --nvmet-address");
-            let port = PortConfig {
-                id: n.nvmet_port_id,
-                address: address.to_string(),
-                port: n.nvmet_port,
-                family: if address.is_ipv4() { "ipv4" } else { "ipv6" },
-            };
-            let files: Arc<dyn Backend> = Arc::new(FileBackend::open(&config.data_dir)?);
-            let root = n.nvmet_configfs.clone();
-            match &n.nvmet_ssh_address {
-                None => Arc::new(NvmetBackend::new(
-                    files,
-                    Nvmet::new(KernelConfigFs, root, port, &n.nvme_nqn_prefix),
-                )),
-                Some(ssh) => {
-                    let shell = SshShell::new(SshTarget {
-                        address: ssh.clone(),
-                        user: n.nvmet_ssh_user.clone(),
-                        credentials: Credentials::KeyFile(
-                            n.nvmet_ssh_key_file.clone().expect("validated: key file"),
-                        ),
-                        host_key: HostKeyPolicy::Pinned(
-                            n.nvmet_ssh_host_key
-                                .iter()
-                                .map(|k| k.parse())
-                                .collect::<Result<_, _>>()?,
-                        ),
-                        timeout: Duration::from_secs(30),
-                    });
-                    let fs = RemoteConfigFs::new(Arc::new(shell));
-                    Arc::new(NvmetBackend::new(
-                        files,
-                        Nvmet::new(fs, root, port, &n.nvme_nqn_prefix),
-                    ))
-                }
-            }
-        }
-        BackendKind::Rds => {
-            let r = &config.rds;
-            let address = r.rds_address.clone().expect("validated: --rds-address");
-            let credentials = match (&r.rds_key_file, &r.rds_password_file) {
-                (Some(key), _) => Credentials::KeyFile(key.clone()),
-                (None, Some(file)) => Credentials::Password(
-                    std::fs::read_to_string(file)
-                        .map_err(|e| format!("--rds-password-file {}: {e}", file.display()))?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned(),
-                ),
-                (None, None) => unreachable!("validated: key or password"),
-            };
-            let host_key = if r.rds_insecure_skip_host_key_check {
-                HostKeyPolicy::Insecure
-            } else {
-                HostKeyPolicy::Pinned(
-                    r.rds_host_key
-                        .iter()
-                        .map(|k| k.parse())
-                        .collect::<Result<_, _>>()?,
-                )
-            };
-            let nvme_address = r.rds_nvme_address.clone().unwrap_or_else(|| {
-                address
-                    .rsplit_once(':')
-                    .map_or(address.as_str(), |(host, _)| host)
-                    .trim_matches(['[', ']'])
-                    .to_owned()
-            });
-            let shell = SshShell::new(SshTarget {
-                address,
-                user: r.rds_user.clone(),
-                credentials,
-                host_key,
-                timeout: r.rds_command_timeout,
-            });
-            Arc::new(RdsBackend::new(
-                Arc::new(shell),
-                RdsSettings {
-                    volume_dir: r.rds_volume_dir.clone(),
-                    nvme_address,
-                    nvme_port: r.rds_nvme_port,
-                    attempts: r.rds_attempts,
-                    backoff: Duration::from_millis(500),
-                },
-            ))
-        }
-    })
-}
-
 /// The node's NVMe/TCP transport, for volumes of the nvmet and rds backends. Without a
 /// stable host identity it is left out (and said so): connecting with a made-up one
 /// would never match target ACLs.
@@ -382,7 +285,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let mut checks = Vec::new();
 
     let controller = if config.mode.serves_controller() {
-        let backend = open_backend(&config)?;
+        let backend = handoff_csi::backend::open::open(BackendSettings::try_from(&config)?)?;
         let (store, cluster, events, gate) = attachment_seams(&config, &metrics).await?;
         let nbd = nbd_plane(&config, store.clone(), backend.clone()).await?;
         let policy = Policy {

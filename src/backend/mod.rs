@@ -3,6 +3,7 @@
 pub mod file;
 pub mod nvmet;
 pub mod nvmet_file;
+pub mod open;
 pub mod rds;
 pub mod routeros;
 pub mod ssh;

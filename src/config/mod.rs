@@ -1,10 +1,20 @@
-//! Command-line and environment configuration.
+//! Command-line and environment configuration: the server's flags (`Config`) and their
+//! checks here; the subcommands in `cli`, the backends' flags and settings in `backend`,
+//! the NBD processes' in `nbd`.
+
+mod backend;
+mod cli;
+mod nbd;
+
+pub use backend::{NvmeArgs, RdsArgs};
+pub use cli::{AttachmentsArgs, Cli, Command, DemoScenario, OutputFormat};
+pub use nbd::{NbdClientArgs, NbdClientKind, NbdKeeperArgs, TargetArgs};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use crate::ids::NodeId;
 
@@ -53,166 +63,6 @@ pub enum AttachmentStoreKind {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// handoff-csi: a CSI block-storage driver with safe attach tracking for KubeVirt live migration.
-///
-/// Without a subcommand it serves CSI. Every flag can also be set through the
-/// environment variable shown in brackets.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "handoff-csi", version, about, long_about = None, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub server: Config,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum Command {
-    /// Run a scenario on the embedded default in a temporary directory (needs root).
-    Demo {
-        #[command(subcommand)]
-        scenario: DemoScenario,
-    },
-    /// Print the attachment table: volume, mode, nodes in order, migration start, time left.
-    Attachments(AttachmentsArgs),
-    /// Start and own the node's nbd-client processes for the node plugin (its own
-    /// DaemonSet), so that they survive restarts of the plugin's container.
-    NbdKeeper(NbdKeeperArgs),
-    /// Run the NBD target on a storage host: serves published volumes' images and
-    /// takes fence requests from the controller (`--nbd-target` there).
-    Target(TargetArgs),
-    /// Serve one NBD export as the file `disk` in a FUSE mount (started by the node
-    /// plugin; the export name, which carries a secret, is read from standard input).
-    NbdClient(NbdClientArgs),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct NbdKeeperArgs {
-    /// Unix socket the node plugin's --nbd-keeper-socket points at (created 0600).
-    #[arg(long, default_value = "/run/handoff-csi/nbd-keeper.sock")]
-    pub socket: PathBuf,
-    /// The node plugin's --nbd-run-dir: the only place clients are mounted.
-    #[arg(long, default_value = "/run/handoff-csi/nbd")]
-    pub run_dir: PathBuf,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct TargetArgs {
-    /// NBD address nodes connect to (the controller's --nbd-advertise).
-    #[arg(long, default_value = "0.0.0.0:10809")]
-    pub listen: SocketAddr,
-    /// Fence endpoint the controller calls (its --nbd-target); requests are signed
-    /// with the export key.
-    #[arg(long, default_value = "0.0.0.0:10810")]
-    pub fence_listen: SocketAddr,
-    /// The images: the `file` backend's data dir.
-    #[arg(
-        long,
-        env = "HANDOFF_DATA_DIR",
-        default_value = "/var/lib/handoff-csi/data"
-    )]
-    pub data_dir: PathBuf,
-    /// Where the controller keeps attachment state: `file` (its --state-dir, on this
-    /// host) or `kube` (PV annotations).
-    #[arg(long, value_enum, default_value = "file")]
-    pub attachment_store: AttachmentStoreKind,
-    #[arg(
-        long,
-        env = "HANDOFF_STATE_DIR",
-        default_value = "/var/lib/handoff-csi/state"
-    )]
-    pub state_dir: PathBuf,
-    #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
-    pub driver_name: String,
-    /// The controller's export key (same bytes as its --nbd-key-file).
-    #[arg(long)]
-    pub nbd_key_file: PathBuf,
-}
-
-/// Which NBD client a node uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NbdClientKind {
-    Auto,
-    Kernel,
-    Fuse,
-}
-
-impl From<NbdClientKind> for crate::nbd::launch::ClientKind {
-    fn from(kind: NbdClientKind) -> Self {
-        use crate::nbd::launch::ClientKind;
-        match kind {
-            NbdClientKind::Auto => ClientKind::Auto,
-            NbdClientKind::Kernel => ClientKind::Kernel,
-            NbdClientKind::Fuse => ClientKind::Fuse,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct NbdClientArgs {
-    /// host:port of the NBD target.
-    #[arg(long)]
-    pub address: String,
-    /// Empty directory to mount the FUSE filesystem on.
-    #[arg(long)]
-    pub mountpoint: PathBuf,
-    /// A request that cannot be completed (reconnecting as needed) within this time
-    /// fails with EIO instead of hanging.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub io_timeout: Duration,
-    /// Drive the kernel's nbd device (nbd.ko) under this backend identifier instead of
-    /// serving a FUSE file; --mountpoint then names the supervisor's lock and state.
-    #[arg(long)]
-    pub kernel_backend: Option<String>,
-    /// With --kernel-backend: a read-only device.
-    #[arg(long)]
-    pub read_only: bool,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum DemoScenario {
-    /// A KubeVirt-style live migration between two node plugins, with a data check.
-    Migration {
-        /// Number of 4 KiB checksummed blocks the VM writes and the target verifies.
-        #[arg(long, default_value_t = 4096)]
-        blocks: u64,
-        /// A real VM instead: QEMU live-migrates a running guest (Debian's kernel and
-        /// busybox) that verifies its disk round after round (needs qemu-system-x86,
-        /// busybox-static, cpio, kmod; the kernel is fetched once with apt-get download).
-        #[arg(long)]
-        vm: bool,
-        /// Live migrations of the VM (with --vm), alternating between the two nodes.
-        #[arg(long, default_value_t = 2)]
-        hops: u32,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Table,
-    Json,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct AttachmentsArgs {
-    /// Where to read the state from.
-    #[arg(long, value_enum, default_value = "file")]
-    pub store: AttachmentStoreKind,
-    /// The controller's --state-dir (file store).
-    #[arg(
-        long,
-        env = "HANDOFF_STATE_DIR",
-        default_value = "/var/lib/handoff-csi/state"
-    )]
-    pub state_dir: PathBuf,
-    /// The CSI driver name whose PersistentVolumes to read (kube store).
-    #[arg(long, env = "HANDOFF_DRIVER_NAME", default_value = "handoff.csi.dev")]
-    pub driver_name: String,
-    /// `table` for people, `json` (one document, stable field names) for scripts.
-    #[arg(long, value_enum, default_value = "table")]
-    pub output: OutputFormat,
 }
 
 /// Flags of the CSI server.
@@ -395,108 +245,6 @@ pub struct Config {
     pub nvme: NvmeArgs,
 }
 
-/// `--backend rds`: the RouterOS storage server.
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "RDS backend (MikroTik RouterOS)")]
-pub struct RdsArgs {
-    /// SSH address of the router, host:port.
-    #[arg(long, env = "HANDOFF_RDS_ADDRESS")]
-    pub rds_address: Option<String>,
-    /// SSH user on the router.
-    #[arg(long, env = "HANDOFF_RDS_USER", default_value = "admin")]
-    pub rds_user: String,
-    /// OpenSSH private key file for the login.
-    #[arg(long, env = "HANDOFF_RDS_KEY_FILE")]
-    pub rds_key_file: Option<PathBuf>,
-    /// File holding the login password (instead of a key).
-    #[arg(long, env = "HANDOFF_RDS_PASSWORD_FILE")]
-    pub rds_password_file: Option<PathBuf>,
-    /// The router's SSH host key: an OpenSSH public key line or its SHA256:
-    /// fingerprint (repeat the flag to pin several, e.g. during a key rotation).
-    #[arg(long, env = "HANDOFF_RDS_HOST_KEY", value_delimiter = '\n')]
-    pub rds_host_key: Vec<String>,
-    /// Talk to whatever answers at --rds-address: anyone on the network path can then
-    /// pose as the router and take the credentials. For a lab only.
-    #[arg(
-        long,
-        env = "HANDOFF_RDS_INSECURE_SKIP_HOST_KEY_CHECK",
-        default_value_t = false
-    )]
-    pub rds_insecure_skip_host_key_check: bool,
-    /// Directory of the volume images on the router; its first component is the disk
-    /// whose free space GetCapacity reports.
-    #[arg(
-        long,
-        env = "HANDOFF_RDS_VOLUME_DIR",
-        default_value = "/storage-pool/kubernetes-volumes"
-    )]
-    pub rds_volume_dir: String,
-    /// Address nodes connect to over NVMe/TCP (default: the host of --rds-address).
-    #[arg(long, env = "HANDOFF_RDS_NVME_ADDRESS")]
-    pub rds_nvme_address: Option<String>,
-    /// NVMe/TCP port new volumes are exported on.
-    #[arg(long, env = "HANDOFF_RDS_NVME_PORT", default_value_t = 4420)]
-    pub rds_nvme_port: u16,
-    /// Bound on connecting and on each RouterOS command.
-    #[arg(long, env = "HANDOFF_RDS_COMMAND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub rds_command_timeout: Duration,
-    /// Attempts per command when the failure may pass (busy router, dropped session).
-    #[arg(long, env = "HANDOFF_RDS_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
-    pub rds_attempts: u32,
-}
-
-/// `--backend nvmet` (controller on the storage host) and the node's NVMe/TCP transport.
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "NVMe/TCP (nvmet backend and node transport)")]
-pub struct NvmeArgs {
-    /// Controller: nvmet's directory in configfs.
-    #[arg(
-        long,
-        env = "HANDOFF_NVMET_CONFIGFS",
-        default_value = "/sys/kernel/config/nvmet"
-    )]
-    pub nvmet_configfs: PathBuf,
-    /// Controller: address of this host that nodes connect to (the nvmet port's traddr).
-    #[arg(long, env = "HANDOFF_NVMET_ADDRESS")]
-    pub nvmet_address: Option<std::net::IpAddr>,
-    /// Controller: TCP port of the nvmet port.
-    #[arg(long, env = "HANDOFF_NVMET_PORT", default_value_t = 4420)]
-    pub nvmet_port: u16,
-    /// Controller: id of the nvmet port directory this driver owns.
-    #[arg(long, env = "HANDOFF_NVMET_PORT_ID", default_value_t = 1)]
-    pub nvmet_port_id: u16,
-    /// Controller: drive nvmet on this storage host (host:port) over SSH instead of this
-    /// host's configfs; --data-dir must then be that host's data dir, mounted at the
-    /// same path here.
-    #[arg(long, env = "HANDOFF_NVMET_SSH_ADDRESS")]
-    pub nvmet_ssh_address: Option<String>,
-    /// Controller: SSH user on the storage host (needs write access to its configfs).
-    #[arg(long, env = "HANDOFF_NVMET_SSH_USER", default_value = "root")]
-    pub nvmet_ssh_user: String,
-    /// Controller: OpenSSH private key for the storage host.
-    #[arg(long, env = "HANDOFF_NVMET_SSH_KEY_FILE")]
-    pub nvmet_ssh_key_file: Option<PathBuf>,
-    /// Controller: the storage host's SSH host key (key line or SHA256: fingerprint);
-    /// repeat to pin several.
-    #[arg(long, env = "HANDOFF_NVMET_SSH_HOST_KEY", value_delimiter = '\n')]
-    pub nvmet_ssh_host_key: Vec<String>,
-    /// Subsystem NQNs of nvmet volumes are this prefix and the volume id; nodes touch
-    /// no NVMe subsystem outside it (or RouterOS's prefix for rds volumes).
-    #[arg(
-        long,
-        env = "HANDOFF_NVME_NQN_PREFIX",
-        default_value = "nqn.2026-11.dev.handoff-csi:"
-    )]
-    pub nvme_nqn_prefix: String,
-    /// Node: where the node's own NVMe host NQN and ID are kept when /etc/nvme has none
-    /// (default: <state-dir>/nvme).
-    #[arg(long, env = "HANDOFF_NVME_HOST_DIR")]
-    pub nvme_host_dir: Option<PathBuf>,
-    /// Node: how long a connected namespace may take to appear.
-    #[arg(long, env = "HANDOFF_NVME_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub nvme_connect_timeout: Duration,
-}
-
 impl Config {
     /// The node registry in use: only without Kubernetes (nodes are Node objects there).
     pub fn registry(&self) -> Option<crate::registry::NodeRegistry> {
@@ -561,87 +309,6 @@ impl Config {
             }
         }
         Ok(node_id)
-    }
-}
-
-impl Config {
-    fn validate_backend(&self) -> Result<(), String> {
-        let nqn_ok = |p: &str| {
-            p.starts_with("nqn.")
-                && p.ends_with(':')
-                && p.len() <= 100
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-        };
-        if !nqn_ok(&self.nvme.nvme_nqn_prefix) {
-            return Err(format!("--nvme-nqn-prefix {:?} must look like nqn.2026-11.com.example:csi: (letters, digits, . - :, ending in ':')", self.nvme.nvme_nqn_prefix));
-        }
-        match self.backend {
-            BackendKind::File => Ok(()),
-            BackendKind::Nvmet => {
-                if !self.mode.serves_controller() {
-                    return Ok(());
-                }
-                let n = &self.nvme;
-                if n.nvmet_address.is_none() {
-                    return Err("--backend nvmet needs --nvmet-address: the target host's address that nodes connect to over NVMe/TCP".into());
-                }
-                if n.nvmet_ssh_address.is_some() {
-                    if n.nvmet_ssh_key_file.is_none() {
-                        return Err("--nvmet-ssh-address needs --nvmet-ssh-key-file".into());
-                    }
-                    if n.nvmet_ssh_host_key.is_empty() {
-                        return Err("--nvmet-ssh-address needs --nvmet-ssh-host-key (the storage host's SSH host key, checked on that host)".into());
-                    }
-                    for key in &n.nvmet_ssh_host_key {
-                        key.parse::<crate::backend::ssh::HostKeyPin>()
-                            .map_err(|e| format!("--nvmet-ssh-host-key {key:?}: {e}"))?;
-                    }
-                }
-                Ok(())
-            }
-            BackendKind::Rds => {
-                if !self.mode.serves_controller() {
-                    return Ok(());
-                }
-                let r = &self.rds;
-                if r.rds_address.is_none() {
-                    return Err(
-                        "--backend rds needs --rds-address (the router's SSH host:port)".into(),
-                    );
-                }
-                match (&r.rds_key_file, &r.rds_password_file) {
-                    (None, None) => {
-                        return Err(
-                            "--backend rds needs --rds-key-file or --rds-password-file".into()
-                        )
-                    }
-                    (Some(_), Some(_)) => {
-                        return Err(
-                            "--rds-key-file and --rds-password-file exclude each other".into()
-                        )
-                    }
-                    _ => {}
-                }
-                if r.rds_host_key.is_empty() && !r.rds_insecure_skip_host_key_check {
-                    return Err("--backend rds needs --rds-host-key (the router's SSH host key, from `/ip ssh export` or ssh-keyscan, checked on its console); --rds-insecure-skip-host-key-check turns verification off for a lab".into());
-                }
-                for key in &r.rds_host_key {
-                    key.parse::<crate::backend::ssh::HostKeyPin>()
-                        .map_err(|e| format!("--rds-host-key {key:?}: {e}"))?;
-                }
-                let dir_ok = r.rds_volume_dir.starts_with('/')
-                    && r.rds_volume_dir.len() > 1
-                    && !r.rds_volume_dir.contains("..")
-                    && r.rds_volume_dir.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')
-                    });
-                if !dir_ok {
-                    return Err(format!("--rds-volume-dir {:?} must be an absolute router path of letters, digits and / - _ .", r.rds_volume_dir));
-                }
-                Ok(())
-            }
-        }
     }
 }
 
@@ -729,6 +396,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn subcommands_and_server_flags_parse() {
