@@ -57,8 +57,6 @@ pub enum Error {
     BadToken(String),
     #[error("the volume cannot be placed in the requested topology: this controller serves pool {pool:?}")]
     TopologyUnavailable { pool: String },
-    #[error("volume {0} uses dataPlane nbd, but this controller serves no NBD target; start it with --nbd-listen")]
-    NbdNotServed(VolumeId),
     #[error("detached in the attachment state, but the node is not yet cut off from the NBD export; retry: {0}")]
     Fence(#[from] FenceError),
 }
@@ -114,6 +112,7 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::Unhealthy { .. } => Code::FailedPrecondition,
         BackendError::Target(_) => Code::Unavailable,
         BackendError::TargetRefused(_) => Code::FailedPrecondition,
+        BackendError::PlaneNotServed(_) => Code::FailedPrecondition,
     }
 }
 
@@ -151,6 +150,7 @@ fn attach_code(e: &AttachError) -> Code {
         AttachError::UnknownNode(_) | AttachError::UnregisteredNode { .. } => Code::NotFound,
         // The target could not be reached or refused: nothing was freed, retry.
         AttachError::Fence(_) => Code::Unavailable,
+        AttachError::Backend(e) => backend_code(e),
         // Another operation on the volume won the race: retry.
         AttachError::Withdrawn { .. } => Code::Aborted,
     }
@@ -223,7 +223,6 @@ impl Error {
             Error::TopologyUnavailable { .. } => Code::ResourceExhausted,
             // Retryable: ControllerUnpublish is not OK until the node is fenced.
             Error::Fence(_) => Code::Unavailable,
-            Error::NbdNotServed(_) => Code::FailedPrecondition,
         }
     }
 }

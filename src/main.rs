@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use handoff_csi::attachment::cluster::{ClusterView, RegisteredNodes, Standalone};
 use handoff_csi::attachment::events::{EventSink, Fanout, LogSink};
+use handoff_csi::attachment::fence::BackendFence;
 use handoff_csi::attachment::report::{render_json, render_table};
 use handoff_csi::attachment::store::AttachmentStore;
 use handoff_csi::attachment::store::FileStore;
@@ -26,7 +27,6 @@ use handoff_csi::config::{
     AttachmentStoreKind, AttachmentsArgs, Cli, Command, Config, DemoScenario, LogFormat,
     NbdClientArgs, OutputFormat, TargetArgs,
 };
-use handoff_csi::controller::fence::PlaneFence;
 use handoff_csi::controller::ControllerService;
 use handoff_csi::identity::{HealthCheck, IdentityService};
 use handoff_csi::ids::NodeId;
@@ -41,7 +41,7 @@ use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
 use handoff_csi::nbd::fence::{Fencer, RemoteFencer};
 use handoff_csi::nbd::fuse_disk::{self, FuseDisk, Remote};
 use handoff_csi::nbd::server::NbdTarget;
-use handoff_csi::nbd::NbdPlane;
+use handoff_csi::nbd::{NbdPlane, NbdPlaneBackend};
 use handoff_csi::node::command::CommandRunner;
 use handoff_csi::node::lifecycle::NodeVolumes;
 use handoff_csi::node::mount::SysMounter;
@@ -292,7 +292,12 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             grace_period: config.attach_grace_period,
             allow_rwx_block_sharing: config.allow_rwx_block_sharing,
         };
-        let fence = Arc::new(PlaneFence::new(backend.clone(), nbd.clone()));
+        // Volumes on the NBD plane are exported and fenced by its target.
+        let backend: Arc<dyn Backend> = match nbd {
+            Some(plane) => Arc::new(NbdPlaneBackend::new(backend, plane)),
+            None => backend,
+        };
+        let fence = Arc::new(BackendFence::new(backend.clone()));
         let attachments = Arc::new(
             AttachmentManager::load(store, cluster, events, policy)
                 .await?
@@ -306,10 +311,7 @@ async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
             metrics.clone(),
             config.topology_pool.clone(),
         );
-        Some(match nbd {
-            Some(plane) => service.with_nbd(plane),
-            None => service,
-        })
+        Some(service)
     } else {
         None
     };

@@ -389,6 +389,7 @@ async fn an_unreachable_storage_host_never_reads_as_fenced_or_unexported() {
 
     use handoff_csi::attachment::cluster::Standalone;
     use handoff_csi::attachment::events::RecordingSink;
+    use handoff_csi::attachment::fence::BackendFence;
     use handoff_csi::attachment::state::PublishRequest;
     use handoff_csi::attachment::store::MemoryStore;
     use handoff_csi::attachment::{AttachError, AttachmentManager, Policy};
@@ -398,7 +399,6 @@ async fn an_unreachable_storage_host_never_reads_as_fenced_or_unexported() {
     use handoff_csi::backend::ssh::{CommandShell, ShellError};
     use handoff_csi::backend::{Backend, CapacityRange, CreateVolume, StoredCapability};
     use handoff_csi::capability::AccessMode;
-    use handoff_csi::controller::fence::PlaneFence;
     use handoff_csi::ids::VolumeName;
 
     /// A local `sh`, until the "network" drops.
@@ -472,7 +472,7 @@ async fn an_unreachable_storage_host_never_reads_as_fenced_or_unexported() {
     )
     .await
     .unwrap()
-    .with_fence(Arc::new(PlaneFence::new(backend.clone(), None)));
+    .with_fence(Arc::new(BackendFence::new(backend.clone())));
     let (a, b) = (
         NodeId::parse("node-a").unwrap(),
         NodeId::parse("node-b").unwrap(),

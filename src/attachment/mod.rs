@@ -26,7 +26,9 @@ use self::state::{
     PublishContext, PublishDecision, PublishRefusal, PublishRequest, UnpublishDecision, Workload,
 };
 use self::store::{AttachmentStore, StoreError};
+use crate::backend::{Backend, BackendError, VolumeRecord};
 use crate::capability::Sharing;
+use crate::export::ExportInfo;
 use crate::ids::{NodeId, VolumeId};
 use crate::locks::{Busy, OperationGuard, OperationLocks};
 
@@ -49,6 +51,8 @@ pub enum AttachError {
     /// The holder keeps its slot (marked "fencing"); the reconciler retries.
     #[error("{0}; the node stays recorded as attached until the fence is confirmed (retried by the reconciler and by the next unpublish)")]
     Fence(#[from] FenceError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// What a successful publish did.
@@ -330,6 +334,33 @@ impl AttachmentManager {
                 other => return self.reported(volume, other),
             }
         }
+    }
+
+    /// ControllerPublish: the attach decision, then the grant at the storage target and
+    /// the export the node dials, then a re-check on fresh state that the node still
+    /// holds the volume under the same attachment (a late grant never outlives the
+    /// fence; an export made for an attachment that was replaced is not handed out).
+    pub async fn publish_and_grant(
+        &self,
+        backend: &dyn Backend,
+        volume: &VolumeRecord,
+        req: PublishRequest,
+    ) -> Result<ExportInfo, AttachError> {
+        let node = req.node_id.clone();
+        self.publish(&volume.id, volume.parameters.migration_timeout, req)
+            .await?;
+        let attached_at = self.confirm_holder(&volume.id, &node).await?;
+        let export = backend
+            .export_attachment(volume, &node, attached_at)
+            .await?;
+        backend.allow_node(volume, &node).await?;
+        if self.confirm_holder(&volume.id, &node).await? != attached_at {
+            return Err(AttachError::Withdrawn {
+                volume: volume.id.clone(),
+                node,
+            });
+        }
+        Ok(export)
     }
 
     /// Reports a quarantined volume (event, metric) each time an RPC is refused for it.

@@ -8,7 +8,7 @@ pub mod rds;
 pub mod routeros;
 pub mod ssh;
 
-use crate::params::VolumeParams;
+use crate::params::{DataPlane, VolumeParams};
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -26,6 +26,8 @@ pub const DEFAULT_CAPACITY: u64 = GIB;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    #[error("volume {0} uses dataPlane nbd, but this controller serves no NBD target; start it with --nbd-listen (or --nbd-target)")]
+    PlaneNotServed(VolumeId),
     #[error("volume name {name:?} already exists as {existing} with {difference}; choose another name or request the same parameters")]
     NameConflict {
         name: String,
@@ -330,9 +332,28 @@ pub trait Backend: Send + Sync + 'static {
         volume: &VolumeRecord,
         node: &NodeId,
     ) -> Result<ExportInfo, BackendError>;
+    /// How `node` reaches the volume under the attachment it got at `attached_at`:
+    /// `export`, unless the plane derives something from the attachment (the NBD
+    /// plane's per-attachment secret).
+    async fn export_attachment(
+        &self,
+        volume: &VolumeRecord,
+        node: &NodeId,
+        _attached_at: DateTime<Utc>,
+    ) -> Result<ExportInfo, BackendError> {
+        self.export(volume, node).await
+    }
+    /// Whether volumes on `plane` can be published here.
+    fn serves(&self, plane: DataPlane) -> bool {
+        plane == DataPlane::File
+    }
     /// What `deny_node` achieves here.
     fn fencing(&self) -> Fencing {
         Fencing::None
+    }
+    /// What `deny_node` achieves for this volume (a backend may serve several planes).
+    fn fencing_of(&self, _volume: &VolumeRecord) -> Fencing {
+        self.fencing()
     }
     /// Admits `node` at the target (after `export`); a no-op without host ACLs.
     async fn allow_node(&self, _volume: &VolumeRecord, _node: &NodeId) -> Result<(), BackendError> {
@@ -342,6 +363,15 @@ pub trait Backend: Send + Sync + 'static {
     /// no-op without host ACLs.
     async fn deny_node(&self, _volume: &VolumeId, _node: &NodeId) -> Result<(), BackendError> {
         Ok(())
+    }
+    /// `deny_node`, with the number of live connections it dropped where the target
+    /// counts them.
+    async fn fence_node(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<usize>, BackendError> {
+        self.deny_node(volume, node).await.map(|()| None)
     }
     /// Whether the volume's data is where and what it should be.
     async fn condition(&self, volume: &VolumeRecord) -> Result<Condition, BackendError>;

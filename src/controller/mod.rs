@@ -1,7 +1,6 @@
 //! CSI Controller service: thin handlers over the backend and the AttachmentManager.
 //! The bodies live in `volumes.rs` and `snapshots.rs`; this file maps RPCs to them.
 
-pub mod fence;
 pub mod pagination;
 mod snapshots;
 pub mod volumes;
@@ -17,7 +16,6 @@ use crate::csi::controller_server::Controller;
 use crate::error::Error;
 use crate::locks::OperationLocks;
 use crate::metrics::Metrics;
-use crate::nbd::NbdPlane;
 use crate::rpc::handle;
 
 pub struct ControllerService {
@@ -27,8 +25,6 @@ pub struct ControllerService {
     names: OperationLocks,
     metrics: Metrics,
     topology_pool: String,
-    /// The NBD target, when this controller serves one (`--nbd-listen`).
-    nbd: Option<Arc<NbdPlane>>,
 }
 
 impl ControllerService {
@@ -44,14 +40,7 @@ impl ControllerService {
             names: OperationLocks::new(),
             metrics,
             topology_pool,
-            nbd: None,
         }
-    }
-
-    /// Serves published volumes over NBD too, and fences nodes that lose an attachment.
-    pub fn with_nbd(mut self, plane: Arc<NbdPlane>) -> Self {
-        self.nbd = Some(plane);
-        self
     }
 
     async fn unimplemented<T>(&self, method: &'static str) -> Result<Response<T>, Status> {

@@ -7,13 +7,14 @@ use super::pagination::page;
 use super::ControllerService;
 use crate::attachment::state::PublishRequest;
 use crate::backend::{
-    CapacityRange, ContentSource, CreateVolume, Fencing, StoredCapability, VolumeRecord,
+    BackendError, CapacityRange, ContentSource, CreateVolume, Fencing, StoredCapability,
+    VolumeRecord,
 };
 use crate::capability::{self, Capability};
 use crate::csi;
 use crate::error::Error;
 use crate::ids::{IdError, NodeId, SnapshotId, VolumeId, VolumeName};
-use crate::params::{DataPlane, ParamError, VolumeParams, DATA_PLANE_KEY};
+use crate::params::{ParamError, VolumeParams, DATA_PLANE_KEY};
 use crate::topology::TOPOLOGY_KEY;
 
 fn content_source(src: &Option<csi::VolumeContentSource>) -> Result<Option<ContentSource>, Error> {
@@ -98,7 +99,7 @@ impl ControllerService {
         let caps = capability::parse_all(&req.volume_capabilities)?;
         let capacity = CapacityRange::from_csi(req.capacity_range.as_ref())?;
         let params = VolumeParams::try_from(&req.parameters)?;
-        if params.data_plane == DataPlane::Nbd && self.nbd.is_none() {
+        if !self.backend.serves(params.data_plane) {
             return Err(ParamError::Invalid {
                 key: DATA_PLANE_KEY,
                 value: "nbd".into(),
@@ -171,48 +172,21 @@ impl ControllerService {
                 capability: format!("{:?}", StoredCapability::from(&cap)),
             });
         }
-        let params = volume.parameters.clone();
-        let nbd = match (params.data_plane, &self.nbd) {
-            (DataPlane::File, _) => None,
-            (DataPlane::Nbd, Some(nbd)) => Some(nbd),
-            (DataPlane::Nbd, None) => return Err(Error::NbdNotServed(volume.id)),
-        };
+        if !self.backend.serves(volume.parameters.data_plane) {
+            return Err(BackendError::PlaneNotServed(volume.id).into());
+        }
         // Attach decision and host ACL change together, so a concurrent unpublish
         // cannot deny a node this publish just admitted (it gets Aborted and retries).
         let _acl = self.acl_lock(&volume.id).await?;
-        self.attachments
-            .publish(
-                &volume.id,
-                params.migration_timeout,
-                PublishRequest {
-                    node_id: node_id.clone(),
-                    readonly: req.readonly,
-                    access: StoredCapability::from(&cap),
-                },
-            )
-            .await?;
-        let export = match nbd {
-            None => {
-                let export = self.backend.export(&volume, &node_id).await?;
-                self.backend.allow_node(&volume, &node_id).await?;
-                // Re-checked after the grant: an unpublish or reconcile on another
-                // replica may have fenced and freed the node since the decision; then
-                // the grant is withdrawn and the publish retried.
-                self.attachments
-                    .confirm_holder(&volume.id, &node_id)
-                    .await?;
-                export
-            }
-            Some(nbd) => {
-                // The export name is derived from this attachment, so a repeated publish
-                // returns the same context and a new attachment a new secret.
-                let attached_at = self
-                    .attachments
-                    .confirm_holder(&volume.id, &node_id)
-                    .await?;
-                nbd.export(&volume.id, &node_id, attached_at)
-            }
+        let request = PublishRequest {
+            node_id,
+            readonly: req.readonly,
+            access: StoredCapability::from(&cap),
         };
+        let export = self
+            .attachments
+            .publish_and_grant(self.backend.as_ref(), &volume, request)
+            .await?;
         let publish_context = export.to_publish_context();
         Ok(csi::ControllerPublishVolumeResponse { publish_context })
     }

@@ -22,12 +22,13 @@ use sha2::{Digest, Sha256};
 
 use self::copy::{copy_image, CopyError};
 use super::{
-    Backend, BackendError, Condition, ContentSource, CreateSnapshot, CreateVolume, SnapshotRecord,
-    VolumeRecord, MIB,
+    Backend, BackendError, Condition, ContentSource, CreateSnapshot, CreateVolume, Fencing,
+    SnapshotRecord, VolumeRecord, MIB,
 };
 use crate::durable;
 use crate::export::ExportInfo;
 use crate::ids::{NodeId, SnapshotId, VolumeId};
+use crate::params::DataPlane;
 
 #[derive(Debug, Clone)]
 pub struct FileBackend {
@@ -473,9 +474,25 @@ impl Backend for FileBackend {
         volume: &VolumeRecord,
         _node: &NodeId,
     ) -> Result<ExportInfo, BackendError> {
+        // The image itself, also for NBD-plane volumes: it is what their target serves
+        // (ControllerPublish of those goes through the plane, see `serves`).
         Ok(ExportInfo::LocalFile {
             path: self.inner.image(&volume.id),
         })
+    }
+
+    /// An NBD-plane volume under a controller without its target (the plane wraps this
+    /// backend when it runs) must still be fenced there: it cannot be from here, and a
+    /// fence that cannot be done is a failed one.
+    fn fencing_of(&self, volume: &VolumeRecord) -> Fencing {
+        match volume.parameters.data_plane {
+            DataPlane::File => Fencing::None,
+            DataPlane::Nbd => Fencing::Target,
+        }
+    }
+
+    async fn deny_node(&self, volume: &VolumeId, _node: &NodeId) -> Result<(), BackendError> {
+        Err(BackendError::PlaneNotServed(volume.clone()))
     }
 
     async fn probe(&self) -> Result<(), BackendError> {
