@@ -10,7 +10,6 @@ use crate::capability::CapabilityError;
 use crate::export::ExportError;
 use crate::ids::{IdError, NodeId, VolumeId};
 use crate::locks::Busy;
-use crate::nbd::server::FenceError;
 use crate::node::command::ToolError;
 use crate::node::lifecycle::NodeError;
 use crate::node::mount::MountError;
@@ -57,8 +56,6 @@ pub enum Error {
     BadToken(String),
     #[error("the volume cannot be placed in the requested topology: this controller serves pool {pool:?}")]
     TopologyUnavailable { pool: String },
-    #[error("detached in the attachment state, but the node is not yet cut off from the NBD export; retry: {0}")]
-    Fence(#[from] FenceError),
 }
 
 fn join(nodes: &[NodeId]) -> String {
@@ -181,6 +178,35 @@ fn transport_code(e: &TransportError) -> Code {
     }
 }
 
+fn capability_code(e: &CapabilityError) -> Code {
+    match e {
+        CapabilityError::Missing(_)
+        | CapabilityError::UnsupportedMode(_)
+        | CapabilityError::UnsupportedFsType(_)
+        | CapabilityError::MultiWriterFilesystem { .. }
+        | CapabilityError::BadMountFlag { .. }
+        | CapabilityError::MountFlagsTooLarge
+        | CapabilityError::MountGroupUnsupported => Code::InvalidArgument,
+    }
+}
+
+fn param_code(e: &ParamError) -> Code {
+    match e {
+        ParamError::Unknown { .. } | ParamError::GoDriver { .. } | ParamError::Invalid { .. } => {
+            Code::InvalidArgument
+        }
+    }
+}
+
+fn export_code(e: &ExportError) -> Code {
+    match e {
+        // Not a context ControllerPublish of this driver made.
+        ExportError::MissingKey(_)
+        | ExportError::Invalid { .. }
+        | ExportError::UnknownTransport(_) => Code::InvalidArgument,
+    }
+}
+
 fn node_code(e: &NodeError) -> Code {
     match e {
         NodeError::Busy(_) => Code::Aborted,
@@ -205,10 +231,10 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::Id(e) => id_code(e),
-            Error::Capability(_) => Code::InvalidArgument,
+            Error::Capability(e) => capability_code(e),
             Error::Capacity(e) => capacity_code(e),
-            Error::Param(_) => Code::InvalidArgument,
-            Error::Export(_) => Code::InvalidArgument,
+            Error::Param(e) => param_code(e),
+            Error::Export(e) => export_code(e),
             Error::Backend(e) => backend_code(e),
             Error::Attach(e) => attach_code(e),
             Error::Node(e) => node_code(e),
@@ -221,8 +247,6 @@ impl Error {
             // CSI: an invalid starting_token is ABORTED.
             Error::BadToken(_) => Code::Aborted,
             Error::TopologyUnavailable { .. } => Code::ResourceExhausted,
-            // Retryable: ControllerUnpublish is not OK until the node is fenced.
-            Error::Fence(_) => Code::Unavailable,
         }
     }
 }

@@ -381,17 +381,15 @@ impl AttachmentManager {
         result
     }
 
-    async fn try_publish(
+    /// What a publish decision needs to know of the cluster: the requester is a known,
+    /// live node; which holders are gone; and, for a would-be second node of an RWX
+    /// volume, who uses it.
+    async fn evidence(
         &self,
-        volume: &VolumeId,
-        migration_timeout: Duration,
+        current: &AttachmentState,
         req: &PublishRequest,
-    ) -> Result<PublishOutcome, AttachError> {
-        let sharing = req.access.mode.sharing();
-        let current =
-            self.store.load(volume).await?.unwrap_or_else(|| {
-                AttachmentState::new(volume.clone(), sharing, migration_timeout)
-            });
+        migration_timeout: Duration,
+    ) -> Result<PublishContext, AttachError> {
         let holders: Vec<NodeId> = current.node_ids().cloned().collect();
         let mut asked = holders.clone();
         asked.push(req.node_id.clone());
@@ -411,7 +409,7 @@ impl AttachmentManager {
             (Sharing::Rwx, [holder]) if holder != &req.node_id => {
                 self.cluster
                     .workload(
-                        volume,
+                        &current.volume_id,
                         holder,
                         &req.node_id,
                         !self.policy.allow_rwx_block_sharing,
@@ -420,13 +418,28 @@ impl AttachmentManager {
             }
             _ => Workload::default(),
         };
-        let ctx = PublishContext {
+        Ok(PublishContext {
             now: Utc::now(),
             grace: self.policy.grace_period,
             gone_nodes,
             migration_timeout,
             workload,
-        };
+        })
+    }
+
+    async fn try_publish(
+        &self,
+        volume: &VolumeId,
+        migration_timeout: Duration,
+        req: &PublishRequest,
+    ) -> Result<PublishOutcome, AttachError> {
+        let sharing = req.access.mode.sharing();
+        let current =
+            self.store.load(volume).await?.unwrap_or_else(|| {
+                AttachmentState::new(volume.clone(), sharing, migration_timeout)
+            });
+        let holders: Vec<NodeId> = current.node_ids().cloned().collect();
+        let ctx = self.evidence(&current, req, migration_timeout).await?;
         let decision = match decide_publish(&current, req, &ctx) {
             Ok(d) => d,
             Err(refusal) => {

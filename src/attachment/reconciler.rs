@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::*;
+use crate::backend::Fencing;
 
 impl AttachmentManager {
     /// Ties a running dual attach to its KubeVirt migration when it was not matched at
@@ -108,32 +109,15 @@ impl AttachmentManager {
         Ok(report)
     }
 
-    async fn reconcile_volume(
+    /// Marks the candidates as leaving (as an unpublish does), then fences each: the
+    /// ones the target confirmed, with how, and the ones still to be fenced.
+    async fn fence_candidates(
         &self,
         id: &VolumeId,
-        objects: Option<&cluster::AttachmentIndex>,
-        min_age: Duration,
+        state: AttachmentState,
+        candidates: Vec<NodeId>,
         report: &mut ReconcileReport,
-    ) -> Result<(), AttachError> {
-        let Some(state) = self.store.load(id).await? else {
-            return Ok(());
-        };
-        let now = Utc::now();
-        let holders: Vec<NodeId> = state.node_ids().cloned().collect();
-        let gone = self.cluster.gone_nodes(&holders).await?;
-        let va_nodes: Option<Vec<NodeId>> = objects.map(|o| {
-            o.get(id)
-                .into_iter()
-                .flatten()
-                .map(|o| o.node.clone())
-                .collect()
-        });
-        let evidence = Evidence {
-            gone_nodes: &gone,
-            va_nodes: va_nodes.as_deref(),
-        };
-        let candidates = reconcile_candidates(&state, &evidence, now, min_age);
-        // Marked as leaving before the fences, as an unpublish does.
+    ) -> Result<(AttachmentState, Vec<(NodeId, Fencing)>, Vec<NodeId>), AttachError> {
         let mut marked = state.clone();
         let mut newly = false;
         for c in &candidates {
@@ -159,6 +143,36 @@ impl AttachmentManager {
                 }
             }
         }
+        Ok((state, cleared, unfenced))
+    }
+
+    async fn reconcile_volume(
+        &self,
+        id: &VolumeId,
+        objects: Option<&cluster::AttachmentIndex>,
+        min_age: Duration,
+        report: &mut ReconcileReport,
+    ) -> Result<(), AttachError> {
+        let Some(state) = self.store.load(id).await? else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let holders: Vec<NodeId> = state.node_ids().cloned().collect();
+        let gone = self.cluster.gone_nodes(&holders).await?;
+        let va_nodes: Option<Vec<NodeId>> = objects.map(|o| {
+            o.get(id)
+                .into_iter()
+                .flatten()
+                .map(|o| o.node.clone())
+                .collect()
+        });
+        let evidence = Evidence {
+            gone_nodes: &gone,
+            va_nodes: va_nodes.as_deref(),
+        };
+        let candidates = reconcile_candidates(&state, &evidence, now, min_age);
+        let (state, cleared, unfenced) =
+            self.fence_candidates(id, state, candidates, report).await?;
         let loaded = state.clone();
         let mut before = state;
         // Naming and timing a migration is information: a cluster read that fails here

@@ -1,7 +1,7 @@
 //! Stage, publish, unpublish and unstage on this node. Each step checks what is already
 //! there first, so a repeated call (kubelet retries) converges instead of stacking mounts.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,8 +82,11 @@ pub struct NodeVolumes {
     filesystem_work: tokio::sync::Semaphore,
 }
 
-fn device_numbers(path: &Path) -> Result<(u32, u32), NodeError> {
-    let meta = std::fs::metadata(path).map_err(io("stat", path))?;
+async fn device_numbers(path: &Path) -> Result<(u32, u32), NodeError> {
+    let p = path.to_path_buf();
+    let meta = crate::blocking::run_blocking(move || std::fs::metadata(p))
+        .await
+        .map_err(io("stat", path))?;
     let rdev = meta.rdev();
     Ok((libc::major(rdev), libc::minor(rdev)))
 }
@@ -118,8 +121,8 @@ impl NodeVolumes {
             // Block: the attached device is the staged state; publish binds it.
             return Ok(());
         };
-        std::fs::create_dir_all(staging).map_err(io("create staging directory", staging))?;
-        let (major, minor) = device_numbers(&device.path)?;
+        self.mounter.make_dir(staging).await?;
+        let (major, minor) = device_numbers(&device.path).await?;
         if let Some(m) = self.mounter.mount_at(staging).await? {
             return if (m.major, m.minor) == (major, minor) {
                 Ok(())
@@ -223,7 +226,7 @@ impl NodeVolumes {
             return Ok(());
         };
         // Detaching under a live publish would yank the disk from a running VM.
-        let (major, minor) = device_numbers(&device.path)?;
+        let (major, minor) = device_numbers(&device.path).await?;
         let mut users: Vec<PathBuf> = self
             .mounter
             .mounts_of(major, minor)
@@ -280,14 +283,11 @@ impl NodeVolumes {
                     .find_device(volume)
                     .await?
                     .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
-                if !target.exists() {
-                    std::fs::File::create(target).map_err(io("create publish target", target))?;
-                }
-                let (major, minor) = device_numbers(&device.path)?;
+                self.mounter.make_file(target).await?;
+                let numbers = self.mounter.block_device_at(&device.path).await?;
                 if self.mounter.mount_at(target).await?.is_some() {
-                    let meta = std::fs::metadata(target).map_err(io("stat", target))?;
-                    let same = meta.file_type().is_block_device()
-                        && (libc::major(meta.rdev()), libc::minor(meta.rdev())) == (major, minor);
+                    let same =
+                        numbers.is_some() && self.mounter.block_device_at(target).await? == numbers;
                     return self.already_published(volume, target, same);
                 }
                 device.path
@@ -298,7 +298,7 @@ impl NodeVolumes {
                     .mount_at(staging)
                     .await?
                     .ok_or_else(|| NodeError::NotStaged(volume.clone()))?;
-                std::fs::create_dir_all(target).map_err(io("create publish target", target))?;
+                self.mounter.make_dir(target).await?;
                 if let Some(m) = self.mounter.mount_at(target).await? {
                     let same = (m.major, m.minor) == (staged.major, staged.minor)
                         && m.read_only == read_only;
@@ -332,13 +332,7 @@ impl NodeVolumes {
     pub async fn unpublish(&self, volume: &VolumeId, target: &Path) -> Result<(), NodeError> {
         let _guard = self.locks.try_lock(format!("volume {volume}"))?;
         self.mounter.unmount(target).await?;
-        let removed = match std::fs::symlink_metadata(target) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
-            Ok(_) => std::fs::remove_file(target),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
-        removed.map_err(io("remove publish target", target))?;
+        self.mounter.remove_mount_point(target).await?;
         info!(volume_id = %volume, target = %target.display(), "unpublished");
         Ok(())
     }

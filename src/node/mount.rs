@@ -153,8 +153,63 @@ impl MountOptions {
     }
 }
 
+/// Runs a filesystem call on the blocking pool, naming the operation and path on error.
+async fn fs_call<T: Send + 'static>(
+    op: &'static str,
+    path: &Path,
+    f: impl FnOnce(&Path) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, MountError> {
+    let path = path.to_path_buf();
+    crate::blocking::run_blocking(move || {
+        f(&path).map_err(|source| MountError::Sys { op, path, source })
+    })
+    .await
+}
+
 #[async_trait]
 pub trait Mounter: Send + Sync + 'static {
+    /// The directory a filesystem is mounted on (with its parents); existing is fine.
+    async fn make_dir(&self, path: &Path) -> Result<(), MountError> {
+        fs_call("create directory", path, |p| std::fs::create_dir_all(p)).await
+    }
+    /// The file a block device is bound over; an existing one is kept.
+    async fn make_file(&self, path: &Path) -> Result<(), MountError> {
+        // create_new: an existing target (perhaps a device bound over it) is not opened.
+        fs_call("create file", path, |p| {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+    /// The (major, minor) of the block device node at `path`, if it is one.
+    async fn block_device_at(&self, path: &Path) -> Result<Option<(u32, u32)>, MountError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        fs_call("stat", path, |p| {
+            let meta = std::fs::metadata(p)?;
+            Ok(meta
+                .file_type()
+                .is_block_device()
+                .then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev()))))
+        })
+        .await
+    }
+    /// Removes a mount point left after unmounting (directory or file); absent is fine.
+    async fn remove_mount_point(&self, path: &Path) -> Result<(), MountError> {
+        fs_call("remove", path, |p| match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(p),
+            Ok(_) => std::fs::remove_file(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+    }
     async fn probe(&self, device: &Path) -> Result<Option<Signature>, MountError>;
     async fn format(&self, device: &Path, fs: FsType) -> Result<(), MountError>;
     async fn mount(
