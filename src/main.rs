@@ -280,94 +280,112 @@ fn nvme_transport(config: &Config, node_id: &NodeId) -> Option<Arc<dyn Transport
     ))
 }
 
+/// The Controller service: the backend (wrapped by the NBD plane when it runs), the
+/// attachment manager over its store and cluster, and the reconciler.
+async fn controller_service(
+    config: &Config,
+    metrics: &Metrics,
+    checks: &mut Vec<HealthCheck>,
+) -> Result<ControllerService, BoxError> {
+    let backend = handoff_csi::backend::open::open(BackendSettings::try_from(config)?)?;
+    let (store, cluster, events, gate) = attachment_seams(config, metrics).await?;
+    let nbd = nbd_plane(config, store.clone(), backend.clone()).await?;
+    let policy = Policy {
+        grace_period: config.attach_grace_period,
+        allow_rwx_block_sharing: config.allow_rwx_block_sharing,
+    };
+    // Volumes on the NBD plane are exported and fenced by its target.
+    let backend: Arc<dyn Backend> = match nbd {
+        Some(plane) => Arc::new(NbdPlaneBackend::new(backend, plane)),
+        None => backend,
+    };
+    let fence = Arc::new(BackendFence::new(backend.clone()));
+    let attachments = Arc::new(
+        AttachmentManager::load(store, cluster, events, policy)
+            .await?
+            .with_fence(fence),
+    );
+    spawn_reconciler(attachments.clone(), config.reconcile_interval, gate);
+    checks.push(HealthCheck::Backend(backend.clone()));
+    let service = ControllerService::new(
+        backend.clone(),
+        attachments.clone(),
+        metrics.clone(),
+        config.topology_pool.clone(),
+    );
+    Ok(service)
+}
+
+/// The Node service: the node's transports (file, NBD, NVMe/TCP), its mounts and its
+/// registration.
+fn node_service(
+    config: &Config,
+    node_id: &NodeId,
+    metrics: &Metrics,
+    checks: &mut Vec<HealthCheck>,
+) -> Result<NodeService, BoxError> {
+    // The node does not create the data dir: on a cluster it is a shared filesystem,
+    // and creating it locally would hide a missing mount (Probe reports it instead).
+    let file: Arc<dyn Transport> = Arc::new(LoopTransport::new(
+        &canonical(&config.data_dir),
+        LoopPaths::default(),
+        node_id.as_str(),
+    ));
+    let nbd = NbdTransport::new(
+        &config.nbd_run_dir,
+        LoopPaths::default(),
+        node_id.as_str(),
+        std::env::current_exe()?,
+        config.nbd_io_timeout,
+        match &config.nbd_keeper_socket {
+            Some(socket) => Launcher::Keeper(socket.clone()),
+            None => Launcher::Direct,
+        },
+        config.nbd_client.into(),
+    )
+    .map(|t| Arc::new(t) as Arc<dyn Transport>)
+    .map_err(|e| {
+        tracing::warn!(run_dir = %config.nbd_run_dir.display(), error = %e, "NBD data plane disabled on this node")
+    })
+    .ok();
+    let mut planes = DataPlanes::new(file, nbd);
+    if let Some(nvme) = nvme_transport(config, node_id) {
+        planes = planes.with_nvme(nvme);
+    }
+    let transport: Arc<dyn Transport> = Arc::new(planes);
+    let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
+    checks.push(HealthCheck::Transport(transport.clone()));
+    let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);
+    let registry = config.registry();
+    if let Some(registry) = &registry {
+        registry.register(node_id).map_err(|e| {
+            format!(
+                "registering node {node_id} in {} (--node-registry): {e}",
+                registry.dir().display()
+            )
+        })?;
+    }
+    Ok(NodeService::new(
+        node_id.clone(),
+        volumes,
+        metrics.clone(),
+        config.topology_pool.clone(),
+        &config.kubelet_dir,
+    )
+    .with_registry(registry))
+}
+
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let metrics = Metrics::new();
     let mut checks = Vec::new();
 
     let controller = if config.mode.serves_controller() {
-        let backend = handoff_csi::backend::open::open(BackendSettings::try_from(&config)?)?;
-        let (store, cluster, events, gate) = attachment_seams(&config, &metrics).await?;
-        let nbd = nbd_plane(&config, store.clone(), backend.clone()).await?;
-        let policy = Policy {
-            grace_period: config.attach_grace_period,
-            allow_rwx_block_sharing: config.allow_rwx_block_sharing,
-        };
-        // Volumes on the NBD plane are exported and fenced by its target.
-        let backend: Arc<dyn Backend> = match nbd {
-            Some(plane) => Arc::new(NbdPlaneBackend::new(backend, plane)),
-            None => backend,
-        };
-        let fence = Arc::new(BackendFence::new(backend.clone()));
-        let attachments = Arc::new(
-            AttachmentManager::load(store, cluster, events, policy)
-                .await?
-                .with_fence(fence),
-        );
-        spawn_reconciler(attachments.clone(), config.reconcile_interval, gate);
-        checks.push(HealthCheck::Backend(backend.clone()));
-        let service = ControllerService::new(
-            backend.clone(),
-            attachments.clone(),
-            metrics.clone(),
-            config.topology_pool.clone(),
-        );
-        Some(service)
+        Some(controller_service(&config, &metrics, &mut checks).await?)
     } else {
         None
     };
-
     let node = if config.mode.serves_node() {
-        // The node does not create the data dir: on a cluster it is a shared filesystem,
-        // and creating it locally would hide a missing mount (Probe reports it instead).
-        let file: Arc<dyn Transport> = Arc::new(LoopTransport::new(
-            &canonical(&config.data_dir),
-            LoopPaths::default(),
-            node_id.as_str(),
-        ));
-        let nbd = NbdTransport::new(
-            &config.nbd_run_dir,
-            LoopPaths::default(),
-            node_id.as_str(),
-            std::env::current_exe()?,
-            config.nbd_io_timeout,
-            match &config.nbd_keeper_socket {
-                Some(socket) => Launcher::Keeper(socket.clone()),
-                None => Launcher::Direct,
-            },
-            config.nbd_client.into(),
-        )
-        .map(|t| Arc::new(t) as Arc<dyn Transport>)
-        .map_err(|e| {
-            tracing::warn!(run_dir = %config.nbd_run_dir.display(), error = %e, "NBD data plane disabled on this node")
-        })
-        .ok();
-        let mut planes = DataPlanes::new(file, nbd);
-        if let Some(nvme) = nvme_transport(&config, &node_id) {
-            planes = planes.with_nvme(nvme);
-        }
-        let transport: Arc<dyn Transport> = Arc::new(planes);
-        let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
-        checks.push(HealthCheck::Transport(transport.clone()));
-        let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);
-        let registry = config.registry();
-        if let Some(registry) = &registry {
-            registry.register(&node_id).map_err(|e| {
-                format!(
-                    "registering node {node_id} in {} (--node-registry): {e}",
-                    registry.dir().display()
-                )
-            })?;
-        }
-        Some(
-            NodeService::new(
-                node_id.clone(),
-                volumes,
-                metrics.clone(),
-                config.topology_pool.clone(),
-                &config.kubelet_dir,
-            )
-            .with_registry(registry),
-        )
+        Some(node_service(&config, &node_id, &metrics, &mut checks)?)
     } else {
         None
     };
