@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use handoff_csi::csi;
-use handoff_csi::csi::volume_capability::access_mode::Mode;
 use handoff_csi::datacheck::{self, AlignedBuf, BLOCK};
 use handoff_csi::nbd::kernel::{SupervisorFiles, SupervisorState, SysBlock};
 use nix::sys::signal::{kill, Signal};
@@ -76,23 +75,7 @@ async fn kernel_cluster(node_args: &[&str]) -> LocalCluster {
 }
 
 async fn nbd_disk(cluster: &LocalCluster, name: &str) -> String {
-    let mut req = create_request(
-        name,
-        BLOCKS as i64 * BLOCK as i64,
-        block_cap(Mode::MultiNodeMultiWriter),
-    );
-    req.parameters.insert("dataPlane".into(), "nbd".into());
-    cluster
-        .controller
-        .controller()
-        .await
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    support::steps::nbd_disk(cluster, name, BLOCKS as i64 * BLOCK as i64).await
 }
 
 /// The kernel nbd devices a node plugin made (backend `handoff-csi:<node>/…`).

@@ -25,23 +25,7 @@ async fn nbd_cluster() -> LocalCluster {
 }
 
 async fn nbd_disk(cluster: &LocalCluster, name: &str) -> String {
-    let mut req = create_request(
-        name,
-        BLOCKS as i64 * BLOCK as i64,
-        block_cap(Mode::MultiNodeMultiWriter),
-    );
-    req.parameters.insert("dataPlane".into(), "nbd".into());
-    cluster
-        .controller
-        .controller()
-        .await
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    support::steps::nbd_disk(cluster, name, BLOCKS as i64 * BLOCK as i64).await
 }
 
 #[tokio::test]

@@ -315,10 +315,24 @@ impl AttachmentManager {
         req: PublishRequest,
     ) -> Result<PublishOutcome, AttachError> {
         let _guard = self.lock_volume_waiting(volume).await?;
+        self.on_fresh_state(volume, || self.try_publish(volume, migration_timeout, &req))
+            .await
+    }
+
+    /// Runs `decide` until it was not made on stale state (a bounded number of times):
+    /// a decision on state another replica changed meanwhile is made again.
+    async fn on_fresh_state<T, Fut>(
+        &self,
+        volume: &VolumeId,
+        mut decide: impl FnMut() -> Fut,
+    ) -> Result<T, AttachError>
+    where
+        Fut: std::future::Future<Output = Result<T, AttachError>>,
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_publish(volume, migration_timeout, &req).await {
+            match decide().await {
                 Err(AttachError::Store(StoreError::Stale { object }))
                     if attempt < STALE_RETRIES =>
                 {
@@ -511,21 +525,8 @@ impl AttachmentManager {
 
     pub async fn unpublish(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {
         let _guard = self.lock_volume_waiting(volume).await?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_unpublish(volume, node).await {
-                Err(AttachError::Store(StoreError::Stale { .. })) if attempt < STALE_RETRIES => {}
-                Err(AttachError::Store(StoreError::Stale { object })) => {
-                    return Err(StoreError::Conflict {
-                        object,
-                        attempts: attempt,
-                    }
-                    .into())
-                }
-                other => return self.reported(volume, other),
-            }
-        }
+        self.on_fresh_state(volume, || self.try_unpublish(volume, node))
+            .await
     }
 
     async fn try_unpublish(&self, volume: &VolumeId, node: &NodeId) -> Result<(), AttachError> {

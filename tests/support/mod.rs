@@ -35,6 +35,7 @@ pub mod attacher;
 pub mod fake_kube;
 pub mod kernel_lab;
 pub mod kubevirt_sim;
+pub mod lab_steps;
 pub mod netns;
 pub mod routeros;
 pub mod steps;

@@ -86,3 +86,20 @@ pub async fn detach(cluster: &LocalCluster, id: &str, a: &Attached) {
         .await
         .unwrap();
 }
+
+/// An RWX block volume of `bytes` on the NBD plane (the controller serves the target).
+pub async fn nbd_disk(cluster: &LocalCluster, name: &str, bytes: i64) -> String {
+    let mut req = super::create_request(name, bytes, rwx());
+    req.parameters.insert("dataPlane".into(), "nbd".into());
+    cluster
+        .controller
+        .controller()
+        .await
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{Device, Transport, TransportError};
+use super::{sys_err, Device, Transport, TransportError};
 use crate::backend::file::Layout;
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
@@ -130,17 +130,6 @@ pub struct LoopTransport {
     images: std::sync::Arc<dyn ImageNames>,
     paths: LoopPaths,
     tag: String,
-}
-
-fn sys_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
-    move |source| TransportError::Sys {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn ioctl(fd: &File, request: libc::c_ulong, arg: libc::c_ulong) -> std::io::Result<libc::c_int> {

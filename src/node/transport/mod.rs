@@ -7,7 +7,7 @@ pub mod nbd;
 pub mod nbd_kernel;
 pub mod nvme;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -70,4 +70,13 @@ pub trait Transport: Send + Sync + 'static {
     async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError>;
     /// Whether this node can attach anything at all (for the Identity Probe).
     async fn probe(&self) -> Result<(), TransportError>;
+}
+
+/// A system call's error, with the operation and the path it was made on.
+pub(crate) fn sys_err(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> TransportError {
+    let path = path.to_path_buf();
+    move |source| TransportError::Sys { op, path, source }
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use super::loopdev::{ImageNames, LoopPaths, LoopTransport};
 use super::nbd_kernel::KernelDevices;
-use super::{Device, Transport, TransportError};
+use super::{sys_err, Device, Transport, TransportError};
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
 use crate::nbd::fuse_disk::DISK_NAME;
@@ -74,17 +74,6 @@ pub struct NbdTransport {
     kernel: Option<KernelDevices>,
     /// Devices of either kind are found, whichever made them (a node may change).
     kernel_devices: KernelDevices,
-}
-
-fn sys_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
-    move |source| TransportError::Sys {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl NbdTransport {

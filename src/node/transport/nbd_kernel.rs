@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::loopdev::owner_tag;
-use super::{Device, TransportError};
+use super::{sys_err, Device, TransportError};
 use crate::ids::VolumeId;
 use crate::nbd::kernel::{device_path, index_of, SupervisorFiles, SysBlock};
 use crate::nbd::netlink::NbdNetlink;
@@ -21,11 +21,6 @@ pub struct KernelDevices {
     /// `<owner tag>/`: the prefix of every backend identifier this plugin writes.
     prefix: String,
     run_dir: PathBuf,
-}
-
-fn sys_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TransportError {
-    let path = path.to_path_buf();
-    move |source| TransportError::Sys { op, path, source }
 }
 
 impl KernelDevices {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Device, Transport, TransportError};
+use super::{sys_err, Device, Transport, TransportError};
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
 
@@ -241,17 +241,6 @@ pub struct NvmeTransport {
     /// Host NQNs this node connects as (its identity, and the one derived from its node
     /// id that ACL'd targets admit): only controllers of these are this node's.
     own_hosts: Vec<String>,
-}
-
-fn sys_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> TransportError + 'a {
-    move |source| TransportError::Sys {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl NvmeTransport {
