@@ -18,7 +18,7 @@ use handoff_csi::csi;
 use handoff_csi::csi::volume_capability::access_mode::Mode;
 use handoff_csi::datacheck::{open_direct, AlignedBuf};
 use handoff_csi::export::ExportInfo;
-use handoff_csi::nbd::client::NbdClient;
+use handoff_csi::nbd::node::client::NbdClient;
 use support::steps::{attach, detach};
 use support::*;
 

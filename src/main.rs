@@ -37,10 +37,10 @@ use handoff_csi::kube::kubevirt::KubevirtCache;
 use handoff_csi::kube::lease::BackgroundLease;
 use handoff_csi::kube::pv_store::{PvStore, RetryPolicy};
 use handoff_csi::metrics::{self, Metrics};
-use handoff_csi::nbd::authority::{AttachmentAuthority, ExportKey};
-use handoff_csi::nbd::fence::{Fencer, RemoteFencer};
-use handoff_csi::nbd::fuse_disk::{self, FuseDisk, Remote};
-use handoff_csi::nbd::server::NbdTarget;
+use handoff_csi::nbd::node::fuse_disk::{self, FuseDisk, Remote};
+use handoff_csi::nbd::target::authority::{AttachmentAuthority, ExportKey};
+use handoff_csi::nbd::target::fence::{Fencer, RemoteFencer};
+use handoff_csi::nbd::target::server::NbdTarget;
 use handoff_csi::nbd::{NbdPlane, NbdPlaneBackend};
 use handoff_csi::node::command::CommandRunner;
 use handoff_csi::node::lifecycle::NodeVolumes;
@@ -245,7 +245,7 @@ async fn run_target(args: TargetArgs) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("--fence-listen {}: {e}", args.fence_listen))?;
     info!(listen = %args.fence_listen, "fence endpoint listening");
-    axum::serve(fence, handoff_csi::nbd::fence::router(target, key))
+    axum::serve(fence, handoff_csi::nbd::target::fence::router(target, key))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
@@ -472,13 +472,13 @@ fn nbd_client(args: NbdClientArgs) -> Result<(), BoxError> {
         io_timeout: args.io_timeout,
     };
     if let Some(backend) = args.kernel_backend {
-        handoff_csi::nbd::kernel::check_backend(&backend)?;
-        let supervise = handoff_csi::nbd::kernel::Supervise {
+        handoff_csi::nbd::node::kernel::check_backend(&backend)?;
+        let supervise = handoff_csi::nbd::node::kernel::Supervise {
             remote,
             backend,
             read_only: args.read_only,
-            files: handoff_csi::nbd::kernel::SupervisorFiles::new(&args.mountpoint),
-            sys: handoff_csi::nbd::kernel::SysBlock::default(),
+            files: handoff_csi::nbd::node::kernel::SupervisorFiles::new(&args.mountpoint),
+            sys: handoff_csi::nbd::node::kernel::SysBlock::default(),
         };
         return Ok(supervise.run()?);
     }
@@ -513,7 +513,10 @@ fn run_command(command: Command) -> ExitCode {
             Command::Target(args) => run_target(args).await,
             Command::NbdKeeper(args) => {
                 let binary = std::env::current_exe()?;
-                Ok(handoff_csi::nbd::keeper::serve(&args.socket, &args.run_dir, binary).await?)
+                Ok(
+                    handoff_csi::nbd::node::keeper::serve(&args.socket, &args.run_dir, binary)
+                        .await?,
+                )
             }
             Command::NbdClient(args) => {
                 tokio::task::spawn_blocking(move || nbd_client(args)).await?

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use handoff_csi::csi;
 use handoff_csi::datacheck::{self, AlignedBuf, BLOCK};
-use handoff_csi::nbd::kernel::{SupervisorFiles, SupervisorState, SysBlock};
+use handoff_csi::nbd::node::kernel::{SupervisorFiles, SupervisorState, SysBlock};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::kernel_lab::{in_lab, Lab};
@@ -184,7 +184,7 @@ async fn guest_kernel_nbd_lifecycle_and_growth() {
     // netlink family exists only in the host's network namespace.
     let in_pod_netns = std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        handoff_csi::nbd::netlink::NbdNetlink::open().map(drop)
+        handoff_csi::nbd::node::netlink::NbdNetlink::open().map(drop)
     })
     .join()
     .unwrap();

@@ -15,8 +15,8 @@ use handoff_csi::csi;
 use handoff_csi::csi::volume_capability::access_mode::Mode;
 use handoff_csi::export::ExportInfo;
 use handoff_csi::ids::{NodeId, VolumeId};
-use handoff_csi::nbd::client::{ClientError, NbdClient};
-use handoff_csi::nbd::server::{ExportAuthority, Grant, NbdTarget, Refusal};
+use handoff_csi::nbd::node::client::{ClientError, NbdClient};
+use handoff_csi::nbd::target::server::{ExportAuthority, Grant, NbdTarget, Refusal};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -622,7 +622,7 @@ async fn post_fence(addr: &str, body: &str) -> u16 {
 async fn a_target_on_a_storage_host_is_fenced_over_signed_http() {
     let keys = tempfile::tempdir().unwrap();
     let key_file = keys.path().join("nbd-export.key");
-    handoff_csi::nbd::authority::ExportKey::load_or_create(&key_file).unwrap();
+    handoff_csi::nbd::target::authority::ExportKey::load_or_create(&key_file).unwrap();
     let (nbd_port, fence_port) = (free_port(), free_port());
     let fence_addr = format!("127.0.0.1:{fence_port}");
     let d = Driver::start_with(DriverOptions {
@@ -679,7 +679,7 @@ async fn a_target_on_a_storage_host_is_fenced_over_signed_http() {
     b.write(4096, &[8u8; 4096], true).await.unwrap();
     // Issue 15 case 15: a signed request is accepted once; replayed, or far from the
     // target's clock, it is refused.
-    let key = handoff_csi::nbd::authority::ExportKey::load(&key_file).unwrap();
+    let key = handoff_csi::nbd::target::authority::ExportKey::load(&key_file).unwrap();
     let vid = handoff_csi::ids::VolumeId::parse(&id).unwrap();
     let c = handoff_csi::ids::NodeId::parse("node-c").unwrap();
     let signed = |at: chrono::DateTime<chrono::Utc>, nonce: &str| {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use handoff_csi::ids::{NodeId, VolumeId};
-use handoff_csi::nbd::client::{ClientError, NbdClient};
+use handoff_csi::nbd::node::client::{ClientError, NbdClient};
 use handoff_csi::nbd::proto;
-use handoff_csi::nbd::server::{ExportAuthority, Grant, NbdTarget, Refusal};
+use handoff_csi::nbd::target::server::{ExportAuthority, Grant, NbdTarget, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: u64 = 1 << 20;

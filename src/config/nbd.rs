@@ -60,9 +60,9 @@ pub enum NbdClientKind {
     Fuse,
 }
 
-impl From<NbdClientKind> for crate::nbd::launch::ClientKind {
+impl From<NbdClientKind> for crate::nbd::node::launch::ClientKind {
     fn from(kind: NbdClientKind) -> Self {
-        use crate::nbd::launch::ClientKind;
+        use crate::nbd::node::launch::ClientKind;
         match kind {
             NbdClientKind::Auto => ClientKind::Auto,
             NbdClientKind::Kernel => ClientKind::Kernel,

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::authority::ExportKey;
-use super::fence::Fencer;
+use super::target::authority::ExportKey;
+use super::target::fence::Fencer;
 use crate::backend::{
     Backend, BackendError, Condition, CreateSnapshot, CreateVolume, Fencing, SnapshotRecord,
     VolumeRecord,

@@ -16,9 +16,9 @@ use super::nbd_kernel::KernelDevices;
 use super::{sys_err, Device, Transport, TransportError};
 use crate::export::ExportInfo;
 use crate::ids::VolumeId;
-use crate::nbd::fuse_disk::DISK_NAME;
-use crate::nbd::kernel::SysBlock;
-use crate::nbd::launch::{launch_client, ClientKind, ClientLaunch, KernelLaunch};
+use crate::nbd::node::fuse_disk::DISK_NAME;
+use crate::nbd::node::kernel::SysBlock;
+use crate::nbd::node::launch::{launch_client, ClientKind, ClientLaunch, KernelLaunch};
 use crate::node::mountinfo::find_mount;
 
 /// FUSE filesystem type of our disks in mountinfo.
@@ -96,12 +96,12 @@ impl NbdTransport {
         let kernel = match client {
             ClientKind::Fuse => None,
             ClientKind::Kernel => {
-                crate::nbd::kernel::available().map_err(|e| {
+                crate::nbd::node::kernel::available().map_err(|e| {
                     std::io::Error::new(e.kind(), format!("--nbd-client kernel: {e}"))
                 })?;
                 Some(kernel_devices.clone())
             }
-            ClientKind::Auto => match crate::nbd::kernel::available() {
+            ClientKind::Auto => match crate::nbd::node::kernel::available() {
                 Ok(()) => Some(kernel_devices.clone()),
                 Err(e) => {
                     tracing::info!(reason = %e, "kernel NBD client unavailable; NBD volumes go through FUSE and a loop device");
@@ -161,7 +161,7 @@ impl NbdTransport {
         };
         let result = match &self.launcher {
             Launcher::Direct => launch_client(&self.binary, &launch),
-            Launcher::Keeper(socket) => crate::nbd::launch::request_keeper(socket, &launch),
+            Launcher::Keeper(socket) => crate::nbd::node::launch::request_keeper(socket, &launch),
         };
         result.map_err(|reason| TransportError::NbdClient {
             volume: volume.clone(),
@@ -251,7 +251,7 @@ impl Transport for NbdTransport {
     async fn disconnect(&self, device: &Device) -> Result<(), TransportError> {
         let device = device.clone();
         self.blocking(move |t| {
-            if crate::nbd::kernel::index_of(&device.path).is_some() {
+            if crate::nbd::node::kernel::index_of(&device.path).is_some() {
                 return t.kernel_devices.disconnect(&device);
             }
             t.loops.detach(&device.path)?;
@@ -270,7 +270,7 @@ impl Transport for NbdTransport {
     }
 
     async fn refresh_capacity(&self, device: &Device) -> Result<(), TransportError> {
-        if crate::nbd::kernel::index_of(&device.path).is_some() {
+        if crate::nbd::node::kernel::index_of(&device.path).is_some() {
             let device = device.clone();
             return self
                 .blocking(move |t| t.kernel_devices.refresh_capacity(&device, t.io_timeout))
@@ -287,7 +287,7 @@ impl Transport for NbdTransport {
 
     async fn probe(&self) -> Result<(), TransportError> {
         if self.kernel.is_some() {
-            return crate::nbd::netlink::NbdNetlink::open()
+            return crate::nbd::node::netlink::NbdNetlink::open()
                 .map(drop)
                 .map_err(sys_err("netlink", Path::new("nbd")));
         }

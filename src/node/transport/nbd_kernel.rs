@@ -1,6 +1,6 @@
 //! The `nbd` transport's kernel half: volumes on `/dev/nbd<N>` driven by nbd.ko, each
 //! supervised by a `handoff-csi nbd-client --kernel-backend` process (see
-//! `crate::nbd::kernel`). A device is this plugin's when its sysfs backend identifier is
+//! `crate::nbd::node::kernel`). A device is this plugin's when its sysfs backend identifier is
 //! `<owner tag>/<volume id>`.
 
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use super::loopdev::owner_tag;
 use super::{sys_err, Device, TransportError};
 use crate::ids::VolumeId;
-use crate::nbd::kernel::{device_path, index_of, SupervisorFiles, SysBlock};
-use crate::nbd::netlink::NbdNetlink;
+use crate::nbd::node::kernel::{device_path, index_of, SupervisorFiles, SysBlock};
+use crate::nbd::node::netlink::NbdNetlink;
 
 /// How long a disconnected device may take to leave sysfs.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,7 +41,7 @@ impl KernelDevices {
     }
 
     fn scan_err(&self) -> impl FnOnce(std::io::Error) -> TransportError {
-        sys_err("scan", Path::new(crate::nbd::kernel::SYS_BLOCK))
+        sys_err("scan", Path::new(crate::nbd::node::kernel::SYS_BLOCK))
     }
 
     pub fn find(&self, volume: &VolumeId) -> Result<Option<Device>, TransportError> {

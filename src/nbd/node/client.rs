@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::proto::*;
+use crate::nbd::proto::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -16,8 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::proto::*;
 use crate::ids::{NodeId, VolumeId};
+use crate::nbd::proto::*;
 
 /// What a valid export name grants.
 #[derive(Debug, Clone, PartialEq, Eq)]

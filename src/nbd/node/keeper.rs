@@ -36,7 +36,7 @@ fn check_mountpoint(run_dir: &Path, mountpoint: &Path) -> Result<(), String> {
 fn check_launch(run_dir: &Path, launch: &ClientLaunch) -> Result<(), String> {
     check_mountpoint(run_dir, &launch.mountpoint)?;
     if let Some(k) = &launch.kernel {
-        crate::nbd::kernel::check_backend(&k.backend)?;
+        crate::nbd::node::kernel::check_backend(&k.backend)?;
         let volume = launch.mountpoint.file_name().and_then(|n| n.to_str());
         if volume.is_none_or(|v| !k.backend.ends_with(&format!("/{v}"))) {
             return Err(format!(

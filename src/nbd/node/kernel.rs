@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::client::{ClientError, NbdClient};
 use super::fuse_disk::{within, Remote, MAX_BACKOFF};
 use super::netlink::{DeviceConfig, NbdNetlink};
-use super::proto::TFLAG_READ_ONLY;
+use crate::nbd::proto::TFLAG_READ_ONLY;
 
 /// Where the kernel lists block devices.
 pub const SYS_BLOCK: &str = "/sys/block";
