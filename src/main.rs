@@ -24,7 +24,7 @@ use handoff_csi::backend::open::BackendSettings;
 use handoff_csi::backend::routeros::NQN_PREFIX as ROUTEROS_NQN_PREFIX;
 use handoff_csi::backend::Backend;
 use handoff_csi::config::{
-    AttachmentStoreKind, AttachmentsArgs, Cli, Command, Config, DemoScenario, LogFormat,
+    AttachmentStoreKind, AttachmentsArgs, Cli, Command, Config, DemoScenario, LogFormat, Mode,
     NbdClientArgs, OutputFormat, TargetArgs,
 };
 use handoff_csi::controller::ControllerService;
@@ -305,7 +305,13 @@ async fn controller_service(
             .await?
             .with_fence(fence),
     );
-    spawn_reconciler(attachments.clone(), config.reconcile_interval, gate);
+    spawn_reconciler(attachments.clone(), config.reconcile_interval, gate.clone());
+    spawn_state_gauges(
+        attachments.clone(),
+        gate,
+        metrics.clone(),
+        config.reconcile_interval,
+    );
     checks.push(HealthCheck::Backend(backend.clone()));
     let service = ControllerService::new(
         backend.clone(),
@@ -375,8 +381,47 @@ fn node_service(
     .with_registry(registry))
 }
 
+/// Keeps the state gauges current every `interval`: volumes published per node (from
+/// the attachment state, for the node-plugin-down alert) and whether this replica holds
+/// the background lease.
+fn spawn_state_gauges(
+    attachments: Arc<AttachmentManager>,
+    gate: Arc<dyn BackgroundGate>,
+    metrics: Metrics,
+    interval: Duration,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            metrics.set_leader(gate.may_act());
+            match attachments.snapshot().await {
+                Ok(states) => {
+                    let mut per_node = std::collections::BTreeMap::new();
+                    for node in states.iter().flat_map(|s| s.node_ids()) {
+                        *per_node.entry(node.to_string()).or_insert(0) += 1;
+                    }
+                    metrics.set_attached_volumes(&per_node);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "attachment state unreadable; attached_volumes keeps its last values")
+                }
+            }
+        }
+    });
+}
+
 async fn run(config: Config, node_id: NodeId) -> Result<(), BoxError> {
     let metrics = Metrics::new();
+    metrics.identify(
+        match config.mode {
+            Mode::Controller => "controller",
+            Mode::Node => "node",
+            Mode::All => "all",
+        },
+        node_id.as_str(),
+    );
     let mut checks = Vec::new();
 
     let controller = if config.mode.serves_controller() {

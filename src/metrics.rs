@@ -14,8 +14,8 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::attachment::events::{migration_name, ActiveMigration, AttachEvent, EventSink};
@@ -44,6 +44,12 @@ pub struct Metrics {
     /// so the series goes when the migration ends.
     running: Arc<Mutex<HashMap<VolumeId, Tracked>>>,
     ready: Arc<AtomicBool>,
+    build_info: IntGaugeVec,
+    ready_gauge: IntGaugeVec,
+    leader: IntGaugeVec,
+    attached_volumes: IntGaugeVec,
+    /// This process's `mode` and `node` labels, once `identify` named them.
+    me: Arc<Mutex<Option<[String; 2]>>>,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -153,6 +159,32 @@ impl Metrics {
             )
             .expect("static metric"),
         );
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric"),
+            )
+        };
+        let build_info = gauge_vec(
+            "build_info",
+            "1 for each running handoff-csi process: its version, mode (controller|node|all) and node id",
+            &["version", "mode", "node"],
+        );
+        let ready_gauge = gauge_vec(
+            "ready",
+            "1 once the process serves CSI (what /readyz answers), by mode and node",
+            &["mode", "node"],
+        );
+        let leader = gauge_vec(
+            "leader",
+            "1 while this controller replica may run the reconciler (holds the background lease), by mode and node",
+            &["mode", "node"],
+        );
+        let attached_volumes = gauge_vec(
+            "attached_volumes",
+            "Volumes the controller's attachment state has published to each node",
+            &["node"],
+        );
         let migration_seconds = register(
             r,
             HistogramVec::new(
@@ -184,6 +216,41 @@ impl Metrics {
             fences,
             running: Arc::new(Mutex::new(HashMap::new())),
             ready: Arc::new(AtomicBool::new(false)),
+            build_info,
+            ready_gauge,
+            leader,
+            attached_volumes,
+            me: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Names this process in the `build_info`, `ready` and `leader` series.
+    pub fn identify(&self, mode: &str, node: &str) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), mode, node])
+            .set(1);
+        *self.me.lock() = Some([mode.to_owned(), node.to_owned()]);
+        let ready = self.ready.load(Ordering::SeqCst);
+        self.set_process_gauge(&self.ready_gauge, ready);
+        self.set_process_gauge(&self.leader, false);
+    }
+
+    fn set_process_gauge(&self, gauge: &IntGaugeVec, on: bool) {
+        if let Some([mode, node]) = self.me.lock().as_ref() {
+            gauge.with_label_values(&[mode, node]).set(i64::from(on));
+        }
+    }
+
+    /// Whether this replica runs the background work now.
+    pub fn set_leader(&self, leader: bool) {
+        self.set_process_gauge(&self.leader, leader);
+    }
+
+    /// The published volumes per node, from the attachment state (replaces the last).
+    pub fn set_attached_volumes(&self, per_node: &std::collections::BTreeMap<String, i64>) {
+        self.attached_volumes.reset();
+        for (node, n) in per_node {
+            self.attached_volumes.with_label_values(&[node]).set(*n);
         }
     }
 
@@ -204,6 +271,7 @@ impl Metrics {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.set_process_gauge(&self.ready_gauge, ready);
     }
 
     pub fn render(&self) -> String {

@@ -129,6 +129,9 @@ fn check(doc: &Value) -> Result<(), String> {
             &["metadata.name", "spec.selector", "spec.endpoints"],
             &["selector", "endpoints", "namespaceSelector", "jobLabel"],
         ),
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            custom(doc, &["metadata.name", "spec.groups"], &["groups"])
+        }
         ("kubevirt.io/v1", "VirtualMachine") => custom(
             doc,
             &[
