@@ -55,6 +55,9 @@ pub struct DriverOptions {
     /// Runs the driver in a mount namespace of its own with this NFS mount (source,
     /// target, options) over the host's: another machine's view of the same share.
     pub own_nfs_mount: Option<(String, PathBuf, String)>,
+    /// Runs the driver chrooted into this root filesystem (an unpacked image), with the
+    /// driver's own dir bound in at the same path so every path means the same inside.
+    pub chroot: Option<PathBuf>,
 }
 
 impl Default for DriverOptions {
@@ -68,6 +71,7 @@ impl Default for DriverOptions {
             netns: None,
             known_nodes: vec!["node-a", "node-b", "node-c"],
             own_nfs_mount: None,
+            chroot: None,
         }
     }
 }
@@ -100,6 +104,12 @@ impl Driver {
         d.register_nodes(&known);
         d.spawn().await;
         d
+    }
+
+    /// The driver's dir as the host sees it inside the chroot's root filesystem.
+    pub fn chrooted_dir(&self) -> Option<PathBuf> {
+        let root = self.options.chroot.as_ref()?;
+        Some(root.join(self.dir.path().strip_prefix("/").unwrap()))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -139,7 +149,12 @@ impl Driver {
     }
 
     async fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff-csi"));
+        // Chrooted, the image's own binary runs (the path is resolved after the chroot).
+        let program = match &self.options.chroot {
+            Some(_) => Path::new("/usr/local/bin/handoff-csi"),
+            None => Path::new(env!("CARGO_BIN_EXE_handoff-csi")),
+        };
+        let mut cmd = Command::new(program);
         cmd.arg("--mode")
             .arg(self.options.mode)
             .arg("--endpoint")
@@ -166,6 +181,29 @@ impl Driver {
             .stdin(Stdio::null());
         if let Some(ns) = &self.options.netns {
             netns::enter(&mut cmd, ns);
+        }
+        if let Some(root) = self.options.chroot.clone() {
+            use std::os::unix::process::CommandExt;
+            let inside = self.chrooted_dir().unwrap();
+            if !mounts_under(&inside).contains(&inside) {
+                std::fs::create_dir_all(&inside).unwrap();
+                nix::mount::mount(
+                    Some(self.dir.path()),
+                    &inside,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .expect("bind the driver's dir into the image");
+            }
+            // SAFETY: chroot and chdir run in the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::unistd::chroot(&root)?;
+                    nix::unistd::chdir("/")?;
+                    Ok(())
+                });
+            }
         }
         if let Some((source, target, opts)) = self.options.own_nfs_mount.clone() {
             use nix::mount::{mount, MsFlags};
@@ -288,6 +326,11 @@ impl Drop for Driver {
     fn drop(&mut self) {
         if self.child.is_some() {
             self.stop(nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(inside) = self.chrooted_dir() {
+            // What the driver mounted and attached inside the image, then the bind.
+            handoff_csi::demo::release_kernel_resources(&inside);
+            let _ = nix::mount::umount2(&inside, nix::mount::MntFlags::MNT_DETACH);
         }
         let root = std::fs::canonicalize(self.dir.path()).unwrap_or(self.dir.path().to_path_buf());
         handoff_csi::demo::release_kernel_resources(&root);
