@@ -244,6 +244,10 @@ async fn the_image_is_built_offline_and_serves_lifecycles_from_inside() {
     }
     let out = repo("target/image-test");
     std::fs::create_dir_all(&out).unwrap();
+    // A run that died with the image's binds in place left them: detach them first.
+    for m in mounts_under(&out).iter().rev() {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
     // The test build of the binary, without its debug info (a release build would add
     // minutes to CI; build.sh builds one when HANDOFF_BINARY is not set).
     let binary = out.join("handoff-csi");
@@ -298,7 +302,7 @@ async fn the_image_is_built_offline_and_serves_lifecycles_from_inside() {
         "the node plugin runs {missing:?}, which the image does not have"
     );
 
-    let _binds = Binds::new(&root);
+    let binds = Binds::new(&root);
     let d = Driver::start_with(DriverOptions {
         chroot: Some(root.clone()),
         ..Default::default()
@@ -309,4 +313,10 @@ async fn the_image_is_built_offline_and_serves_lifecycles_from_inside() {
     // Bookworm's mkfs.xfs makes nothing under 300 MB (sparse: costs no space).
     lifecycle(&d, "image-xfs", 320 << 20, rwo_mount("xfs")).await;
     drop(d);
+    drop(binds);
+    // Hundreds of MB (root filesystem, archive, binary): kept only when the test failed,
+    // and never removed while anything is still mounted under it (/dev, /proc, /sys).
+    let left = mounts_under(&out);
+    assert!(left.is_empty(), "mounts left in the image: {left:?}");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -37,8 +37,14 @@ fi
 [ -x "$binary" ] || { echo "build.sh: no binary at $binary" >&2; exit 1; }
 
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 rootfs=$out/rootfs
-rm -rf "$rootfs" "$out/layout" "$out/bundle" "$out/handoff-csi.oci.tar"
+# A root filesystem someone still has /dev or /proc bound into must not be removed.
+if awk -v d="$out/" 'index($5, d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+    echo "build.sh: something is still mounted under $out; unmount it first" >&2
+    exit 1
+fi
+rm -rf --one-file-system "$rootfs" "$out/layout" "$out/bundle" "$out/handoff-csi.oci.tar"
 
 echo "build.sh: bookworm root filesystem with: $PACKAGES" >&2
 # The same trimming as debian:bookworm-slim: no documentation, manuals or locales.
