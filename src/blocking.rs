@@ -12,6 +12,17 @@ pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
     }
 }
 
+/// `run_blocking` over a clone of `state` (a transport or a backend that is cheap to
+/// clone): what the async trait methods of blocking implementations share.
+pub async fn run_blocking_on<S, T>(state: &S, f: impl FnOnce(&S) -> T + Send + 'static) -> T
+where
+    S: Clone + Send + 'static,
+    T: Send + 'static,
+{
+    let state = state.clone();
+    run_blocking(move || f(&state)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+/// Runs `cmd` to completion; its stdout, or what failed and its stderr.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
     let out = cmd
         .output()
         .map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff_csi::lab::Kernel;
+use handoff_csi::lab::{run, Kernel};
 
 /// Modules the scenarios use; their dependencies are resolved from modules.dep.
 const MODULES: &[&str] = &[
@@ -52,20 +52,6 @@ pub struct LabRun {
     pub exit: Option<i32>,
     pub log: String,
     pub elapsed: Duration,
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Lab {

@@ -292,8 +292,7 @@ impl LoopTransport {
         &self,
         f: impl FnOnce(&LoopTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
-        let this = self.clone();
-        crate::blocking::run_blocking(move || f(&this)).await
+        crate::blocking::run_blocking_on(self, f).await
     }
 }
 

@@ -173,8 +173,7 @@ impl NbdTransport {
         &self,
         f: impl FnOnce(&NbdTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
-        let this = self.clone();
-        crate::blocking::run_blocking(move || f(&this)).await
+        crate::blocking::run_blocking_on(self, f).await
     }
 }
 

@@ -481,8 +481,7 @@ impl NvmeTransport {
         &self,
         f: impl FnOnce(&NvmeTransport) -> Result<T, TransportError> + Send + 'static,
     ) -> Result<T, TransportError> {
-        let this = self.clone();
-        crate::blocking::run_blocking(move || f(&this)).await
+        crate::blocking::run_blocking_on(self, f).await
     }
 }
 
