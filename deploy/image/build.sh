@@ -48,7 +48,11 @@ rm -rf --one-file-system "$rootfs" "$out/layout" "$out/bundle" "$out/handoff-csi
 
 echo "build.sh: bookworm root filesystem with: $PACKAGES" >&2
 # The same trimming as debian:bookworm-slim: no documentation, manuals or locales.
+# No recommended packages, as the Dockerfile's --no-install-recommends; /usr merged by
+# mmdebstrap's hook instead of the usrmerge package (which would pull in perl).
 mmdebstrap --quiet --variant=minbase \
+    --aptopt='APT::Install-Recommends "false"' \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --include="$(echo "$PACKAGES" | tr ' ' ',')" \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-exclude=/usr/share/man/*' \
