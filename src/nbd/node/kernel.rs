@@ -10,7 +10,7 @@
 //!
 //! Timing: the kernel marks a connection dead when a request goes unanswered for half of
 //! `--nbd-io-timeout`, and fails queued I/O when no new connection came within the other
-//! half, so no request waits longer than the I/O timeout (plus a second of rounding).
+//! half, so a request fails after about the I/O timeout (plus the kernel's timer slack).
 
 use std::io;
 use std::os::fd::AsRawFd;
