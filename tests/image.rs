@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use handoff_csi::csi;
+use support::lab_steps::{attach_to, detach_from};
 use support::*;
 
 fn repo(path: &str) -> PathBuf {
@@ -148,8 +149,9 @@ fn image_config(archive: &Path, scratch: &Path) -> serde_json::Value {
     config
 }
 
+/// Create → ControllerPublish → NodeStage → NodePublish → data → and back, on `d`.
 async fn lifecycle(d: &Driver, name: &str, bytes: i64, cap: csi::VolumeCapability) {
-    let (mut c, mut n) = (d.controller().await, d.node().await);
+    let mut c = d.controller().await;
     let id = c
         .create_volume(create_request(name, bytes, cap.clone()))
         .await
@@ -158,36 +160,7 @@ async fn lifecycle(d: &Driver, name: &str, bytes: i64, cap: csi::VolumeCapabilit
         .volume
         .unwrap()
         .volume_id;
-    let ctx = c
-        .controller_publish_volume(publish_request(&id, "node-a", cap.clone()))
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
-    let (staging, target) = (
-        d.path(&format!("{name}-staging")),
-        d.path(&format!("{name}-target")),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
-    n.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{name}: NodeStage inside the image: {e}"));
-    n.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: ctx,
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{name}: NodePublish inside the image: {e}"));
+    let (staging, target) = attach_to(d, d, "node-a", &id, &cap, name).await;
     // The host sees the driver's mounts where the image keeps its dir.
     let seen = d
         .chrooted_dir()
@@ -210,25 +183,7 @@ async fn lifecycle(d: &Driver, name: &str, bytes: i64, cap: csi::VolumeCapabilit
         std::fs::write(seen.join("hello"), name).unwrap();
         assert_eq!(std::fs::read_to_string(seen.join("hello")).unwrap(), name);
     }
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
-    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: "node-a".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    detach_from(d, d, "node-a", &id, (staging, target)).await;
     c.delete_volume(csi::DeleteVolumeRequest {
         volume_id: id,
         ..Default::default()

@@ -308,7 +308,8 @@ fn write_in_background(
 /// - a supervisor killed meanwhile leaves I/O running, and a repeated NodeStage starts
 ///   one that adopts the device;
 /// - a 5 s stall (the connection is declared dead at 4 s and re-dialled) costs nothing;
-/// - a 12 s stall fails the I/O with EIO by the timeout, never later, and once the
+/// - a 16 s stall fails the I/O with EIO about the timeout (timer slack allowed), never
+///   when the target is back, and once the
 ///   target answers again the link comes back by itself;
 /// - a restarted target (same key, same attachments) is reconnected to.
 #[tokio::test(flavor = "multi_thread")]
@@ -352,20 +353,22 @@ async fn guest_kernel_nbd_link_loss_and_recovery() {
     kill(target_pid, Signal::SIGSTOP).unwrap();
     let w = write_in_background(&a.target, 132, 3);
     let (r, took) = w.join().unwrap();
-    let still_stopped = took < Duration::from_secs(12);
-    std::thread::sleep(Duration::from_secs(12).saturating_sub(took));
+    let still_stopped = took < Duration::from_secs(16);
+    std::thread::sleep(Duration::from_secs(16).saturating_sub(took));
     kill(target_pid, Signal::SIGCONT).unwrap();
-    let err = r.expect_err("a write across a 12 s stall fails");
+    let err = r.expect_err("a write across a 16 s stall fails");
     assert!(
         still_stopped,
         "the write only failed after {took:?}, when the target was back"
     );
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(
-        took <= Duration::from_secs(8 + 2),
-        "EIO after {took:?}, beyond the 8 s I/O timeout"
+        // The kernel's request and dead-connection timers add their slack (9.2 s
+        // measured); a loaded TCG guest adds more.
+        took <= Duration::from_secs(8 + 4),
+        "EIO after {took:?}, well beyond the 8 s I/O timeout"
     );
-    eprintln!("lab: kernel nbd write during a 12 s stall failed with EIO after {took:?}");
+    eprintln!("lab: kernel nbd write during a 16 s stall failed with EIO after {took:?}");
     // Blocks 132..136 are undefined now, as after any failed write: the stalled target
     // may still apply it when it resumes.
     let back = Instant::now();
