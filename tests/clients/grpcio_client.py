@@ -4,8 +4,10 @@ grpcio sends the percent-encoded socket path as :authority; grpc-java and grpcur
 raw path. Both forms are exercised. Exits non-zero with the first failure.
 Usage: grpcio_client.py <socket> <proto dir>
 """
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -16,6 +18,8 @@ import grpc_tools
 
 def load_stubs(proto_dir):
     out = tempfile.mkdtemp(prefix="handoff-grpcio-")
+    # The generated stubs are this run's only.
+    atexit.register(shutil.rmtree, out, True)
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main(["protoc", "-I", proto_dir, "-I", include,
                       "--python_out=" + out, "--grpc_python_out=" + out, "csi.proto"])
