@@ -69,6 +69,12 @@ pub fn release_kernel_resources(root: &Path) {
     for m in mounts {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
+    detach_loops_under(root);
+}
+
+/// Detaches the loop devices backed by files under `root` (a busy one goes when it is
+/// last closed).
+pub fn detach_loops_under(root: &Path) {
     for dev in loops_backed_under(root) {
         if let Ok(f) = std::fs::File::open(&dev) {
             use std::os::fd::AsRawFd;

@@ -328,7 +328,9 @@ impl Drop for Driver {
             self.stop(nix::sys::signal::Signal::SIGKILL);
         }
         if let Some(inside) = self.chrooted_dir() {
-            // What the driver mounted and attached inside the image, then the bind.
+            // What the driver attached and mounted inside the image, then the bind (the
+            // loop devices first: their paths are only ours while the bind is there).
+            handoff_csi::demo::detach_loops_under(&inside);
             handoff_csi::demo::release_kernel_resources(&inside);
             let _ = nix::mount::umount2(&inside, nix::mount::MntFlags::MNT_DETACH);
         }
