@@ -1216,3 +1216,150 @@ async fn the_attachers_resync_of_a_cleared_node_gets_quiet_and_correct_answers()
         .count();
     assert_eq!(conflicts, 1, "{} retries, one Event", a.calls);
 }
+
+/// Issue 16 point 8: resourceVersions are opaque. With an API server whose versions are
+/// no numbers and do not sort in the order written, the driver only passes them back:
+/// guarded writes (409 retried against the new token), watches resumed from the token
+/// last seen, a relist after an unknown one, and the caches follow every change.
+#[tokio::test]
+async fn opaque_resource_versions_are_only_passed_back() {
+    let fake = FakeKube::start().await;
+    fake.use_opaque_resource_versions();
+    for n in ["node-a", "node-b", "node-c"] {
+        fake.put("nodes", fake_kube::node(n));
+    }
+    let kubeconfig = tempfile::NamedTempFile::new()
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap();
+    fake.write_kubeconfig(&kubeconfig);
+    let port = free_port();
+    let driver = Driver::start_with(DriverOptions {
+        mode: "controller",
+        extra_args: vec![
+            "--attachment-store".into(),
+            "kube".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster { fake, driver };
+    // The attached_volumes gauge is drawn from the PV cache, which must follow every
+    // version however its token sorts.
+    let attached = |node: &str| -> Option<f64> {
+        let series = format!("handoff_csi_attached_volumes{{node=\"{node}\"}}");
+        http_get(port, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+    };
+    let id = volume(&c, "pv-opaque", rwo_block()).await;
+    let rv = |c: &Cluster| -> String {
+        c.fake.get("persistentvolumes", "pv-opaque").unwrap()["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = rv(&c);
+    assert!(before.parse::<u64>().is_err(), "opaque: {before}");
+    c.fake.put(
+        "volumeattachments",
+        fake_kube::volume_attachment(DRIVER, "pv-opaque", "node-a", true),
+    );
+    let mut ctl = c.driver.controller().await;
+    // A guarded write through a conflict storm: each retry re-reads the token.
+    c.fake.set_faults(Faults {
+        conflicts: 3,
+        ..Default::default()
+    });
+    ctl.controller_publish_volume(publish_request(&id, "node-a", rwo_block()))
+        .await
+        .unwrap();
+    c.fake.set_faults(Faults::default());
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-opaque").unwrap()),
+        ["node-a"]
+    );
+    assert_ne!(rv(&c), before);
+    // Another node is refused while node-a holds the volume…
+    let refused = ctl
+        .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // …until node-a's deletion reaches the controller through watches resumed from an
+    // opaque token, and once through a relist (410 for the first resumes).
+    c.fake.set_faults(Faults {
+        expired_watches: 2,
+        ..Default::default()
+    });
+    c.fake.drop_watches();
+    c.fake.remove("nodes", "node-a");
+    let mut moved = false;
+    for _ in 0..100 {
+        match ctl
+            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
+            .await
+        {
+            Ok(_) => {
+                moved = true;
+                break;
+            }
+            Err(s) => assert!(
+                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
+                "{s:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved, "the Node's deletion arrived");
+    assert_eq!(
+        nodes_in(&annotation(&c.fake, "pv-opaque").unwrap()),
+        ["node-b"]
+    );
+    wait_for("the cache to show node-b's attach", || {
+        attached("node-b") == Some(1.0) && attached("node-a").is_none()
+    })
+    .await;
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "node-b".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let left = annotation(&c.fake, "pv-opaque").unwrap();
+    assert!(nodes_in(&left).is_empty(), "{left}");
+    assert_eq!(left["released"]["node_id"], "node-b", "RWO grace record");
+    wait_for("the cache to show the detach", || {
+        attached("node-b").is_none()
+    })
+    .await;
+    // Every watch started from a token this server wrote (or from none).
+    let resumed: Vec<String> = c
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|(_, _, q)| q.contains("watch=true"))
+        .filter_map(|(_, _, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("resourceVersion=").map(str::to_owned))
+        })
+        .collect();
+    assert!(
+        resumed.iter().any(|v| v.starts_with("opaque.")),
+        "watches resumed from opaque tokens: {resumed:?}"
+    );
+    assert!(
+        resumed
+            .iter()
+            .all(|v| v.starts_with("opaque.") || v == "0" || v.is_empty()),
+        "a watch from a version this server never wrote: {resumed:?}"
+    );
+}

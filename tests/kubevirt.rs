@@ -31,6 +31,8 @@ struct Kv {
 
 async fn start(kubevirt: bool) -> Kv {
     let fake = FakeKube::start().await;
+    // The API server's versions are only passed back (issue 16 point 8).
+    fake.use_opaque_resource_versions();
     for n in ["node-a", "node-b", "node-c"] {
         fake.put("nodes", fake_kube::node(n));
     }

@@ -57,6 +57,8 @@ struct Inner {
     requests: Mutex<Vec<(String, String, String)>>,
     /// Whether kubevirt.io/v1 answers discovery.
     kubevirt: std::sync::atomic::AtomicBool,
+    /// Whether resourceVersions are written as opaque tokens (see `render_rv`).
+    opaque_rv: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -142,9 +144,35 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// Prefix of an opaque resourceVersion token.
+const OPAQUE_RV: &str = "opaque.";
+
 impl Inner {
     fn next_rv(&self) -> u64 {
         self.rv.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// A resourceVersion as clients see it. The API server promises nothing about its
+    /// form: in opaque mode it is `opaque.` + a countdown, so it parses as no number and
+    /// each new version sorts *before* the older ones (a client that orders them by
+    /// their text keeps the oldest).
+    fn render_rv(&self, rv: u64) -> String {
+        if self.opaque_rv.load(Ordering::SeqCst) {
+            format!("{OPAQUE_RV}{:020}", u64::MAX - rv)
+        } else {
+            rv.to_string()
+        }
+    }
+
+    /// The revision a client's resourceVersion names (None: not one this server wrote).
+    fn parse_rv(&self, token: &str) -> Option<u64> {
+        match token.strip_prefix(OPAQUE_RV) {
+            Some(countdown) if self.opaque_rv.load(Ordering::SeqCst) => {
+                countdown.parse::<u64>().ok().map(|c| u64::MAX - c)
+            }
+            _ if self.opaque_rv.load(Ordering::SeqCst) => None,
+            _ => token.parse().ok(),
+        }
     }
 
     fn record(&self, resource: &str, kind: &str, obj: &Value, rv: u64) {
@@ -169,7 +197,7 @@ impl Inner {
                 .to_owned();
             meta.insert("name".into(), json!(format!("{prefix}{rv}")));
         }
-        meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        meta.insert("resourceVersion".into(), json!(self.render_rv(rv)));
         meta.entry("uid").or_insert(json!(format!("uid-{rv}")));
         if !ns.is_empty() {
             meta.insert("namespace".into(), json!(ns));
@@ -243,23 +271,27 @@ async fn list_or_watch_ns(
     q: HashMap<String, String>,
 ) -> Response {
     if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
-        let since: u64 = q
+        let asked = q
             .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let expired = since > 0 && {
-            let mut f = inner.faults.lock();
-            let e = f.expired_watches > 0;
-            if e {
-                f.expired_watches -= 1;
-            }
-            e
-        };
+            .map(String::as_str)
+            .filter(|v| !v.is_empty() && *v != "0");
+        // A resourceVersion this server never wrote is one it cannot resume from.
+        let unknown = asked.is_some_and(|v| inner.parse_rv(v).is_none());
+        let since: u64 = asked.and_then(|v| inner.parse_rv(v)).unwrap_or(0);
+        let expired = unknown
+            || since > 0 && {
+                let mut f = inner.faults.lock();
+                let e = f.expired_watches > 0;
+                if e {
+                    f.expired_watches -= 1;
+                }
+                e
+            };
         if expired {
             // What the API server sends: an ERROR event carrying a 410 Status.
             let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                 "status": "Failure", "code": 410, "reason": "Expired",
-                "message": format!("too old resource version: {since}")}});
+                "message": format!("too old resource version: {}", asked.unwrap_or_default())}});
             return Response::builder()
                 .header("content-type", "application/json")
                 .body(Body::from(format!("{gone}\n")))
@@ -277,10 +309,10 @@ async fn list_or_watch_ns(
         .filter(|((r, n, _), _)| *r == resource && (ns.is_empty() || *n == ns))
         .map(|(_, v)| v)
         .collect();
-    let rv = inner.rv.load(Ordering::SeqCst);
+    let rv = inner.render_rv(inner.rv.load(Ordering::SeqCst));
     axum::Json(
         json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-        "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+        "metadata": {"resourceVersion": rv}, "items": items}),
     )
     .into_response()
 }
@@ -482,7 +514,7 @@ async fn patch_ns(
         return invalid;
     }
     let rv = inner.next_rv();
-    next["metadata"]["resourceVersion"] = json!(rv.to_string());
+    next["metadata"]["resourceVersion"] = json!(inner.render_rv(rv));
     objects.insert(key, next.clone());
     drop(objects);
     inner.record(&resource, "MODIFIED", &next, rv);
@@ -558,6 +590,7 @@ impl FakeKube {
             watch_epoch: tokio::sync::watch::channel(0).0,
             requests: Mutex::new(Vec::new()),
             kubevirt: std::sync::atomic::AtomicBool::new(false),
+            opaque_rv: std::sync::atomic::AtomicBool::new(false),
         });
         let cluster = Router::new()
             .route("/{resource}", get(list_or_watch).post(create))
@@ -698,6 +731,13 @@ impl FakeKube {
             .collect()
     }
 
+    /// From now on resourceVersions are opaque tokens that are no number and do not
+    /// sort in the order written: a client may only pass them back (as a watch's start
+    /// or a write's precondition), as the API conventions say.
+    pub fn use_opaque_resource_versions(&self) {
+        self.inner.opaque_rv.store(true, Ordering::SeqCst);
+    }
+
     pub fn set_faults(&self, faults: Faults) {
         *self.inner.faults.lock() = faults;
     }
@@ -760,15 +800,4 @@ pub fn launcher_pod(name: &str, vm: &str, claim: &str, node: &str) -> Value {
         "spec": {"nodeName": node, "containers": [{"name": "compute"}],
             "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": claim}}]},
         "status": {"phase": "Running"}})
-}
-
-/// A VirtualMachineInstanceMigration of `vm` in `phase` towards `target`.
-pub fn vmim(name: &str, vm: &str, phase: &str, target: Option<&str>) -> Value {
-    let mut state = json!({});
-    if let Some(t) = target {
-        state["targetNode"] = json!(t);
-    }
-    json!({"metadata": {"name": name, "uid": format!("vmim-uid-{name}")},
-        "spec": {"vmiName": vm},
-        "status": {"phase": phase, "migrationState": state}})
 }

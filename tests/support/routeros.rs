@@ -402,7 +402,18 @@ fn spaced(n: u64) -> String {
     out
 }
 
-/// What RouterOS answers when a command fails (and exits non-zero).
+/// What RouterOS answers when a command fails (and exits non-zero). Where each text
+/// comes from:
+/// - `failure: not enough space`, `no such item`: the Go driver's retry rules
+///   (pkg/rds/ssh_client.go `isRetryableError`), its idempotent delete
+///   (pkg/rds/commands.go) and its mock router (test/mock/error_injection.go,
+///   test/mock/rds_server.go, which also exits 1 with `failure: …`);
+/// - `failure: could not lock`, `failure: … in use`: RouterOS's `failure:` form for a
+///   busy item, as the driver classifies it (src/backend/routeros.rs);
+/// - `expected end of command (line L column C)`, `syntax error`, `bad command name`,
+///   `invalid value for argument`, `invalid internal item number`: the console's own
+///   parse and lookup errors. These are written from the console's known messages, not
+///   from a hardware capture: the driver only needs the first line to be the reply.
 fn is_error(out: &str) -> bool {
     let first = out.lines().next().unwrap_or("");
     first.starts_with("failure:")
