@@ -592,8 +592,8 @@ async fn sigterm_removes_the_socket_and_a_stale_socket_is_replaced() {
 
 /// Issue 16 point 17: the csi-sanity v5.3.0 cases this driver failed, reproduced. The
 /// suite sends ids the driver never issued with one required field missing (InvalidArgument
-/// before any lookup), a relative stats path (NotFound: the volume is not there), and a
-/// node no plugin registered (NotFound).
+/// before any lookup), a relative stats or expand path (NotFound: the volume is not
+/// there), and a node no plugin registered (NotFound).
 #[tokio::test]
 async fn csi_sanity_cases_required_fields_first_unknown_paths_and_nodes() {
     let d = Driver::start().await;
@@ -666,6 +666,24 @@ async fn csi_sanity_cases_required_fields_first_unknown_paths_and_nodes() {
         .await
         .unwrap_err();
     assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
+    // NodeExpandVolume "should fail when volume is not found" (found by running
+    // csi-sanity v5.3.0 itself): an id never issued, at a relative path.
+    let expand_foreign = n
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "fake-vol-id-0002".into(),
+            volume_path: "some/path".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(expand_foreign.code(), Code::NotFound, "{expand_foreign:?}");
+    let expand_no_path = n
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(expand_no_path), Code::InvalidArgument);
 
     let fake_node = c
         .controller_publish_volume(publish_request(

@@ -36,6 +36,22 @@ fn required<'a>(field: &'static str, raw: &'a str) -> Result<&'a str, Error> {
     Ok(raw)
 }
 
+/// The `volume_path` of NodeGetVolumeStats and NodeExpandVolume: required, and a path
+/// that cannot hold one of our volumes (relative, outside the kubelet dir) is CSI's
+/// "volume does not exist on the specified path" (NotFound). Nothing is touched there.
+fn volume_path(raw_id: &str, raw: &str, root: &Path) -> Result<PathBuf, Error> {
+    match host_path("volume_path", raw, root) {
+        Err(Error::InvalidField { reason, .. }) => {
+            Err(Error::Node(crate::node::lifecycle::NodeError::NotAtPath {
+                volume: raw_id.to_owned(),
+                path: raw.to_owned(),
+                reason,
+            }))
+        }
+        other => other,
+    }
+}
+
 fn host_path(field: &'static str, raw: &str, root: &Path) -> Result<PathBuf, Error> {
     let invalid = |reason: &str| Error::InvalidField {
         field,
@@ -131,7 +147,7 @@ impl NodeService {
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse, Error> {
         let raw_id = required("volume_id", &req.volume_id)?;
-        let path = host_path("volume_path", &req.volume_path, &self.kubelet_dir)?;
+        let path = volume_path(raw_id, &req.volume_path, &self.kubelet_dir)?;
         let volume = VolumeId::parse(raw_id)?;
         if !path.exists() {
             return Err(Error::Node(
@@ -215,19 +231,7 @@ impl NodeService {
     ) -> Result<csi::NodeGetVolumeStatsResponse, Error> {
         use csi::volume_usage::Unit;
         let raw_id = required("volume_id", &req.volume_id)?;
-        let path = match host_path("volume_path", &req.volume_path, &self.kubelet_dir) {
-            Ok(path) => path,
-            // A path that cannot hold one of our volumes (relative, outside the kubelet
-            // dir): CSI's "volume does not exist on the specified path". Nothing is stat'ed.
-            Err(Error::InvalidField { reason, .. }) => {
-                return Err(Error::Node(crate::node::lifecycle::NodeError::NotAtPath {
-                    volume: raw_id.to_owned(),
-                    path: req.volume_path.clone(),
-                    reason,
-                }))
-            }
-            Err(e) => return Err(e),
-        };
+        let path = volume_path(raw_id, &req.volume_path, &self.kubelet_dir)?;
         let volume = VolumeId::parse(raw_id)?;
         let (stats, condition) = self.volumes.stats(&volume, &path).await?;
         let usage = match stats {
