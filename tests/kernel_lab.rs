@@ -575,7 +575,16 @@ async fn guest_ext4_grows_online_where_cap_sys_resource_exists() {
 #[test]
 #[ignore = "debugging aid: boots the lab with a shell script from HANDOFF_LAB_SCRIPT"]
 fn lab_shell() {
-    let lab = Lab::prepare().unwrap();
+    let mut lab = Lab::prepare().unwrap();
+    // Programs of your own for the guest, colon-separated host paths.
+    lab.extra = std::env::var("HANDOFF_LAB_EXTRA")
+        .map(|v| {
+            v.split(':')
+                .filter(|p| !p.is_empty())
+                .map(Into::into)
+                .collect()
+        })
+        .unwrap_or_default();
     let script = std::env::var("HANDOFF_LAB_SCRIPT").unwrap_or_else(|_| "ls /".into());
     let run = lab
         .boot("shell", &script, Duration::from_secs(300))

@@ -44,6 +44,9 @@ const NETCONFIG: &str = "udp        tpi_clts      v     inet     udp     -      
 pub struct Lab {
     /// Module parameters by module file name (e.g. nvme-core.ko → multipath=N).
     pub module_params: Vec<(String, String)>,
+    /// More host programs copied into the guest root at their own paths, with their
+    /// libraries (the lab shell's `HANDOFF_LAB_EXTRA`).
+    pub extra: Vec<PathBuf>,
     dir: PathBuf,
     pub kernel: Kernel,
 }
@@ -64,6 +67,7 @@ impl Lab {
         let kernel = Kernel::prepare(&dir)?;
         Ok(Lab {
             module_params: Vec::new(),
+            extra: Vec::new(),
             dir,
             kernel,
         })
@@ -218,6 +222,9 @@ poweroff -f
         }
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         Self::install_elf(&root, &me)?;
+        for extra in &self.extra {
+            Self::install_elf(&root, extra)?;
+        }
         std::fs::write(
             root.join("lab-run.sh"),
             format!("export PATH=/bin:/sbin:/usr/bin:/usr/sbin TMPDIR=/tmp HANDOFF_IN_KERNEL_LAB=1 RUST_BACKTRACE=1\ncd /tmp\n{script}\n"),
