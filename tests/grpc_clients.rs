@@ -38,4 +38,5 @@ async fn grpcio_calls_every_service_over_the_unix_socket() {
     );
     assert!(stdout.contains("[default-authority]"), "{stdout}");
     assert!(stdout.contains("[path-authority]"), "{stdout}");
+    assert!(stdout.contains("[localhost-authority]"), "{stdout}");
 }

@@ -1,7 +1,7 @@
 """A real grpcio (PyPI) client calling every CSI service over the driver's Unix socket.
 
 grpcio sends the percent-encoded socket path as :authority; grpc-java and grpcurl send the
-raw path. Both forms are exercised. Exits non-zero with the first failure.
+raw path; Go clients send localhost. All three are exercised. Exits non-zero with the first failure.
 Usage: grpcio_client.py <socket> <proto dir>
 """
 import atexit
@@ -72,6 +72,10 @@ def main():
     with grpc.insecure_channel("unix:" + socket,
                                options=[("grpc.default_authority", socket)]) as ch:
         check(ch, pb, rpc, "path-authority")
+    # Go clients (kubelet, the sidecars): localhost.
+    with grpc.insecure_channel("unix:" + socket,
+                               options=[("grpc.default_authority", "localhost")]) as ch:
+        check(ch, pb, rpc, "localhost-authority")
 
 
 if __name__ == "__main__":
