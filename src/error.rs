@@ -213,6 +213,7 @@ fn node_code(e: &NodeError) -> Code {
         NodeError::Transport(t) => transport_code(t),
         NodeError::Mount(m) => match m {
             MountError::Sys { .. } => Code::Internal,
+            MountError::OutsideRoot { .. } => Code::FailedPrecondition,
             MountError::Tool(t) => tool_code(t),
             MountError::MissingCapability { .. } => Code::FailedPrecondition,
             // The device may become readable again (a network path): retry.

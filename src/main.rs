@@ -359,7 +359,9 @@ fn node_service(
         planes = planes.with_nvme(nvme);
     }
     let transport: Arc<dyn Transport> = Arc::new(planes);
-    let mounter = Arc::new(SysMounter::new(CommandRunner::new(config.tool_timeout)));
+    let mounter = Arc::new(
+        SysMounter::new(CommandRunner::new(config.tool_timeout)).confined_to(&config.kubelet_dir),
+    );
     checks.push(HealthCheck::Transport(transport.clone()));
     let volumes = NodeVolumes::new(transport, mounter, config.max_concurrent_stage);
     let registry = config.registry();

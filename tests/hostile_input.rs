@@ -339,3 +339,139 @@ async fn hostile_requests_get_deliberate_codes_and_touch_nothing_outside() {
         "files appeared outside {root}/{{data,state,sandbox}}: {new:?}"
     );
 }
+
+/// Detaches every mount under a test directory, also when the test fails midway.
+struct UnmountUnder(std::path::PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| Path::new(p).starts_with(&self.0))
+            .collect();
+        under.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in under {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A path checked against the kubelet dir can change before the mount syscall (a
+/// component swapped for a symlink). The node's mounter opens every path under the
+/// kubelet dir beneath it and mounts through that descriptor: a target or bind source
+/// that now leads outside is refused and nothing is mounted there; a symlink that stays
+/// inside still works; a read-only bind is proven read-only.
+#[tokio::test]
+async fn a_path_swapped_for_a_symlink_after_the_check_is_not_mounted_through() {
+    if !require_root("a_path_swapped_for_a_symlink_after_the_check_is_not_mounted_through") {
+        return;
+    }
+    use handoff_csi::node::command::CommandRunner;
+    use handoff_csi::node::mount::{MountError, Mounter, SysMounter};
+    let dir = tempfile::Builder::new()
+        .prefix("handoff-test-confine")
+        .tempdir()
+        .unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let _cleanup = UnmountUnder(base.clone());
+    let root = base.join("kubelet");
+    let outside = base.join("outside");
+    for d in [
+        root.join("staging"),
+        root.join("real/pod/mount"),
+        root.join("ro/mount"),
+        outside.join("pod/mount"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(root.join("staging/data"), b"volume").unwrap();
+    std::fs::write(outside.join("secret"), b"host").unwrap();
+    let mounted = |p: &Path| {
+        let p = std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+    };
+    let m =
+        SysMounter::new(CommandRunner::new(std::time::Duration::from_secs(30))).confined_to(&root);
+
+    // The target's parent became a symlink out of the kubelet dir.
+    std::os::unix::fs::symlink(&outside, root.join("pods")).unwrap();
+    let escaped = m
+        .bind(&root.join("staging"), &root.join("pods/pod/mount"), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(escaped, MountError::OutsideRoot { .. }),
+        "{escaped}"
+    );
+    assert!(
+        !mounted(&outside.join("pod/mount")),
+        "nothing mounted outside"
+    );
+    // The bind source became a symlink to a host directory.
+    std::os::unix::fs::symlink(&outside, root.join("staging-swapped")).unwrap();
+    let exposed = m
+        .bind(
+            &root.join("staging-swapped"),
+            &root.join("real/pod/mount"),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(exposed, MountError::OutsideRoot { .. }),
+        "{exposed}"
+    );
+    assert!(!mounted(&root.join("real/pod/mount")));
+    assert!(!root.join("real/pod/mount/secret").exists());
+
+    // A relative symlink that stays inside is followed.
+    std::os::unix::fs::symlink("real", root.join("inside")).unwrap();
+    m.bind(&root.join("staging"), &root.join("inside/pod/mount"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(root.join("real/pod/mount/data")).unwrap(),
+        b"volume"
+    );
+    m.unmount(&root.join("real/pod/mount")).await.unwrap();
+
+    // Read-only binds are remounted read-only and proven so.
+    m.bind(&root.join("staging"), &root.join("ro/mount"), true)
+        .await
+        .unwrap();
+    let vfs = nix::sys::statvfs::statvfs(&root.join("ro/mount")).unwrap();
+    assert!(vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    assert!(std::fs::write(root.join("ro/mount/data"), b"x").is_err());
+    m.unmount(&root.join("ro/mount")).await.unwrap();
+    assert!(!mounted(&root.join("ro/mount")));
+    m.remove_mount_point(&root.join("ro/mount")).await.unwrap();
+    assert!(!root.join("ro/mount").exists());
+
+    // Teardown through a swapped parent touches nothing outside: a host mount stays
+    // mounted, a host file stays.
+    nix::mount::mount(
+        Some(&outside),
+        &outside.join("pod/mount"),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let kept = m.unmount(&root.join("pods/pod/mount")).await.unwrap_err();
+    assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
+    assert!(mounted(&outside.join("pod/mount")), "the host's mount stays");
+    let kept = m
+        .remove_mount_point(&root.join("pods/secret"))
+        .await
+        .unwrap_err();
+    assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
+    assert!(outside.join("secret").exists(), "the host's file stays");
+    // Already gone is still fine (idempotent teardown).
+    m.remove_mount_point(&root.join("gone/mount")).await.unwrap();
+    m.unmount(&root.join("gone/mount")).await.unwrap();
+}

@@ -22,6 +22,12 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op} {path:?}: {reason}; nothing was mounted")]
+    OutsideRoot {
+        op: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error(transparent)]
     Tool(#[from] ToolError),
     #[error("{what} needs {capability}, which this node plugin does not have; run it privileged")]
@@ -236,6 +242,9 @@ pub trait Mounter: Send + Sync + 'static {
 pub struct SysMounter {
     runner: CommandRunner,
     mountinfo: PathBuf,
+    /// Mount targets and bind sources under this directory (the kubelet's) are opened
+    /// beneath it and mounted through their descriptor.
+    beneath: Option<PathBuf>,
 }
 
 impl SysMounter {
@@ -243,7 +252,17 @@ impl SysMounter {
         SysMounter {
             runner,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            beneath: None,
         }
+    }
+
+    /// The request's paths were checked against `root` before the call, but a component
+    /// swapped for a symlink afterwards would move the mount elsewhere. Confined, every
+    /// path under `root` is opened beneath it (openat2 RESOLVE_BENEATH) and the mount
+    /// goes onto that descriptor, so what was checked is what is mounted.
+    pub fn confined_to(mut self, root: &Path) -> Self {
+        self.beneath = Some(std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()));
+        self
     }
 
     fn read_mountinfo(&self) -> Result<String, MountError> {
@@ -255,6 +274,157 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, MountError> + Send + 'static,
 ) -> Result<T, MountError> {
     crate::blocking::run_blocking(f).await
+}
+
+/// A path held for a mount call: under the confining root, the `/proc/self/fd/N` of an
+/// O_PATH descriptor opened beneath it (the kernel mounts on exactly that inode);
+/// elsewhere (device nodes, the data dir) the path itself.
+struct Pinned {
+    _fd: Option<std::os::fd::OwnedFd>,
+    path: PathBuf,
+}
+
+fn pin(root: Option<&Path>, op: &'static str, path: &Path) -> Result<Pinned, MountError> {
+    let Some(rel) = root.and_then(|r| path.strip_prefix(r).ok()) else {
+        return Ok(Pinned {
+            _fd: None,
+            path: path.to_path_buf(),
+        });
+    };
+    let root = root.expect("rel implies root");
+    let fd = open_beneath(root, rel).map_err(|e| match e {
+        Beneath::Outside(reason) => MountError::OutsideRoot {
+            op,
+            path: path.to_path_buf(),
+            reason,
+        },
+        Beneath::Io(source) => MountError::Sys {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    Ok(Pinned {
+        path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        _fd: Some(fd),
+    })
+}
+
+enum Beneath {
+    Outside(String),
+    Io(std::io::Error),
+}
+
+/// Opens `rel` beneath `root` as O_PATH, never leaving `root`: openat2 with
+/// RESOLVE_BENEATH (symlinks that stay inside still work); on a kernel without openat2
+/// (before 5.6) a walk that opens each component without following symlinks.
+fn open_beneath(root: &Path, rel: &Path) -> Result<std::os::fd::OwnedFd, Beneath> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::Mode;
+    let io = |e: nix::errno::Errno| Beneath::Io(errno(e));
+    let dir = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    if rel.as_os_str().is_empty() {
+        return Ok(dir);
+    }
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    match nix::fcntl::openat2(&dir, rel, how) {
+        Ok(fd) => Ok(fd),
+        Err(nix::errno::Errno::EXDEV) | Err(nix::errno::Errno::ELOOP) => {
+            Err(Beneath::Outside(format!(
+                "resolves outside {} (a symlink changed since the request was checked?)",
+                root.display()
+            )))
+        }
+        // No openat2 (old kernel, or a seccomp profile that refuses it).
+        Err(nix::errno::Errno::ENOSYS) | Err(nix::errno::Errno::EPERM) => walk_beneath(dir, rel),
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn walk_beneath(mut at: std::os::fd::OwnedFd, rel: &Path) -> Result<std::os::fd::OwnedFd, Beneath> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::{Mode, SFlag};
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(Beneath::Outside(format!("{part:?} is not a plain name")));
+        };
+        let next = nix::fcntl::openat(
+            &at,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Beneath::Io(errno(e)))?;
+        let st = nix::sys::stat::fstat(&next).map_err(|e| Beneath::Io(errno(e)))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK {
+            return Err(Beneath::Outside(format!(
+                "{name:?} is a symlink (without openat2 no symlink is followed below the kubelet directory)"
+            )));
+        }
+        at = next;
+    }
+    Ok(at)
+}
+
+/// Remounts the bind just made on `target` read-only, reaching it as the pinned parent's
+/// entry (mounts are crossed there; a symlink is not followed), and proves it: the entry
+/// is the bind's root (the source's inode) and its mount is read-only. Fails otherwise.
+fn remount_read_only_beneath(
+    root: Option<&Path>,
+    source: &Pinned,
+    target: &Path,
+) -> Result<(), MountError> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::{Mode, SFlag};
+    let outside = |reason: String| MountError::OutsideRoot {
+        op: "remount read-only",
+        path: target.to_path_buf(),
+        reason,
+    };
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(outside("has no parent directory".into()));
+    };
+    let parent = pin(root, "remount read-only", parent)?;
+    let entry = PathBuf::from(&parent.path).join(name);
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    nix::mount::mount(None::<&str>, &entry, None::<&str>, flags, None::<&str>)
+        .map_err(|e| sys("remount read-only", target)(errno(e)))?;
+    let parent_fd = parent._fd.as_ref().expect("confined paths are pinned");
+    let now = nix::fcntl::openat(
+        parent_fd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| sys("remount read-only", target)(errno(e)))?;
+    let st = nix::sys::stat::fstat(&now).map_err(|e| sys("stat", target)(errno(e)))?;
+    let src = source
+        ._fd
+        .as_ref()
+        .map(nix::sys::stat::fstat)
+        .unwrap_or_else(|| nix::sys::stat::stat(&source.path))
+        .map_err(|e| sys("stat", &source.path)(errno(e)))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
+        || (st.st_dev, st.st_ino) != (src.st_dev, src.st_ino)
+    {
+        return Err(outside(
+            "is no longer the bind mount just made (the path changed during the call)".into(),
+        ));
+    }
+    let vfs = nix::sys::statvfs::fstatvfs(&now).map_err(|e| sys("statvfs", target)(errno(e)))?;
+    if !vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(outside(
+            "is still writable after the read-only remount".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// mountinfo lists resolved paths; resolve ours the same way (a missing path stays as is).
@@ -348,11 +518,13 @@ impl Mounter for SysMounter {
         opts: &MountOptions,
     ) -> Result<(), MountError> {
         let (device, target, opts) = (device.to_path_buf(), target.to_path_buf(), opts.clone());
+        let root = self.beneath.clone();
         blocking(move || {
             let data = opts.data.join(",");
+            let pinned = pin(root.as_deref(), "mount", &target)?;
             nix::mount::mount(
                 Some(&device),
-                &target,
+                &pinned.path,
                 Some(fs.as_str()),
                 opts.flags,
                 (!data.is_empty()).then_some(data.as_str()),
@@ -364,23 +536,35 @@ impl Mounter for SysMounter {
 
     async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
         let (source, target) = (source.to_path_buf(), target.to_path_buf());
+        let root = self.beneath.clone();
         blocking(move || {
+            // Both ends: a swapped source would show the pod another host directory.
+            let from = pin(root.as_deref(), "bind mount from", &source)?;
+            let onto = pin(root.as_deref(), "bind mount", &target)?;
             nix::mount::mount(
-                Some(&source),
-                &target,
+                Some(&from.path),
+                &onto.path,
                 None::<&str>,
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
             .map_err(|e| sys("bind mount", &target)(errno(e)))?;
             if read_only {
-                // A bind mount ignores MS_RDONLY on creation; it takes a remount.
+                // A bind mount ignores MS_RDONLY on creation; it takes a remount, of
+                // the new mount itself: confined, it is reached through the pinned
+                // parent and checked to be read-only afterwards.
                 let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-                if let Err(e) =
-                    nix::mount::mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-                {
-                    let _ = nix::mount::umount2(&target, MntFlags::empty());
-                    return Err(sys("remount read-only", &target)(errno(e)));
+                let remounted = match onto._fd {
+                    Some(_) => remount_read_only_beneath(root.as_deref(), &from, &target),
+                    None => {
+                        nix::mount::mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+                            .map_err(|e| sys("remount read-only", &target)(errno(e)))
+                    }
+                };
+                if let Err(e) = remounted {
+                    let _ = nix::mount::umount2(&onto.path, MntFlags::empty());
+                    let _ = nix::mount::umount2(&target, MntFlags::UMOUNT_NOFOLLOW);
+                    return Err(e);
                 }
             }
             Ok(())
@@ -389,16 +573,41 @@ impl Mounter for SysMounter {
     }
 
     async fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        let original = target.to_path_buf();
         let target = resolved(target);
         let this = self.clone();
         blocking(move || {
+            let confined = this.beneath.as_deref().filter(|r| original.starts_with(r));
+            if let Some(root) = confined {
+                if !target.starts_with(root) {
+                    return Err(MountError::OutsideRoot {
+                        op: "unmount",
+                        path: original,
+                        reason: format!(
+                            "resolves to {} outside {}",
+                            target.display(),
+                            root.display()
+                        ),
+                    });
+                }
+            }
             // Bounded: each pass removes the top of a stack of mounts on the path.
             for _ in 0..8 {
                 let info = this.read_mountinfo()?;
                 if mountinfo::find_mount(&info, &target).is_none() {
                     return Ok(());
                 }
-                match nix::mount::umount2(&target, MntFlags::empty()) {
+                // Confined: through the pinned parent, so a parent swapped since the
+                // check cannot move the unmount elsewhere.
+                let parent = match (confined, target.parent()) {
+                    (Some(root), Some(parent)) => Some(pin(Some(root), "unmount", parent)?),
+                    _ => None,
+                };
+                let path = match (&parent, target.file_name()) {
+                    (Some(p), Some(name)) => p.path.join(name),
+                    _ => target.clone(),
+                };
+                match nix::mount::umount2(&path, MntFlags::UMOUNT_NOFOLLOW) {
                     Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
                     Err(e) => return Err(sys("unmount", &target)(errno(e))),
                 }
@@ -406,6 +615,55 @@ impl Mounter for SysMounter {
             Err(sys("unmount", &target)(std::io::Error::other(
                 "still mounted after 8 unmounts",
             )))
+        })
+        .await
+    }
+
+    /// Confined: removed as an entry of its pinned parent (a symlink is removed itself,
+    /// never followed), so a swapped parent cannot make this delete a host file.
+    async fn remove_mount_point(&self, path: &Path) -> Result<(), MountError> {
+        let root = self.beneath.clone();
+        let path = path.to_path_buf();
+        blocking(move || {
+            let (Some(root), Some(parent), Some(name)) = (
+                root.filter(|r| path.starts_with(r)),
+                path.parent(),
+                path.file_name(),
+            ) else {
+                return match std::fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir(&path),
+                    Ok(_) => std::fs::remove_file(&path),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                }
+                .map_err(sys("remove", &path));
+            };
+            let parent = match pin(Some(&root), "remove", parent) {
+                Ok(p) => p,
+                Err(MountError::Sys { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            let dir = parent._fd.as_ref().expect("confined paths are pinned");
+            use nix::fcntl::AtFlags;
+            use nix::sys::stat::SFlag;
+            let st = match nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(nix::errno::Errno::ENOENT) => return Ok(()),
+                Err(e) => return Err(sys("remove", &path)(errno(e))),
+            };
+            let how = if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+                nix::unistd::UnlinkatFlags::RemoveDir
+            } else {
+                nix::unistd::UnlinkatFlags::NoRemoveDir
+            };
+            match nix::unistd::unlinkat(dir, name, how) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+                Err(e) => Err(sys("remove", &path)(errno(e))),
+            }
         })
         .await
     }
@@ -478,5 +736,64 @@ mod tests {
         assert_eq!(o.data, vec!["discard", "data=ordered"]);
         let ro = MountOptions::parse(&[], true);
         assert_eq!(ro.flags, MsFlags::MS_RDONLY);
+    }
+
+    /// Both ways of opening beneath the kubelet dir: openat2 (symlinks that stay inside
+    /// work, leaving is refused) and the walk for kernels without it (no symlink at all).
+    #[test]
+    fn paths_are_opened_beneath_the_root_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let root = base.join("kubelet");
+        std::fs::create_dir_all(root.join("real/a")).unwrap();
+        std::fs::create_dir_all(base.join("outside/a")).unwrap();
+        std::os::unix::fs::symlink("real", root.join("inside")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside"), root.join("out")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("up")).unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let opened = |fd: &std::os::fd::OwnedFd| nix::sys::stat::fstat(fd).unwrap().st_ino;
+        let real_a = ino(&root.join("real/a")).unwrap();
+
+        let fd = open_beneath(&root, Path::new("inside/a")).ok().unwrap();
+        assert_eq!(opened(&fd), real_a);
+        for escape in ["out/a", "up/a"] {
+            assert!(
+                matches!(
+                    open_beneath(&root, Path::new(escape)),
+                    Err(Beneath::Outside(_))
+                ),
+                "{escape}"
+            );
+        }
+
+        let at = || {
+            nix::fcntl::open(
+                &root,
+                nix::fcntl::OFlag::O_PATH,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap()
+        };
+        let fd = walk_beneath(at(), Path::new("real/a")).ok().unwrap();
+        assert_eq!(opened(&fd), real_a);
+        for refused in ["inside/a", "out/a", "up/a"] {
+            assert!(
+                matches!(
+                    walk_beneath(at(), Path::new(refused)),
+                    Err(Beneath::Outside(_))
+                ),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            walk_beneath(at(), Path::new("real/missing")),
+            Err(Beneath::Io(_))
+        ));
+        // Outside the root, paths are the driver's own (device nodes): used as they are.
+        let p = pin(Some(&root), "mount", Path::new("/dev/null")).unwrap();
+        assert_eq!(p.path, Path::new("/dev/null"));
+        let p = pin(Some(&root), "mount", &root.join("inside/a")).unwrap();
+        assert!(p.path.starts_with("/proc/self/fd/"));
+        assert_eq!(ino(&p.path).unwrap(), real_a);
     }
 }
