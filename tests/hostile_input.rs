@@ -464,7 +464,10 @@ async fn a_path_swapped_for_a_symlink_after_the_check_is_not_mounted_through() {
     .unwrap();
     let kept = m.unmount(&root.join("pods/pod/mount")).await.unwrap_err();
     assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
-    assert!(mounted(&outside.join("pod/mount")), "the host's mount stays");
+    assert!(
+        mounted(&outside.join("pod/mount")),
+        "the host's mount stays"
+    );
     let kept = m
         .remove_mount_point(&root.join("pods/secret"))
         .await
@@ -472,6 +475,8 @@ async fn a_path_swapped_for_a_symlink_after_the_check_is_not_mounted_through() {
     assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
     assert!(outside.join("secret").exists(), "the host's file stays");
     // Already gone is still fine (idempotent teardown).
-    m.remove_mount_point(&root.join("gone/mount")).await.unwrap();
+    m.remove_mount_point(&root.join("gone/mount"))
+        .await
+        .unwrap();
     m.unmount(&root.join("gone/mount")).await.unwrap();
 }

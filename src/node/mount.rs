@@ -22,7 +22,7 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} {path:?}: {reason}; nothing was mounted")]
+    #[error("{op} {path:?}: {reason}; nothing outside the kubelet directory was touched")]
     OutsideRoot {
         op: &'static str,
         path: PathBuf,
@@ -562,8 +562,9 @@ impl Mounter for SysMounter {
                     }
                 };
                 if let Err(e) = remounted {
+                    // Through the descriptor held since before the bind: umount2 of it
+                    // removes the mount stacked there, wherever its path now leads.
                     let _ = nix::mount::umount2(&onto.path, MntFlags::empty());
-                    let _ = nix::mount::umount2(&target, MntFlags::UMOUNT_NOFOLLOW);
                     return Err(e);
                 }
             }
