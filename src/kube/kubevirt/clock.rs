@@ -75,13 +75,16 @@ pub fn clock(
     let per_gib_secs = per_gib.unwrap_or(default_per_gib);
     let data_gb = bytes.div_ceil(1_000_000_000);
     let mut completion = per_gib_secs.saturating_mul(data_gb);
+    // virt-launcher's migration monitor: past the completion time it aborts, unless
+    // workload disruption is allowed; then it switches to post-copy (when allowed) or
+    // pauses the guest and doubles the time. KubeVirt before allowWorkloadDisruption
+    // switched to post-copy on allowPostCopy alone.
     let switch = config.and_then(|c| {
-        if c.allow_post_copy {
-            Some("post-copy".to_owned())
-        } else if c.allow_workload_disruption {
-            Some("paused".to_owned())
-        } else {
-            None
+        let disruption = c.allow_workload_disruption.unwrap_or(c.allow_post_copy);
+        match (disruption, c.allow_post_copy) {
+            (false, _) => None,
+            (true, true) => Some("post-copy".to_owned()),
+            (true, false) => Some("paused".to_owned()),
         }
     });
     if switch.is_some() {
@@ -187,7 +190,7 @@ mod tests {
             config: Some(MigrationConfig {
                 per_gib_secs: Some(10),
                 allow_post_copy: false,
-                allow_workload_disruption: false,
+                allow_workload_disruption: Some(false),
             }),
         });
         // The previous migration's 10 s/GiB is not this one's: default 150 s/GiB.
@@ -207,7 +210,7 @@ mod tests {
             config: Some(MigrationConfig {
                 per_gib_secs: Some(60),
                 allow_post_copy: true,
-                allow_workload_disruption: false,
+                allow_workload_disruption: None,
             }),
         });
         let c = clock(&v, Some("new"), 150).unwrap();
@@ -216,6 +219,29 @@ mod tests {
         assert_eq!(c.running_since, Some(started));
         assert!(
             matches!(&c.basis, DeadlineBasis::Kubevirt { configured: true, switch: Some(s), startup_secs: 0, .. } if s == "post-copy")
+        );
+        // Newer KubeVirt: post-copy allowed but no disruption is an abort at 1×; a
+        // disruption without post-copy pauses the guest, 2×.
+        let with = |post_copy: bool, disruption: bool| {
+            let mut v = v.clone();
+            if let Some(m) = v.migration.as_mut() {
+                m.config = Some(MigrationConfig {
+                    per_gib_secs: Some(60),
+                    allow_post_copy: post_copy,
+                    allow_workload_disruption: Some(disruption),
+                });
+            }
+            clock(&v, Some("new"), 150).unwrap()
+        };
+        assert_eq!(with(true, false).completion, Duration::from_secs(18 * 60));
+        let paused = with(false, true);
+        assert_eq!(paused.completion, Duration::from_secs(18 * 60 * 2));
+        assert!(
+            matches!(&paused.basis, DeadlineBasis::Kubevirt { switch: Some(s), .. } if s == "paused")
+        );
+        assert_eq!(
+            with(true, true).completion,
+            Duration::from_secs(18 * 60 * 2)
         );
     }
 }

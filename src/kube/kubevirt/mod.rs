@@ -84,7 +84,8 @@ pub struct VmiMigrationState {
 pub struct MigrationConfig {
     pub per_gib_secs: Option<u64>,
     pub allow_post_copy: bool,
-    pub allow_workload_disruption: bool,
+    /// `None`: a KubeVirt without the field, where allowPostCopy alone switches.
+    pub allow_workload_disruption: Option<bool>,
 }
 
 /// What the driver needs of a VirtualMachineInstanceMigration.
@@ -176,7 +177,7 @@ pub fn vmi_entry(obj: &DynamicObject) -> VmiEntry {
         config: config.is_object().then(|| MigrationConfig {
             per_gib_secs: config["completionTimeoutPerGiB"].as_u64(),
             allow_post_copy: config["allowPostCopy"].as_bool().unwrap_or(false),
-            allow_workload_disruption: config["allowWorkloadDisruption"].as_bool().unwrap_or(false),
+            allow_workload_disruption: config["allowWorkloadDisruption"].as_bool(),
         }),
     });
     VmiEntry {
