@@ -474,6 +474,18 @@ async fn a_path_swapped_for_a_symlink_after_the_check_is_not_mounted_through() {
         .unwrap_err();
     assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
     assert!(outside.join("secret").exists(), "the host's file stays");
+    // Creating a mount point through a swapped parent creates nothing outside.
+    let kept = m.make_dir(&root.join("pods/new/mount")).await.unwrap_err();
+    assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
+    assert!(!outside.join("new").exists());
+    let kept = m.make_file(&root.join("pods/device")).await.unwrap_err();
+    assert!(matches!(kept, MountError::OutsideRoot { .. }), "{kept}");
+    assert!(!outside.join("device").exists());
+    m.make_dir(&root.join("inside/new/mount")).await.unwrap();
+    assert!(root.join("real/new/mount").is_dir());
+    m.make_file(&root.join("real/new/device")).await.unwrap();
+    m.make_file(&root.join("real/new/device")).await.unwrap();
+    assert!(root.join("real/new/device").is_file());
     // Already gone is still fine (idempotent teardown).
     m.remove_mount_point(&root.join("gone/mount"))
         .await

@@ -620,6 +620,90 @@ impl Mounter for SysMounter {
         .await
     }
 
+    /// Confined: each missing directory is made in its parent opened beneath the root,
+    /// so a component swapped for a symlink cannot make this create directories
+    /// elsewhere.
+    async fn make_dir(&self, path: &Path) -> Result<(), MountError> {
+        let root = self.beneath.clone();
+        let path = path.to_path_buf();
+        blocking(move || {
+            let Some(root) = root.filter(|r| path.starts_with(r)) else {
+                return std::fs::create_dir_all(&path).map_err(sys("create directory", &path));
+            };
+            let rel = path
+                .strip_prefix(&root)
+                .unwrap_or(Path::new(""))
+                .to_path_buf();
+            let mut made = root.clone();
+            for part in rel.components() {
+                let std::path::Component::Normal(name) = part else {
+                    return Err(MountError::OutsideRoot {
+                        op: "create directory",
+                        path: path.clone(),
+                        reason: format!("{part:?} is not a plain name"),
+                    });
+                };
+                let parent = pin(Some(&root), "create directory", &made)?;
+                let dir = parent._fd.as_ref().expect("confined paths are pinned");
+                match nix::sys::stat::mkdirat(
+                    dir,
+                    name,
+                    nix::sys::stat::Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(sys("create directory", &path)(errno(e))),
+                }
+                made.push(name);
+            }
+            // What exists now is a directory beneath the root.
+            pin(Some(&root), "create directory", &path).map(drop)
+        })
+        .await
+    }
+
+    /// Confined: created in its parent opened beneath the root, never through a symlink.
+    async fn make_file(&self, path: &Path) -> Result<(), MountError> {
+        let root = self.beneath.clone();
+        let path = path.to_path_buf();
+        blocking(move || {
+            let (Some(root), Some(parent), Some(name)) = (
+                root.filter(|r| path.starts_with(r)),
+                path.parent(),
+                path.file_name(),
+            ) else {
+                // create_new: an existing target (perhaps a device bound over it) is not
+                // opened.
+                return match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(e),
+                }
+                .map_err(sys("create file", &path));
+            };
+            let parent = pin(Some(&root), "create file", parent)?;
+            let dir = parent._fd.as_ref().expect("confined paths are pinned");
+            use nix::fcntl::OFlag;
+            match nix::fcntl::openat(
+                dir,
+                name,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::from_bits_truncate(0o644),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+                Err(e) => Err(sys("create file", &path)(errno(e))),
+            }
+        })
+        .await
+    }
+
     /// Confined: removed as an entry of its pinned parent (a symlink is removed itself,
     /// never followed), so a swapped parent cannot make this delete a host file.
     async fn remove_mount_point(&self, path: &Path) -> Result<(), MountError> {
