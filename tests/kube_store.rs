@@ -28,22 +28,55 @@ async fn start() -> Cluster {
     Cluster { fake, driver }
 }
 
+/// Publishes an RWO block volume to `node` until the controller has seen its holder's
+/// Node go (refusals meanwhile are FailedPrecondition or Aborted); false after 5 s.
+async fn publish_once_the_holder_is_gone(
+    ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    id: &str,
+    node: &str,
+) -> bool {
+    for _ in 0..100 {
+        match ctl
+            .controller_publish_volume(publish_request(id, node, rwo_block()))
+            .await
+        {
+            Ok(_) => return true,
+            Err(s) => assert!(
+                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
+                "{s:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// A controller on the fake cluster; `data_dir` shares another replica's storage.
 async fn start_controller(fake: &FakeKube, data_dir: Option<std::path::PathBuf>) -> Driver {
+    start_controller_with(fake, data_dir, Vec::new()).await
+}
+
+async fn start_controller_with(
+    fake: &FakeKube,
+    data_dir: Option<std::path::PathBuf>,
+    more_args: Vec<String>,
+) -> Driver {
     let kubeconfig = tempfile::NamedTempFile::new()
         .unwrap()
         .into_temp_path()
         .keep()
         .unwrap();
     fake.write_kubeconfig(&kubeconfig);
+    let mut extra_args: Vec<String> = vec![
+        "--attachment-store".into(),
+        "kube".into(),
+        "--reconcile-interval".into(),
+        "1s".into(),
+    ];
+    extra_args.extend(more_args);
     Driver::start_with(DriverOptions {
         mode: "controller",
-        extra_args: vec![
-            "--attachment-store".into(),
-            "kube".into(),
-            "--reconcile-interval".into(),
-            "1s".into(),
-        ],
+        extra_args,
         env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
         data_dir,
         ..Default::default()
@@ -397,24 +430,10 @@ async fn expired_watches_relist_and_see_what_changed_meanwhile() {
     c.fake.drop_watches();
     c.fake.remove("nodes", "node-a");
     // The node's deletion reaches the controller only through the relist.
-    let mut cleared = false;
-    for _ in 0..100 {
-        match ctl
-            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
-            .await
-        {
-            Ok(_) => {
-                cleared = true;
-                break;
-            }
-            Err(s) => assert!(
-                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
-                "{s:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(cleared, "the relist delivered the Node's deletion");
+    assert!(
+        publish_once_the_holder_is_gone(&mut ctl, &id, "node-b").await,
+        "the relist delivered the Node's deletion"
+    );
     assert_eq!(
         nodes_in(&annotation(&c.fake, "pv-410").unwrap()),
         ["node-b"]
@@ -1228,26 +1247,12 @@ async fn opaque_resource_versions_are_only_passed_back() {
     for n in ["node-a", "node-b", "node-c"] {
         fake.put("nodes", fake_kube::node(n));
     }
-    let kubeconfig = tempfile::NamedTempFile::new()
-        .unwrap()
-        .into_temp_path()
-        .keep()
-        .unwrap();
-    fake.write_kubeconfig(&kubeconfig);
     let port = free_port();
-    let driver = Driver::start_with(DriverOptions {
-        mode: "controller",
-        extra_args: vec![
-            "--attachment-store".into(),
-            "kube".into(),
-            "--reconcile-interval".into(),
-            "1s".into(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-        env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
-        ..Default::default()
-    })
+    let driver = start_controller_with(
+        &fake,
+        None,
+        vec!["--metrics-addr".into(), format!("127.0.0.1:{port}")],
+    )
     .await;
     let c = Cluster { fake, driver };
     // The attached_volumes gauge is drawn from the PV cache, which must follow every
@@ -1301,24 +1306,10 @@ async fn opaque_resource_versions_are_only_passed_back() {
     });
     c.fake.drop_watches();
     c.fake.remove("nodes", "node-a");
-    let mut moved = false;
-    for _ in 0..100 {
-        match ctl
-            .controller_publish_volume(publish_request(&id, "node-b", rwo_block()))
-            .await
-        {
-            Ok(_) => {
-                moved = true;
-                break;
-            }
-            Err(s) => assert!(
-                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
-                "{s:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(moved, "the Node's deletion arrived");
+    assert!(
+        publish_once_the_holder_is_gone(&mut ctl, &id, "node-b").await,
+        "the Node's deletion arrived"
+    );
     assert_eq!(
         nodes_in(&annotation(&c.fake, "pv-opaque").unwrap()),
         ["node-b"]
