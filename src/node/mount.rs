@@ -159,6 +159,42 @@ impl MountOptions {
     }
 }
 
+/// Creates the file a device is bound over. create_new: an existing target (perhaps a
+/// device bound over it) is kept, not opened.
+fn create_new_file(p: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a directory or file (a symlink itself); absent is fine.
+fn remove_entry(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The root, parent and name of `path` when it lies under the confining root.
+fn confined_entry(
+    root: Option<PathBuf>,
+    path: &Path,
+) -> Option<(PathBuf, &Path, &std::ffi::OsStr)> {
+    Some((
+        root.filter(|r| path.starts_with(r))?,
+        path.parent()?,
+        path.file_name()?,
+    ))
+}
+
 /// Runs a filesystem call on the blocking pool, naming the operation and path on error.
 async fn fs_call<T: Send + 'static>(
     op: &'static str,
@@ -180,19 +216,7 @@ pub trait Mounter: Send + Sync + 'static {
     }
     /// The file a block device is bound over; an existing one is kept.
     async fn make_file(&self, path: &Path) -> Result<(), MountError> {
-        // create_new: an existing target (perhaps a device bound over it) is not opened.
-        fs_call("create file", path, |p| {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(p)
-            {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await
+        fs_call("create file", path, create_new_file).await
     }
     /// The (major, minor) of the block device node at `path`, if it is one.
     async fn block_device_at(&self, path: &Path) -> Result<Option<(u32, u32)>, MountError> {
@@ -208,13 +232,7 @@ pub trait Mounter: Send + Sync + 'static {
     }
     /// Removes a mount point left after unmounting (directory or file); absent is fine.
     async fn remove_mount_point(&self, path: &Path) -> Result<(), MountError> {
-        fs_call("remove", path, |p| match std::fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(p),
-            Ok(_) => std::fs::remove_file(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await
+        fs_call("remove", path, remove_entry).await
     }
     async fn probe(&self, device: &Path) -> Result<Option<Signature>, MountError>;
     async fn format(&self, device: &Path, fs: FsType) -> Result<(), MountError>;
@@ -666,23 +684,8 @@ impl Mounter for SysMounter {
         let root = self.beneath.clone();
         let path = path.to_path_buf();
         blocking(move || {
-            let (Some(root), Some(parent), Some(name)) = (
-                root.filter(|r| path.starts_with(r)),
-                path.parent(),
-                path.file_name(),
-            ) else {
-                // create_new: an existing target (perhaps a device bound over it) is not
-                // opened.
-                return match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-                    Err(e) => Err(e),
-                }
-                .map_err(sys("create file", &path));
+            let Some((root, parent, name)) = confined_entry(root, &path) else {
+                return create_new_file(&path).map_err(sys("create file", &path));
             };
             let parent = pin(Some(&root), "create file", parent)?;
             let dir = parent._fd.as_ref().expect("confined paths are pinned");
@@ -710,18 +713,8 @@ impl Mounter for SysMounter {
         let root = self.beneath.clone();
         let path = path.to_path_buf();
         blocking(move || {
-            let (Some(root), Some(parent), Some(name)) = (
-                root.filter(|r| path.starts_with(r)),
-                path.parent(),
-                path.file_name(),
-            ) else {
-                return match std::fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => std::fs::remove_dir(&path),
-                    Ok(_) => std::fs::remove_file(&path),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(e),
-                }
-                .map_err(sys("remove", &path));
+            let Some((root, parent, name)) = confined_entry(root, &path) else {
+                return remove_entry(&path).map_err(sys("remove", &path));
             };
             let parent = match pin(Some(&root), "remove", parent) {
                 Ok(p) => p,
