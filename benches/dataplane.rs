@@ -19,7 +19,7 @@ use handoff_csi::csi::volume_capability::access_mode::Mode;
 use handoff_csi::datacheck::{open_direct, AlignedBuf};
 use handoff_csi::export::ExportInfo;
 use handoff_csi::nbd::node::client::NbdClient;
-use support::steps::{attach, detach};
+use support::steps::{attach, detach, disk};
 use support::*;
 
 struct Args {
@@ -115,22 +115,6 @@ fn workloads(dev: &File, size: u64, secs: u64) -> Figures {
     }
 }
 
-async fn volume(cluster: &LocalCluster, name: &str, size: i64, plane: &str) -> String {
-    let mut req = create_request(name, size, block_cap(Mode::MultiNodeMultiWriter));
-    req.parameters.insert("dataPlane".into(), plane.into());
-    cluster
-        .controller
-        .controller()
-        .await
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -158,7 +142,7 @@ async fn main() {
         "plane", "4K rand read", "4K rand write", "1M seq read", "1M seq write"
     );
     for plane in ["file", "nbd"] {
-        let id = volume(&cluster, &format!("bench-{plane}"), size as i64, plane).await;
+        let id = disk(&cluster, &format!("bench-{plane}"), size as i64, plane).await;
         let a = attach(&cluster, &id, "node-a").await;
         let dev = open_direct(&a.target, true).unwrap();
         let secs = args.seconds;
@@ -178,10 +162,12 @@ async fn main() {
 
     // Fence time: a node with a live connection is unpublished; the call returns once
     // the target has dropped it, and its next write fails.
-    let id = volume(&cluster, "bench-fence", 16 << 20, "nbd").await;
+    let id = disk(&cluster, "bench-fence", 16 << 20, "nbd").await;
     let mut times = Vec::new();
     for round in 0..30 {
         let node = format!("fence-{round}");
+        // A node id the standalone controller knows: as if its plugin had started.
+        cluster.controller.register_nodes(&[&node]);
         let ctx = cluster
             .controller
             .controller()
