@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use handoff_csi::csi;
 use handoff_csi::lab::{workload_script, Vm};
 use serde_json::{json, Value};
 use support::kernel_lab::Lab;
@@ -26,9 +25,6 @@ const BLOCKS: u32 = 64;
 /// One VM scenario at a time: each runs up to three TCG guests, and two cores shared by
 /// several would stretch every timeout.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-fn rwx() -> csi::VolumeCapability {
-    block_cap(csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_live_migrates_a_running_vm_between_two_node_plugins() {
@@ -73,21 +69,11 @@ async fn ping_pong(plane: Plane) {
         Plane::Nbd => vec!["--nbd-listen".into(), format!("127.0.0.1:{}", free_port())],
     };
     let cl = LocalCluster::start(&["node-a", "node-b"], controller_args).await;
-    let mut req = create_request("vm-root", 16 * MIB, rwx());
-    if plane == Plane::Nbd {
-        req.parameters.insert("dataPlane".into(), "nbd".into());
-    }
-    let vol = cl
-        .controller
-        .controller()
-        .await
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let on = match plane {
+        Plane::File => "file",
+        Plane::Nbd => "nbd",
+    };
+    let vol = support::steps::disk(&cl, "vm-root", 16 * MIB, on).await;
     let start = |disk: &PathBuf, name: &str, incoming: Option<u16>| {
         Vm::start(kernel, &initrd, disk, dir.path(), name, incoming).expect("QEMU starts")
     };

@@ -89,8 +89,13 @@ pub async fn detach(cluster: &LocalCluster, id: &str, a: &Attached) {
 
 /// An RWX block volume of `bytes` on the NBD plane (the controller serves the target).
 pub async fn nbd_disk(cluster: &LocalCluster, name: &str, bytes: i64) -> String {
+    disk(cluster, name, bytes, "nbd").await
+}
+
+/// An RWX block volume of `bytes` on data plane `plane` (`file` or `nbd`).
+pub async fn disk(cluster: &LocalCluster, name: &str, bytes: i64, plane: &str) -> String {
     let mut req = super::create_request(name, bytes, rwx());
-    req.parameters.insert("dataPlane".into(), "nbd".into());
+    req.parameters.insert("dataPlane".into(), plane.into());
     cluster
         .controller
         .controller()
